@@ -1,0 +1,105 @@
+"""The one stitching loop: run a Schedule step by step over a backend that computes modules.
+
+The PyTorch reference (`soda.torch_backend`) and the deploy runtime (`runtime/`) differ only
+in the backend: how `embed`, `modulation`, `module` and `final` are computed. Everything else
+-- the per-token caches, the residual `x + gate * D`, token selection, skip steps and FLOPs
+accounting -- lives here once, in numpy.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from soda.flops import FlopsModel
+from soda.schedule import FULL, REUSE, Schedule, kept_tokens, parse_action
+from soda.selectors import TokenSelector, make_selector
+
+
+class Backend(Protocol):
+    modules: tuple[str, ...]
+    num_layers: int
+
+    def embed(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Latents, timesteps, labels -> tokens [B, N, D], conditioning [B, D]."""
+
+    def modulation(self, layer: int, c: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per module: (shift, scale, gate), each [B, D]."""
+
+    def module(self, layer: int, name: str, tokens: np.ndarray, shift: np.ndarray,
+               scale: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pre-gate output D for `tokens` [B, n, D], and attention received [B, n] (attn only)."""
+
+    def final(self, tokens: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Tokens -> model output [B, C_out, H, W]."""
+
+
+Recorder = Callable[[int, int, str, np.ndarray], None]  # (step, layer, module, D of all tokens)
+
+
+class Executor:
+    """Callable as the `model_fn` of `soda.sampling.sample_loop`: (s, x, t, y) -> model output."""
+
+    def __init__(self, backend: Backend, schedule: Schedule, flops: FlopsModel,
+                 selector: TokenSelector | None = None, recorder: Recorder | None = None):
+        if tuple(schedule.modules) != tuple(backend.modules) or schedule.num_layers != backend.num_layers:
+            raise ValueError("schedule and backend disagree on layers or modules")
+        self.backend = backend
+        self.schedule = schedule
+        self.flops = flops
+        self.selector = selector or make_selector(schedule.selector, schedule.params)
+        self.recorder = recorder
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget caches and counters; call between independent generations."""
+        self.cache: dict[tuple[int, int], np.ndarray] = {}
+        self.last_tokens: np.ndarray | None = None
+        self.flops_done = 0.0
+        self.selector.reset()
+
+    def __call__(self, s: int, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        b = self.backend
+        B = x.shape[0]
+        tokens, c = b.embed(x, t, y)
+        self.flops_done += self.flops.embed(B)
+        if self.schedule.is_skip(s):
+            if self.last_tokens is None:
+                raise ValueError(f"step {s} is a skip step but no earlier step ran the blocks")
+            tokens = self.last_tokens
+        else:
+            for l in range(b.num_layers):
+                mods = b.modulation(l, c)
+                self.flops_done += self.flops.modulation(B)
+                for m, name in enumerate(b.modules):
+                    shift, scale, gate = mods[name]
+                    D = self._module_output(s, l, m, name, tokens, shift, scale)
+                    tokens = tokens + gate[:, None, :] * D
+            self.last_tokens = tokens
+        self.flops_done += self.flops.final(B)
+        return b.final(tokens, c)
+
+    def _module_output(self, s, l, m, name, tokens, shift, scale) -> np.ndarray:
+        kind, rate = parse_action(self.schedule.action(s, l, m))
+        B, N, _ = tokens.shape
+        if kind == REUSE:
+            return self.cache[(l, m)]
+        if kind == FULL:
+            D, received = self.backend.module(l, name, tokens, shift, scale)
+            self.flops_done += self.flops.module(name, B, N)
+            self.cache[(l, m)] = D
+            self.selector.observe(s, l, name, None, D, received)
+            if self.recorder is not None:
+                self.recorder(s, l, name, D)
+            return D
+        k = kept_tokens(rate, N)
+        cache = self.cache[(l, m)]
+        idx = self.selector.select(s, l, name, k, tokens, cache)  # [B, k]
+        part = np.take_along_axis(tokens, idx[:, :, None], axis=1)
+        D_part, received = self.backend.module(l, name, part, shift, scale)
+        self.flops_done += self.flops.module(name, B, k)
+        cache = cache.copy()
+        np.put_along_axis(cache, idx[:, :, None], D_part, axis=1)
+        self.cache[(l, m)] = cache
+        self.selector.observe(s, l, name, idx, D_part, received)
+        return cache

@@ -1,0 +1,85 @@
+"""Generate samples by running a schedule over a backend: the shared body of `sample`, `run`
+and `bench`. numpy only; the caller supplies the backend (torch reference or runtime)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from soda.errors import UserError
+from soda.executor import Backend, Executor
+from soda.flops import FlopsModel
+from soda.models.config import ModelConfig
+from soda.sampling import Diffusion, SamplerConfig, initial_noise, sample_loop
+from soda.schedule import Schedule
+
+
+@dataclass
+class RunStats:
+    flops: float  # FLOPs actually executed (per generation batch)
+    seconds: float
+
+    def speedup_vs(self, full_flops: float) -> float:
+        return full_flops / self.flops
+
+
+def parse_labels(text: str, num_classes: int) -> np.ndarray:
+    try:
+        labels = [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
+    if not labels:
+        raise UserError("--labels is empty")
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise UserError(f"labels {bad} out of range: this model has classes 0..{num_classes - 1}")
+    return np.array(labels, dtype=np.int64)
+
+
+def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"noise file not found: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"cannot read {path} as a .npy array ({e})") from None
+    want = (n, config.in_channels, config.input_size, config.input_size)
+    if z.shape != want:
+        raise UserError(f"noise in {path} has shape {list(z.shape)}, expected {list(want)} (one per label)")
+    return z.astype(np.float32)
+
+
+def generate(
+    backend: Backend,
+    config: ModelConfig,
+    sampler: SamplerConfig,
+    schedule: Schedule,
+    labels: np.ndarray,
+    seed: int = 0,
+    noise: np.ndarray | None = None,
+    progress=None,
+) -> tuple[np.ndarray, RunStats]:
+    """Final samples [n, C, H, W] (before any VAE) and what it cost."""
+    diffusion = Diffusion(sampler, learn_sigma=config.learn_sigma)
+    shape = (config.in_channels, config.input_size, config.input_size)
+    z, rng = initial_noise(len(labels), shape, seed)
+    if noise is not None:
+        z = noise
+    executor = Executor(backend, schedule, FlopsModel.for_config(config))
+    t0 = time.perf_counter()
+    x = sample_loop(executor, diffusion, z, labels, config.null_label, config.in_channels, rng, progress)
+    return x, RunStats(executor.flops_done, time.perf_counter() - t0)
+
+
+def full_flops(config: ModelConfig, sampler: SamplerConfig, batch: int, modules=("attn", "mlp")) -> float:
+    """FLOPs of full compute for one generation batch of `batch` images (CFG doubles the rows)."""
+    from soda.flops import schedule_flops
+    from soda.policies import ScheduleSpec
+    from soda.policies.full import full_schedule
+
+    spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, modules)
+    rows = batch * (2 if sampler.uses_cfg else 1)
+    return schedule_flops(full_schedule(spec), FlopsModel.for_config(config), rows)

@@ -1,0 +1,77 @@
+"""Model configs as plain data, and the name -> config registry. No torch here."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+from soda.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    depth: int
+    hidden_size: int
+    patch_size: int
+    num_heads: int
+    input_size: int = 32  # latent side: 256 px / 8
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    arch: str = "dit"  # which adapter builds it
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**d)
+
+    def hash(self) -> str:
+        """Identity of the architecture; files made for one model carry it."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# The official DiT family (models.py): depth, width, heads per size; patch 2/4/8.
+_SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "l": (24, 1024, 16), "xl": (28, 1152, 16)}
+HEADS_BY_WIDTH = {w: h for _, w, h in _SIZES.values()}
+
+REGISTRY: dict[str, ModelConfig] = {}
+for _size, (_depth, _width, _heads) in _SIZES.items():
+    for _patch in (2, 4, 8):
+        _name = f"dit-{_size}-{_patch}"
+        REGISTRY[_name] = ModelConfig(_name, _depth, _width, _patch, _heads)
+
+# The project's own trained model (pixel space, 16x16 digits, 64 tokens); see soda/digits.
+REGISTRY["dit-digits"] = ModelConfig(
+    "dit-digits", depth=6, hidden_size=128, patch_size=2, num_heads=4, input_size=16, in_channels=1,
+    num_classes=10, learn_sigma=True,
+)
+
+
+def model_names() -> list[str]:
+    return sorted(REGISTRY) + ["dit"]
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A registered config, optionally with fields overridden (e.g. input_size for 512 px)."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(REGISTRY[name], **overrides)

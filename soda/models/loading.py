@@ -1,0 +1,155 @@
+"""Checkpoint loading: bare state dicts, train.py checkpoints (use "ema"), safetensors.
+
+Only `torch.load(weights_only=True)`: a pickle that needs code execution is refused. The
+generic `dit` config is inferred from the tensors themselves.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from soda.errors import UserError
+from soda.models.config import HEADS_BY_WIDTH, REGISTRY, ModelConfig, get_config
+from soda.models.dit import DiT
+
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
+PACKAGED = {"dit-digits": Path(__file__).resolve().parent.parent / "assets" / "dit_digits.safetensors"}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if "DiT-XL-2" in path.name:
+            hint = f"; the official weights are at {OFFICIAL_URL.format(name=path.name)}"
+        raise UserError(f"checkpoint not found: {path.resolve()}{hint}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"cannot read {path} as safetensors: {e}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        if "Weights only load failed" in str(e) or "weights_only" in str(e):
+            raise UserError(f"refusing {path}: it needs arbitrary code to unpickle (weights_only=True)") from None
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]  # train.py checkpoint
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} is not a state dict of tensors")
+    return obj
+
+
+def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = "dit") -> ModelConfig:
+    """Architecture from tensor shapes: depth, width, patch, input size, channels, classes, sigma."""
+    try:
+        proj = state["x_embedder.proj.weight"]  # [D, C, p, p]
+        hidden, in_ch, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+        num_patches = state["pos_embed"].shape[1]
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        table_rows = state["y_embedder.embedding_table.weight"].shape[0]
+        out_dim = state["final_layer.linear.weight"].shape[0]
+        mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(f"checkpoint does not look like a DiT (missing {e})") from None
+    out_ch = out_dim // (patch * patch)
+    heads = num_heads or HEADS_BY_WIDTH.get(hidden)
+    if heads is None:
+        raise UserError(f"width {hidden} is not a standard DiT width; pass --num-heads")
+    if hidden % heads:
+        raise UserError(f"--num-heads {heads} does not divide the width {hidden}")
+    side = int(round(num_patches**0.5)) * patch
+    return ModelConfig(
+        name, depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, input_size=side,
+        in_channels=in_ch, num_classes=table_rows - 1, learn_sigma=out_ch == 2 * in_ch,
+        mlp_ratio=mlp_hidden / hidden,
+    )
+
+
+def build_model(config: ModelConfig) -> DiT:
+    if config.arch != "dit":
+        raise UserError(f"no adapter for architecture {config.arch!r}")
+    return DiT(config)
+
+
+def load_model(
+    name: str,
+    ckpt: str | Path | None = None,
+    num_heads: int | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> tuple[DiT, str]:
+    """(model in eval mode, weights identity). The identity is the checkpoint's sha256, or
+    "random-init-<seed>" so everything made from such a model says so."""
+    if random_init:
+        if name == "dit":
+            raise UserError("--random-init needs a named config (e.g. dit-xl-2), not the generic 'dit'")
+        config = get_config(name, num_heads=num_heads)
+        torch.manual_seed(seed)
+        model = build_model(config)
+        model.randomize_zero_init(seed)
+        return model.eval(), f"random-init-{seed}"
+    if ckpt is None:
+        if name in PACKAGED:
+            ckpt = PACKAGED[name]
+        else:
+            raise UserError(f"model {name!r} needs --ckpt FILE (or --random-init to try the toolchain without weights)")
+    state = read_state_dict(ckpt)
+    if name == "dit":
+        config = infer_config(state, num_heads)
+    else:
+        base = get_config(name, num_heads=num_heads)
+        inferred = infer_config(state, num_heads or base.num_heads, name)
+        # Named configs fix the architecture; the checkpoint may only choose the resolution.
+        config = replace(base, input_size=inferred.input_size)
+    model = build_model(config)
+    _check_keys(model, state, ckpt)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), file_sha256(Path(ckpt))
+
+
+def _check_keys(model: DiT, state: dict[str, torch.Tensor], ckpt) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    if wrong:
+        problems.append("shape mismatch " + _few([f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong]))
+    if problems:
+        raise UserError(f"{ckpt} does not fit {model.config.name}: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def known_models() -> list[str]:
+    return sorted(REGISTRY)

@@ -1,0 +1,78 @@
+"""PNG output a person can read: sample grids (pixels, VAE-decoded, or latent previews)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from soda.errors import UserError
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[n, C, H, W] in [-1, 1] -> [n, H, W, C] uint8."""
+    return np.clip((images + 1) * 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def latent_preview(latents: np.ndarray) -> np.ndarray:
+    """Each latent as its first 3 channels, normalised per image (a preview, not a decode)."""
+    x = latents[:, :3]
+    lo = x.min(axis=(1, 2, 3), keepdims=True)
+    hi = x.max(axis=(1, 2, 3), keepdims=True)
+    return (x - lo) / np.maximum(hi - lo, 1e-8) * 2 - 1
+
+
+def grid_image(tiles: np.ndarray, captions: list[str] | None = None, scale: int = 1, cols: int | None = None,
+               title: str | None = None) -> Image.Image:
+    """Tiles [n, H, W, C] uint8 -> one image, with a caption under each tile."""
+    n, h, w, c = tiles.shape
+    cols = cols or min(n, 10)
+    rows = (n + cols - 1) // cols
+    th, tw = h * scale, w * scale
+    cap = 12 if captions else 0
+    top = 14 if title else 0
+    canvas = Image.new("RGB", (cols * (tw + 4) + 4, top + rows * (th + cap + 4) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 1), title, fill="black")
+    for i in range(n):
+        r, q = divmod(i, cols)
+        tile = Image.fromarray(tiles[i].squeeze(-1) if c == 1 else tiles[i]).convert("RGB")
+        tile = tile.resize((tw, th), Image.NEAREST)
+        x0, y0 = 4 + q * (tw + 4), top + 4 + r * (th + cap + 4)
+        canvas.paste(tile, (x0, y0))
+        if captions:
+            draw.text((x0, y0 + th), captions[i], fill="black")
+    return canvas
+
+
+def decode_vae(latents: np.ndarray, vae_dir: str) -> np.ndarray:
+    try:
+        import torch
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise UserError("--vae needs the optional 'diffusers' package: pip install -e '.[vae]'") from None
+    if not Path(vae_dir).is_dir():
+        raise UserError(f"VAE folder not found: {vae_dir}")
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a diffusers AutoencoderKL from {vae_dir}: {e}") from None
+    with torch.inference_mode():
+        return vae.decode(torch.from_numpy(latents) / 0.18215).sample.numpy()
+
+
+def save_samples_png(samples: np.ndarray, labels: np.ndarray, out: str | Path, config, vae: str | None = None,
+                     random_init: bool = False) -> None:
+    """Pixel-space models are shown as they are; latents are VAE-decoded or previewed."""
+    if vae:
+        images, kind = decode_vae(samples, vae), "decoded"
+    elif config.in_channels in (1, 3):
+        images, kind = samples, "pixels"
+    else:
+        images, kind = latent_preview(samples), "latent preview (no --vae)"
+    scale = max(1, 64 // images.shape[-1])
+    title = f"{config.name} {kind}" + (" RANDOM WEIGHTS" if random_init else "")
+    img = grid_image(to_uint8(images), [f"class {int(v)}" for v in labels], scale=scale, title=title)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)

@@ -1,0 +1,42 @@
+"""Schedule generators, one file per policy. numpy only: the runtime builds baselines too.
+
+`make_schedule(policy, spec, **params)` is the single entry point; `spec` says which model
+and sampler the schedule is for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from soda.errors import UserError
+
+POLICIES = ("full", "fora", "toca", "duca", "soda")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What a schedule is made for: model identity, layers, modules, tokens, sampler, steps."""
+
+    model: str
+    model_hash: str
+    num_layers: int
+    modules: tuple[str, ...]
+    num_tokens: int
+    sampler: str
+    num_steps: int
+
+    @classmethod
+    def for_model(cls, config, sampler: str, num_steps: int, modules: tuple[str, ...] = ("attn", "mlp")) -> "ScheduleSpec":
+        return cls(config.name, config.hash(), config.depth, tuple(modules), config.num_tokens, sampler, num_steps)
+
+
+def make_schedule(policy: str, spec: ScheduleSpec, **params):
+    if policy not in POLICIES:
+        raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+    if policy == "full":
+        from soda.policies.full import full_schedule
+
+        return full_schedule(spec)
+    import importlib
+
+    mod = importlib.import_module(f"soda.policies.{policy}")
+    return mod.make(spec, **params)

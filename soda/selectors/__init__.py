@@ -1,0 +1,62 @@
+"""Token selectors: which tokens a `prune@a` action recomputes. Pluggable by name.
+
+A selector sees every module computation (`observe`) and answers `select` with per-batch-row
+token indices [B, k], sorted ascending. numpy only: the runtime uses the same selectors.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from soda.errors import UserError
+
+
+class TokenSelector(Protocol):
+    name: str
+
+    def reset(self) -> None: ...
+
+    def observe(self, s: int, layer: int, module: str, idx: np.ndarray | None, D: np.ndarray,
+                received: np.ndarray | None) -> None:
+        """After a computation: idx None means all tokens; D is the pre-gate output computed."""
+
+    def select(self, s: int, layer: int, module: str, k: int, tokens: np.ndarray,
+               cache: np.ndarray) -> np.ndarray:
+        """Indices [B, k] (int64, ascending per row) of the tokens to recompute."""
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """Per-row indices of the k largest scores (ties to the lower index), sorted ascending."""
+    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    return np.sort(order, axis=1).astype(np.int64)
+
+
+class NoSelector:
+    """For schedules without prune actions."""
+
+    name = "none"
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, *args) -> None:
+        pass
+
+    def select(self, s, layer, module, k, tokens, cache):
+        raise ValueError("this schedule has prune actions but no token selector")
+
+
+def make_selector(name: str, params: dict | None = None) -> TokenSelector:
+    from soda.selectors.feature_mean import FeatureMeanSelector
+
+    registry = {"none": NoSelector, "feature-mean": FeatureMeanSelector}
+    try:
+        from soda.selectors.baselines import BASELINE_SELECTORS
+
+        registry.update(BASELINE_SELECTORS)
+    except ImportError:
+        pass
+    if name not in registry:
+        raise UserError(f"unknown token selector {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name](**(params or {}).get("selector_params", {}))

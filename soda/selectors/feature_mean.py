@@ -1,0 +1,24 @@
+"""SODA's selector: top-k tokens by feature mean, no attention map needed.
+
+The feature averaged is the module's cached pre-gate output D: score = mean over channels of
+|D_cached|. Tokens whose cached contribution to the residual stream is largest are the ones
+whose staleness costs most, so they are recomputed first. It works with fused attention.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from soda.selectors import top_k
+
+
+class FeatureMeanSelector:
+    name = "feature-mean"
+
+    def reset(self) -> None:
+        pass
+
+    def observe(self, *args) -> None:
+        pass
+
+    def select(self, s, layer, module, k, tokens, cache) -> np.ndarray:
+        return top_k(np.abs(cache).mean(axis=2), k)
