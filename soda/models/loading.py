@@ -44,13 +44,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"cannot read {path} as safetensors: {e}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        import argparse  # official train.py pickles its args as an argparse.Namespace (plain data)
+
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         if "Weights only load failed" in str(e) or "weights_only" in str(e):
             raise UserError(f"refusing {path}: it needs arbitrary code to unpickle (weights_only=True)") from None
         raise UserError(f"cannot read checkpoint {path}: {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+    except Exception as e:  # garbage bytes surface as IndexError, KeyError, ... from the unpickler
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: {first}") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
@@ -121,7 +124,7 @@ def load_model(
         config = infer_config(state, num_heads)
     else:
         base = get_config(name, num_heads=num_heads)
-        inferred = infer_config(state, num_heads or base.num_heads, name)
+        inferred = infer_config(state, 1, name)  # only the resolution is read; misfits are listed key by key below
         # Named configs fix the architecture; the checkpoint may only choose the resolution.
         config = replace(base, input_size=inferred.input_size)
     model = build_model(config)

@@ -1,0 +1,1 @@
+"""Independent transcriptions of upstream reference code, used only by the parity tests."""

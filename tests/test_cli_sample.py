@@ -1,0 +1,138 @@
+"""`python cli.py sample` end to end on a small checkpoint: what it writes, and one clear line
+(exit 2, no traceback) for each input a user can get wrong."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from soda.models.config import ModelConfig
+from soda.models.dit import DiT
+
+ROOT = Path(__file__).resolve().parent.parent
+# 2 layers, width 48 (non-standard: needs --num-heads), 8x8x4 latents, 16 tokens, 10 classes.
+SMALL = ModelConfig("dit", depth=2, hidden_size=48, patch_size=2, num_heads=3, input_size=8, in_channels=4,
+                    num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = DiT(SMALL)
+    model.randomize_zero_init(0)
+    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def sample(ckpt: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "cli.py"), "sample", "--model", "dit", "--ckpt", str(ckpt), "--num-heads", "3",
+           *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+def sample_in_process(ckpt: Path, *args: str, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """The same `cli.main` without a fresh interpreter (cheaper on a shared machine)."""
+    import cli
+
+    argv = ["cli.py", "sample", "--model", "dit", "--ckpt", str(ckpt), "--num-heads", "3", *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+@pytest.fixture
+def run_here(ckpt, monkeypatch, capsys):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield lambda *args: sample_in_process(ckpt, *args, monkeypatch=monkeypatch, capsys=capsys)
+    torch.set_num_threads(before)
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_writes_latents_and_png(ckpt, tmp_path):
+    latents, png = tmp_path / "out" / "l.npy", tmp_path / "out" / "grid.png"
+    latents.parent.mkdir()
+    r = sample(ckpt, "--labels", "3,0,9", "--steps", "4", "--save-latents", str(latents), "--out", str(png))
+    assert r.returncode == 0, r.stderr
+    x = np.load(latents)
+    assert x.shape == (3, 4, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.width > 3 * 8 and im.height > 8
+    assert "ms/step" in r.stdout and "3 samples, ddim-4" in r.stdout
+
+
+def test_same_noise_file_gives_same_latents_whatever_the_seed(run_here, tmp_path):
+    """--noise overrides --seed: the trajectory depends only on the noise given."""
+    noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "z.npy", noise)
+    outs = []
+    for seed in ("0", "5"):
+        lat = tmp_path / f"l{seed}.npy"
+        r = run_here("--labels", "1,2", "--steps", "3", "--seed", seed, "--noise", str(tmp_path / "z.npy"),
+                     "--save-latents", str(lat), "--out", str(tmp_path / "s.png"))
+        assert r.returncode == 0, r.stderr
+        outs.append(np.load(lat))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_noise_of_the_wrong_shape(ckpt, tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((2, 4, 16, 16), np.float32))
+    line = one_line_error(sample(ckpt, "--labels", "1,2", "--steps", "2", "--noise", str(tmp_path / "z.npy")))
+    assert "[2, 4, 16, 16]" in line and "[2, 4, 8, 8]" in line
+
+
+def test_noise_count_must_match_labels(run_here, tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((3, 4, 8, 8), np.float32))
+    assert "one per label" in one_line_error(run_here("--labels", "1,2", "--steps", "2", "--noise",
+                                                      str(tmp_path / "z.npy")))
+
+
+def test_noise_file_that_is_not_npy(run_here, tmp_path):
+    (tmp_path / "z.npy").write_text("not an array")
+    assert "cannot read" in one_line_error(run_here("--labels", "1", "--steps", "2", "--noise",
+                                                    str(tmp_path / "z.npy")))
+
+
+def test_missing_noise_file(run_here, tmp_path):
+    assert "not found" in one_line_error(run_here("--steps", "2", "--noise", str(tmp_path / "none.npy")))
+
+
+def test_labels_out_of_range(ckpt):
+    line = one_line_error(sample(ckpt, "--labels", "1,10", "--steps", "2"))
+    assert "[10]" in line and "0..9" in line
+
+
+def test_non_numeric_labels(ckpt):
+    assert "comma-separated integers" in one_line_error(sample(ckpt, "--labels", "1,cat", "--steps", "2"))
+
+
+def test_zero_steps(ckpt):
+    assert "--steps" in one_line_error(sample(ckpt, "--steps", "0"))
+
+
+def test_cfg_scale_below_one(run_here):
+    assert "--cfg-scale" in one_line_error(run_here("--steps", "2", "--cfg-scale", "0.5"))
