@@ -1,0 +1,52 @@
+"""DuCa (Shenyi-Z/DuCa, DuCa-DiT): ToCa's interval schedule with alternating non-full steps.
+
+`cal_type` (step counts down): full when `step == S-1` or `step % I == 0` (I from ToCa's
+`force_scheduler`); otherwise an odd `step % I` is a conservative step (ToCa's partial step:
+attention reused, MLP refreshed for a token fraction) and an even one is aggressive: every block
+is skipped, the previous step's last-block output goes straight to the final layer ("skip").
+The rate schedule is DuCa's only one ('ToCa': wt = 2.0, wl = -0.2, for every sampler); the
+spatial bonus is 0.8. Published DiT setting (README): DDIM-50, N = 3, R = 0.05 -> 20 full,
+22 conservative, 8 aggressive steps. For DDPM we use DuCa's argparse defaults N = 4, R = 0.07.
+
+Token choice: the official DiT command runs `--cache-type attention` ("toca-attention" with
+bonus 0.8, the default here); "duca-random" is the FlashAttention-compatible choice of the paper.
+"""
+from __future__ import annotations
+
+from soda.errors import UserError
+from soda.policies import ScheduleSpec
+from soda.policies import toca
+from soda.schedule import Schedule
+
+PUBLISHED = {"ddim": {"N": 3, "R": 0.05}, "ddpm": {"N": 4, "R": 0.07}}
+STEP_WEIGHT, LAYER_WEIGHT = 2.0, -0.2  # DuCa's fresh_ratio_scheduler 'ToCa'
+BONUS_RATIO = 0.8
+SELECTORS = ("toca-attention", "duca-random")
+
+
+def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
+         R: float | None = None, selector: str = "toca-attention", seed: int = 0) -> Schedule:
+    from soda.policies import scaling
+
+    if spec.sampler not in PUBLISHED:
+        raise UserError(f"DuCa has no published setting for sampler {spec.sampler!r}")
+    if selector not in SELECTORS:
+        raise UserError(f"DuCa token selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
+    p = dict(PUBLISHED[spec.sampler])
+
+    def build(n_: int, r_: float) -> Schedule:
+        steps = toca.build_steps(spec, n_, r_, STEP_WEIGHT, LAYER_WEIGHT, dual=True)
+        skip_steps = [s for s, step in enumerate(steps) if step == "skip"]
+        sel = {"interval": n_, "staleness_weight": toca.STALENESS_WEIGHT, "bonus_ratio": BONUS_RATIO,
+               "skip_steps": skip_steps}
+        if selector == "duca-random":
+            sel["seed"] = seed
+        return toca.to_schedule(spec, "duca", steps, n_, r_, STEP_WEIGHT, LAYER_WEIGHT, sel, selector)
+
+    if speedup is None:
+        return scaling.record(build(N if N is not None else p["N"], R if R is not None else p["R"]), spec, flops, None)
+    if N is not None or R is not None:
+        raise UserError("give either a target --speedup or DuCa's N and R, not both")
+    toca._check_modules(spec)
+    cost = lambda fm, n_, r_: toca.fast_flops(spec, fm, n_, r_, STEP_WEIGHT, LAYER_WEIGHT, True)  # noqa: E731
+    return scaling.search_interval_ratio("DuCa", spec, build, cost, flops, speedup, p["N"], p["R"])

@@ -1,0 +1,124 @@
+"""Token selectors of the baselines, transcribed from the official ToCa/DuCa DiT code. numpy only.
+
+score = base + staleness_weight * staleness / interval, then the 2x2 spatial bonus, then top-k.
+- base, "toca-attention": the attention each token received in the same layer's attention at
+  its last full computation (`attn_map.sum(dim=1)` of the head-averaged map), L2-normalised per
+  row (`F.normalize(p=2, dim=1)`); refreshed only when that attention is fully computed.
+- base, "duca-random": uniform [0, 1) per (seed, step, layer, module), shared by every batch row
+  (the official code shares it between the CFG halves).
+- staleness (ToCa's `cache_index`): for the module being pruned, how many earlier non-skip
+  steps have passed since the token was last computed (0 right after a full compute; skip steps,
+  DuCa's aggressive ones, do not count, as they never reach `cache_cutfresh`).
+- spatial bonus (`local_selection_with_bonus`): in every 2x2 grid of tokens the top-scoring one
+  gets + bonus_ratio * its score (ToCa 0.6, DuCa 0.8).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+
+from soda.selectors import top_k
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """torch.nn.functional.normalize(x, p=2, dim=1)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def spatial_bonus(score: np.ndarray, ratio: float, grid: int = 2) -> np.ndarray:
+    """In each grid x grid block of the token raster, add ratio * max to the (first) max token."""
+    B, N = score.shape
+    side = math.isqrt(N)
+    if side * side != N or side % grid:
+        raise ValueError(f"the spatial bonus needs a square token grid divisible by {grid}, got {N} tokens")
+    g = side // grid
+    blocks = score.reshape(B, g, grid, g, grid).transpose(0, 1, 3, 2, 4).reshape(B, g * g, grid * grid)
+    arg = blocks.argmax(axis=2)[..., None]
+    bonus = np.zeros_like(blocks)
+    np.put_along_axis(bonus, arg, np.take_along_axis(blocks, arg, axis=2) * ratio, axis=2)
+    out = (blocks + bonus).reshape(B, g, g, grid, grid).transpose(0, 1, 3, 2, 4)
+    return out.reshape(B, N)
+
+
+class _CacheFrequencySelector:
+    """Staleness bookkeeping and the score pipeline; subclasses give the base score."""
+
+    name = "base"
+
+    def __init__(self, interval: int, staleness_weight: float = 0.25, bonus_ratio: float = 0.6,
+                 grid: int = 2, skip_steps=()):
+        self.interval = interval
+        self.staleness_weight = staleness_weight
+        self.bonus_ratio = bonus_ratio
+        self.grid = grid
+        self.skip_steps = np.array(sorted(skip_steps), dtype=np.int64)
+        self.reset()
+
+    def reset(self) -> None:
+        self.last: dict[tuple[int, str], np.ndarray] = {}  # step each token was last computed
+
+    def observe(self, s, layer, module, idx, D, received) -> None:
+        key = (layer, module)
+        if idx is None:
+            self.last[key] = np.full(D.shape[:2], s, dtype=np.int64)
+        else:
+            np.put_along_axis(self.last[key], idx, s, axis=1)
+
+    def staleness(self, s: int, layer: int, module: str) -> np.ndarray:
+        if (layer, module) not in self.last:
+            raise ValueError(f"layer {layer} {module}: pruned before any full compute")
+        last = self.last[(layer, module)]
+        skipped = np.searchsorted(self.skip_steps, s, "left") - np.searchsorted(self.skip_steps, last, "right")
+        return s - last - 1 - skipped
+
+    def base_score(self, s: int, layer: int, module: str, B: int, N: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, s: int, layer: int, module: str, B: int, N: int) -> np.ndarray:
+        stale = self.staleness(s, layer, module)
+        score = self.base_score(s, layer, module, B, N) + self.staleness_weight * stale / self.interval
+        return spatial_bonus(score, self.bonus_ratio, self.grid)
+
+    def select(self, s, layer, module, k, tokens, cache) -> np.ndarray:
+        B, N = tokens.shape[:2]
+        return top_k(self.score(s, layer, module, B, N), k)
+
+
+class ToCaAttentionSelector(_CacheFrequencySelector):
+    """ToCa's s1 + s3 + s4: needs the attention map (non-fused attention)."""
+
+    name = "toca-attention"
+
+    def reset(self) -> None:
+        super().reset()
+        self.received: dict[int, np.ndarray] = {}
+
+    def observe(self, s, layer, module, idx, D, received) -> None:
+        super().observe(s, layer, module, idx, D, received)
+        if module == "attn" and idx is None and received is not None:
+            self.received[layer] = np.asarray(received, dtype=np.float64)
+
+    def base_score(self, s, layer, module, B, N) -> np.ndarray:
+        if layer not in self.received:
+            raise ValueError(f"layer {layer}: no attention map yet (toca-attention needs a full attn compute first)")
+        return l2_normalize(self.received[layer])
+
+
+class DuCaRandomSelector(_CacheFrequencySelector):
+    """DuCa's random choice (+ staleness and bonus): no attention map needed."""
+
+    name = "duca-random"
+
+    def __init__(self, interval: int, staleness_weight: float = 0.25, bonus_ratio: float = 0.8,
+                 grid: int = 2, skip_steps=(), seed: int = 0):
+        super().__init__(interval, staleness_weight, bonus_ratio, grid, skip_steps)
+        self.seed = seed
+
+    def base_score(self, s, layer, module, B, N) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, s, layer, zlib.crc32(module.encode())])
+        return np.broadcast_to(rng.random(N), (B, N))
+
+
+BASELINE_SELECTORS = {ToCaAttentionSelector.name: ToCaAttentionSelector, DuCaRandomSelector.name: DuCaRandomSelector}
