@@ -1,0 +1,345 @@
+"""torch model + schedule -> an engines folder: ONNX subgraphs, one weights file, schedule.json,
+manifest.json (and TensorRT engines with --trt).
+
+The folder is built in a temporary sibling and renamed into place, so an interrupted export
+leaves the previous artefacts intact. Every graph is checked (onnx.checker with its external
+data, and onnxruntime CPU against soda.torch_backend.TorchBackend on random inputs) before
+the folder is published. Same inputs (weights, model, schedule, sampler, opset, tools) as the
+folder already holds: nothing is exported, the folder is reused and the caller is told.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from export.graphs import GraphSpec, graph_specs
+from export.manifest import (FORMAT, MANIFEST, describe_files, load_manifest, reuse_key, write_manifest)
+from export.weights_store import WeightsStore
+from soda.errors import UserError
+from soda.schedule import Schedule, kept_tokens
+from soda.torch_backend import TorchBackend
+
+EXPORT_VERSION = 1  # bump when the graphs or their layout change: old folders are then re-exported
+WEIGHTS_FILE = "weights.bin"
+SCHEDULE_FILE = "schedule.json"
+PARITY_TOL = 1e-4  # fp32 max abs error, onnxruntime CPU vs PyTorch
+PARITY_BATCH = 2
+REFERENCE_RETRIES = 2
+EXPORTERS = ("legacy", "dynamo")
+
+
+@dataclass
+class Row:
+    name: str
+    file: str
+    bytes: int
+    parity_max_abs: float
+    seconds: float
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    reused: bool
+    seconds: float
+    rows: list[Row] = field(default_factory=list)
+    weights_bytes: int = 0
+    total_bytes: int = 0
+    raw_fp32_bytes: int = 0
+    trt: dict | None = None
+
+
+def tool_versions(exporter: str) -> dict:
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "exporter": exporter, "soda_export": EXPORT_VERSION}
+
+
+def token_counts(schedule: Schedule, num_tokens: int) -> list[int]:
+    """N and every pruned k the schedule uses: the token counts module graphs are run with."""
+    return sorted({num_tokens, *(kept_tokens(a, num_tokens) for a in schedule.prune_rates())}, reverse=True)
+
+
+def needed_modules(schedule: Schedule) -> set[tuple[int, str]]:
+    """(layer, module) pairs some action computes (full or prune); reuse alone needs no graph."""
+    need = set()
+    for step in schedule.steps:
+        if step == "skip":
+            continue
+        for l, row in enumerate(step):
+            for m, a in enumerate(row):
+                if a != "reuse":
+                    need.add((l, schedule.modules[m]))
+    return need
+
+
+def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: str | Path, opset: int = 17,
+                 exporter: str = "legacy", trt_precision: str | None = None, force: bool = False,
+                 progress: bool = True, echo=print) -> ExportResult:
+    """Export `model` for `schedule` into `out` (see module doc). trt_precision: None (ONNX only),
+    "fp16", "bf16" or "fp32" to also build TensorRT engines where TensorRT and a GPU exist."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    t0 = time.perf_counter()
+    config = model.config
+    out = Path(out)
+    schedule.check_fits(config.name, config.hash(), sampler_cfg.kind, sampler_cfg.steps)
+    if exporter == "dynamo":
+        opset = max(opset, 18)  # the dynamo exporter emits opset >= 18
+    key_data = {"format": FORMAT, "model_hash": config.hash(), "weights": weights_id, "schedule_hash": schedule.hash(),
+                "sampler": sampler_cfg.to_dict(), "opset": opset, "tools": tool_versions(exporter)}
+    reused = _try_reuse(out, reuse_key(key_data), force, echo)
+    if reused is not None:
+        if trt_precision:
+            _add_trt(out, reused.data, schedule, trt_precision, echo)
+        return _result_from_manifest(out, reused.data if not trt_precision else load_manifest(out, "size").data,
+                                     True, time.perf_counter() - t0)
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UserError(f"refusing to replace {out}: it is not an export folder (no {MANIFEST}); choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        data, rows = _export_into(tmp, model, weights_id, schedule, sampler_cfg, opset, exporter, key_data, progress)
+        data["files"] = describe_files(tmp, _listed_files(data))
+        data["weights_sha256"] = data["files"][WEIGHTS_FILE]["sha256"]
+        for a in data["artefacts"].values():
+            a["sha256"] = data["files"][a["file"]]["sha256"]
+        if trt_precision:
+            data["trt"] = _build_trt(tmp, data, schedule, trt_precision, echo)
+            if data["trt"]:
+                data["files"].update(describe_files(tmp, [e["file"] for e in data["trt"]["engines"].values()]))
+        data["export_seconds"] = round(time.perf_counter() - t0, 2)
+        write_manifest(tmp, data)
+        load_manifest(tmp)  # what the runtime will do: prove the folder validates before publishing it
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = _result_from_manifest(out, data, False, time.perf_counter() - t0)
+    res.rows = rows
+    return res
+
+
+def _try_reuse(out: Path, key: dict, force: bool, echo):
+    if force or not (out / MANIFEST).is_file():
+        return None
+    try:
+        m = load_manifest(out)
+    except UserError as e:
+        echo(f"note: the existing export is not usable ({e}); exporting again")
+        return None
+    if not m.same_inputs(key):
+        return None
+    echo(f"reuse: {out} already holds this export (same weights, model, schedule, sampler, opset, tools); "
+         "nothing to do (--force re-exports)")
+    return m
+
+
+def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, exporter, key_data, progress):
+    from tqdm import tqdm
+
+    config = model.config
+    specs = graph_specs(model, needed_modules(schedule))
+    counts = token_counts(schedule, config.num_tokens)
+    schedule.save(folder / SCHEDULE_FILE)
+    backend = TorchBackend(model)
+    gen = torch.Generator().manual_seed(0)
+    artefacts, rows = {}, []
+    with WeightsStore(folder / WEIGHTS_FILE) as store, torch.inference_mode(False), torch.no_grad():
+        for spec in tqdm(specs, desc="export", unit="graph", disable=not progress):
+            t = time.perf_counter()
+            proto = export_graph(spec, config, opset, exporter, gen)
+            store.externalize(proto)
+            path = folder / spec.file
+            onnx.save_model(proto, str(path))
+            onnx.checker.check_model(str(path))
+            err = check_parity(spec, path, backend, config, counts, gen, warn=tqdm.write)
+            if not err <= PARITY_TOL:
+                raise RuntimeError(f"{spec.name}: onnxruntime differs from PyTorch by {err:.3g} > {PARITY_TOL}")
+            artefacts[spec.name] = {
+                "file": spec.file, "sha256": None, "bytes": path.stat().st_size,
+                "inputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in spec.inputs],
+                "outputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in spec.outputs],
+                "parity_max_abs": float(err),
+            }
+            rows.append(Row(spec.name, spec.file, path.stat().st_size, float(err), time.perf_counter() - t))
+        weights_bytes = store.bytes_written
+    data = {
+        **key_data, "model": config.to_dict(),
+        "checkpoint_sha256": None if weights_id.startswith("random-init") else weights_id,
+        "weights_file": WEIGHTS_FILE, "weights_sha256": None,
+        "weights_bytes": weights_bytes, "raw_fp32_bytes": raw_fp32_bytes(model), "token_counts": counts,
+        "artefacts": artefacts, "schedule": SCHEDULE_FILE, "trt": None,
+    }
+    return data, rows
+
+
+def raw_fp32_bytes(model) -> int:
+    return sum(t.numel() * 4 for t in model.state_dict().values())
+
+
+def export_graph(spec: GraphSpec, config, opset: int, exporter: str, gen: torch.Generator) -> onnx.ModelProto:
+    """One subgraph as an in-memory ModelProto with weights inline (moved out by WeightsStore)."""
+    N = config.num_tokens
+    args = spec.example(PARITY_BATCH, N, gen, config.num_classes)
+    names_in, names_out = [n for n, _, _ in spec.inputs], [n for n, _, _ in spec.outputs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            buf = io.BytesIO()
+            torch.onnx.export(spec.module, args, buf, input_names=names_in, output_names=names_out,
+                              dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
+                              dynamo=False)
+            return onnx.load_from_string(buf.getvalue())
+        dims = {"B": torch.export.Dim("B", min=1, max=4096), "n": torch.export.Dim("n", min=1, max=max(N, 2))}
+        dynamic = {n: {i: dims[d] for i, d in enumerate(s) if isinstance(d, str)} for n, s, _ in spec.inputs}
+        prog = torch.onnx.export(spec.module, args, input_names=names_in, output_names=names_out,
+                                 dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False)
+        return prog.model_proto
+
+
+def _reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -> list[np.ndarray]:
+    """The same computation through TorchBackend (the executor's reference backend)."""
+    kind, _, layer = spec.name.partition(".")
+    if kind == "embed":
+        return list(backend.embed(*args))
+    if kind == "final":
+        return [backend.final(*args)]
+    if kind == "modulation":
+        mods = backend.modulation(int(layer), args[0])
+        return [v for m in backend.modules for v in mods[m]]
+    D, received = backend.module(int(layer), kind, *args)
+    return [D] + ([received] if received is not None else [])
+
+
+def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, counts: list[int],
+                 gen: torch.Generator, warn=print) -> float:
+    """Max abs error of onnxruntime (CPU) vs PyTorch over random inputs; module graphs are run
+    at every token count the schedule uses (and N/4, so the dynamic axis is always exercised)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    has_n = any("n" in shape for _, shape, _ in spec.inputs)
+    token_ns = sorted({*counts, max(1, config.num_tokens // 4)}) if has_n else [config.num_tokens]
+    worst = 0.0
+    for n in token_ns:
+        args = [a.numpy() for a in spec.example(PARITY_BATCH, n, gen, config.num_classes)]
+        got = sess.run(None, {name: a for (name, _, _), a in zip(spec.inputs, args)})
+        err = _max_err(spec, n, got, _reference(spec, backend, args))
+        for _ in range(REFERENCE_RETRIES):
+            if err <= PARITY_TOL:
+                break
+            # Seen with DiT-XL/2 on torch 2.13 CPU: an identical PyTorch call now and then returns
+            # values 0.09 off while onnxruntime is stable. Recompute the reference; say so.
+            again = _max_err(spec, n, got, _reference(spec, backend, args))
+            if again < err:
+                warn(f"warning: {spec.name}: PyTorch gave a different result for the same inputs "
+                     f"(max|err| {err:.3g} -> {again:.3g} on recomputing the reference)")
+            err = min(err, again)
+        worst = max(worst, err)
+    return worst
+
+
+def _max_err(spec: GraphSpec, n: int, got: list, want: list) -> float:
+    if len(got) != len(want):
+        raise RuntimeError(f"{spec.name}: {len(got)} outputs, PyTorch gives {len(want)}")
+    worst = 0.0
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            raise RuntimeError(f"{spec.name}: output shape {g.shape} != PyTorch {w.shape} at n={n}")
+        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))))
+    return worst
+
+
+def _listed_files(data: dict) -> list[str]:
+    return [a["file"] for a in data["artefacts"].values()] + [WEIGHTS_FILE, SCHEDULE_FILE]
+
+
+def _build_trt(folder: Path, data: dict, schedule: Schedule, precision: str, echo) -> dict | None:
+    from export.trt import build_engines
+
+    return build_engines(folder, data, precision, echo=echo)
+
+
+def _add_trt(out: Path, data: dict, schedule: Schedule, precision: str, echo) -> None:
+    """TensorRT for a reused ONNX export: build (or find cached) engines in place, update the manifest."""
+    trt = _build_trt(out, data, schedule, precision, echo)
+    if trt is None or trt == data.get("trt"):
+        return
+    data = dict(data, trt=trt)
+    data["files"] = {**data["files"], **describe_files(out, [e["file"] for e in trt["engines"].values()])}
+    write_manifest(out, data)
+
+
+def _remove_stale_siblings(out: Path) -> None:
+    """Temporary folders left by an export that was killed (its pid no longer runs)."""
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = p.name[len(out.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _result_from_manifest(out: Path, data: dict, reused: bool, seconds: float) -> ExportResult:
+    rows = [Row(n, a["file"], a["bytes"], a["parity_max_abs"], 0.0) for n, a in data["artefacts"].items()]
+    total = sum(f["bytes"] for f in data.get("files", {}).values()) if data.get("files") else 0
+    return ExportResult(out, reused, seconds, rows, data["weights_bytes"], total, data["raw_fp32_bytes"], data.get("trt"))
+
+
+def summary(res: ExportResult) -> list[str]:
+    """The table printed at the end: every file, its size, its parity error, its time."""
+    lines = [f"{'artefact':<16} {'file':<20} {'size':>10} {'parity max|err|':>16} {'time':>7}"]
+    for r in res.rows:
+        t = f"{r.seconds:6.2f}s" if r.seconds else "      -"
+        lines.append(f"{r.name:<16} {r.file:<20} {_size(r.bytes):>10} {r.parity_max_abs:>16.2e} {t:>7}")
+    ratio = res.total_bytes / res.raw_fp32_bytes if res.raw_fp32_bytes else float("nan")
+    lines.append(f"{'weights':<16} {WEIGHTS_FILE:<20} {_size(res.weights_bytes):>10}")
+    lines.append(f"total on disk {_size(res.total_bytes)} = {ratio:.3f}x the raw fp32 weights ({_size(res.raw_fp32_bytes)}); "
+                 f"worst parity {max((r.parity_max_abs for r in res.rows), default=0):.2e} (tolerance {PARITY_TOL:g}); "
+                 f"{'reused' if res.reused else 'exported'} in {res.seconds:.1f} s -> {res.folder}")
+    if res.trt:
+        lines.append(f"TensorRT: {len(res.trt['engines'])} engines, {res.trt['precision']}, {res.trt['gpu']}, "
+                     f"TensorRT {res.trt['version']}")
+    return lines
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,132 @@
+"""TensorRT engines from the exported ONNX graphs (official TensorRT Python API).
+
+One engine per graph. A module graph ("attn.{l}", "mlp.{l}") gets one optimization profile
+per token count the schedule runs it with (N and each pruned k, `token_counts` in the
+manifest), all inside the one engine: the runtime picks the profile whose n equals the
+gathered token count. Engines live under `trt/<gpu>/trt-<version>/` in the engines folder,
+so a folder can hold engines for several GPUs and TensorRT versions; a timing cache file in
+that folder makes rebuilds fast. Where `tensorrt` cannot be imported or no GPU is present,
+one line says so and the export stays ONNX only.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from export.manifest import file_sha256
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+WORKSPACE_BYTES = 4 << 30
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from nvidia-smi, or None without a GPU or driver."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return names[0] if out.returncode == 0 and names else None
+
+
+def availability() -> tuple[object | None, str | None, str]:
+    """(tensorrt module or None, GPU name or None, one-line reason when unavailable)."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        return None, None, f"TensorRT is not installed here ({e.msg}); exported ONNX only"
+    gpu = gpu_name()
+    if gpu is None:
+        return tensorrt, None, "no GPU found (nvidia-smi); exported ONNX only"
+    return tensorrt, gpu, ""
+
+
+def engine_dir(folder: Path, gpu: str, version: str) -> Path:
+    """Engines are only valid for one GPU model and TensorRT version: both are in the path."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", gpu).strip("-")
+    return folder / "trt" / slug / f"trt-{version}"
+
+
+def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_batch: int = 16,
+                  echo=print) -> dict | None:
+    """Build (or reuse cached) engines for every artefact of `manifest` in `folder`.
+    Returns the manifest's "trt" section, or None (one line printed) without TensorRT or GPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    trt, gpu, why = availability()
+    if trt is None or gpu is None:
+        echo(why)
+        return None
+    out = engine_dir(folder, gpu, trt.__version__)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_file = out / "timing.cache"
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    counts = manifest["token_counts"]
+    engines = {}
+    for name, art in manifest["artefacts"].items():
+        plan = out / f"{name}.{precision}.plan"
+        profiles = _profiles(art, counts, max_batch)
+        key = {"onnx_sha256": art["sha256"], "precision": precision, "profiles": profiles}
+        entry = {"file": str(plan.relative_to(folder)), "precision": precision, "profiles": profiles,
+                 "onnx_sha256": art["sha256"]}
+        old = (manifest.get("trt") or {}).get("engines", {}).get(name)
+        if old and plan.is_file() and all(old.get(k) == v for k, v in key.items()) and old.get("sha256") == file_sha256(plan):
+            engines[name] = old
+            continue
+        t = time.perf_counter()
+        serialized = _build_one(trt, builder, logger, folder / art["file"], profiles, precision, cache_file)
+        tmp = plan.with_suffix(".tmp")
+        tmp.write_bytes(serialized)
+        tmp.replace(plan)
+        engines[name] = {**entry, "sha256": file_sha256(plan), "build_seconds": round(time.perf_counter() - t, 2)}
+        echo(f"TensorRT {name}: {len(profiles)} profile(s), {engines[name]['build_seconds']} s")
+    return {"gpu": gpu, "version": trt.__version__, "precision": precision, "max_batch": max_batch,
+            "timing_cache": str(cache_file.relative_to(folder)), "engines": engines}
+
+
+def _profiles(art: dict, counts: list[int], max_batch: int) -> list[dict]:
+    """One profile per token count for graphs with a token axis, else one profile.
+    Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch)."""
+    has_n = any("n" in t["shape"] for t in art["inputs"])
+    out = []
+    for n in (counts if has_n else [None]):
+        shapes = {}
+        for t in art["inputs"]:
+            lo = [1 if d == "B" else n if d == "n" else d for d in t["shape"]]
+            opt = [max_batch if d == "B" else n if d == "n" else d for d in t["shape"]]
+            shapes[t["name"]] = [lo, opt, opt]
+        out.append({"n": n, "shapes": shapes})
+    return out
+
+
+def _build_one(trt, builder, logger, onnx_path: Path, profiles: list[dict], precision: str, cache_file: Path) -> bytes:
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode (and default) from TensorRT 10
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so weights.bin next to it is found
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for p in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in p["shapes"].items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path.name}")
+    cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return bytes(serialized)

@@ -1,0 +1,276 @@
+"""Export: ONNX subgraphs + one weights file + manifest; parity, reuse, atomicity, validation."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.manifest import load_manifest
+from soda.errors import UserError
+from soda.executor import Executor
+from soda.flops import FlopsModel
+from soda.policies import ScheduleSpec, make_schedule
+from soda.sampling import SamplerConfig
+from soda.schedule import FULL, REUSE, Schedule, prune
+from soda.torch_backend import TorchBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 4
+
+
+def _sampler():
+    return SamplerConfig("ddim", STEPS, 4.0, None)
+
+
+def _mixed_schedule(cfg):
+    """Full, reuse, two prune rates and a skip step: every path the runtime takes."""
+    spec = ScheduleSpec.for_model(cfg, "ddim", STEPS)
+    L = cfg.depth
+    steps = [[[FULL, FULL]] * L, [[REUSE, prune(0.5)]] * L, "skip", [[prune(0.25), FULL]] * L]
+    return Schedule("test", spec.model, spec.model_hash, "ddim", STEPS, ["attn", "mlp"], L,
+                    [s if s == "skip" else [list(r) for r in s] for s in steps], selector="feature-mean").validate()
+
+
+def _export(model, out, schedule=None, **kw):
+    from export.onnx_export import export_model
+
+    schedule = schedule or _mixed_schedule(model.config)
+    lines = []
+    res = export_model(model, "random-init-0", schedule, _sampler(), out, progress=False, echo=lines.append, **kw)
+    return res, lines
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eng") / "tiny"
+    res, _ = _export(tiny_model, out)
+    return out, res
+
+
+class OrtBackend:
+    """The executor's backend protocol over the exported graphs (what the runtime does)."""
+
+    def __init__(self, folder):
+        import onnxruntime as ort
+
+        m = load_manifest(folder)
+        self.sess = {n: ort.InferenceSession(str(m.path(n)), providers=["CPUExecutionProvider"]) for n in m.artefacts}
+        self.modules = ("attn", "mlp")
+        self.num_layers = m.model["depth"]
+
+    def embed(self, x, t, y):
+        return tuple(self.sess["embed"].run(None, {"x": x, "t": t, "y": y}))
+
+    def modulation(self, layer, c):
+        o = self.sess[f"modulation.{layer}"].run(None, {"c": c})
+        return {"attn": tuple(o[:3]), "mlp": tuple(o[3:])}
+
+    def module(self, layer, name, tokens, shift, scale):
+        o = self.sess[f"{name}.{layer}"].run(None, {"tokens": tokens, "shift": shift, "scale": scale})
+        return o[0], (o[1] if name == "attn" else None)
+
+    def final(self, tokens, c):
+        return self.sess["final"].run(None, {"tokens": tokens, "c": c})[0]
+
+
+def test_artefacts_manifest_and_parity(exported, tiny_model, tiny_config):
+    out, res = exported
+    m = load_manifest(out)
+    L = tiny_config.depth
+    want = {"embed", "final"} | {f"{k}.{l}" for l in range(L) for k in ("modulation", "attn", "mlp")}
+    assert set(m.artefacts) == want
+    assert m.token_counts == [16, 8, 4]  # N, prune@0.5, prune@0.25 of 16 tokens
+    assert m.model_hash == tiny_config.hash() and m.weights == "random-init-0"
+    assert all(a.parity_max_abs <= 1e-4 for a in m.artefacts.values())
+    attn = m.artefacts["attn.0"]
+    assert attn.input_names == ["tokens", "shift", "scale"] and attn.output_names == ["D", "received"]
+    assert list(attn.inputs[0].shape) == ["B", "n", 32] and attn.outputs[1].shape == ("B", "n")
+    assert m.artefacts["embed"].inputs[1].dtype == "int64"
+    assert m.artefacts["modulation.1"].output_names == ["shift_attn", "scale_attn", "gate_attn",
+                                                       "shift_mlp", "scale_mlp", "gate_mlp"]
+    # Weights stored once: every big initializer points into the one shared file; size <= 1.2x raw.
+    for a in m.artefacts.values():
+        proto = onnx.load(str(out / a.file), load_external_data=False)
+        ext = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert ext and all({e.key: e.value for e in t.external_data}["location"] == "weights.bin" for t in ext)
+        assert all(len(t.raw_data) < 256 for t in proto.graph.initializer)
+    # (the tiny model's graphs weigh as much as its weights; the 1.2x total is checked on dit-digits)
+    assert (out / "weights.bin").stat().st_size <= 1.05 * res.raw_fp32_bytes
+    assert not res.reused
+
+
+def test_executor_over_onnx_matches_torch(exported, tiny_model, tiny_config):
+    """The exported graphs drive the one stitching loop to the PyTorch result (prune, reuse, skip)."""
+    out, _ = exported
+    sched = Schedule.load(out / "schedule.json")
+    fm = FlopsModel.for_config(tiny_config)
+    ref, got = Executor(TorchBackend(tiny_model), sched, fm), Executor(OrtBackend(out), sched, fm)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    t, y = np.array([999, 700, 20, 0]), np.array([1, 2, 3, 10])
+    for s in range(STEPS):
+        xs = x + 0.1 * s
+        np.testing.assert_allclose(got(s, xs, t, y), ref(s, xs, t, y), atol=1e-4, rtol=0)
+
+
+def test_second_export_is_reuse_and_force_reexports(exported, tiny_model):
+    out, _ = exported
+    before = (out / "weights.bin").stat().st_mtime_ns
+    res, lines = _export(tiny_model, out)
+    assert res.reused and any(line.startswith("reuse:") for line in lines)
+    assert (out / "weights.bin").stat().st_mtime_ns == before
+    res, _ = _export(tiny_model, out, force=True)
+    assert not res.reused and (out / "weights.bin").stat().st_mtime_ns != before
+    load_manifest(out)
+
+
+def test_interrupted_export_leaves_previous_artefacts(exported, tiny_model, tiny_config, monkeypatch, tmp_path):
+    import export.onnx_export as ox
+
+    out = tmp_path / "eng"
+    shutil.copytree(exported[0], out)
+    before = (out / "manifest.json").read_text()
+    calls = {"n": 0}
+    real = ox.export_graph
+
+    def failing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ox, "export_graph", failing)
+    full = make_schedule("full", ScheduleSpec.for_model(tiny_config, "ddim", STEPS))
+    with pytest.raises(KeyboardInterrupt):
+        _export(tiny_model, out, schedule=full)
+    assert (out / "manifest.json").read_text() == before
+    load_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]  # no temporary folder left behind
+
+
+def test_stale_temporary_folder_of_a_killed_export_is_removed(exported, tiny_model, tmp_path):
+    out = _copy(exported, tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".eng.tmp-{int(dead.stdout)}"
+    stale.mkdir()
+    _export(tiny_model, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
+
+
+def _copy(exported, tmp_path):
+    out = tmp_path / "eng"
+    shutil.copytree(exported[0], out)
+    return out
+
+
+def test_truncated_weights_is_a_clear_error(exported, tmp_path):
+    out = _copy(exported, tmp_path)
+    with open(out / "weights.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match=r"weights.bin has 1000 bytes.*truncated"):
+        load_manifest(out)
+
+
+def test_changed_byte_and_swapped_graphs_are_clear_errors(exported, tmp_path):
+    out = _copy(exported, tmp_path)
+    w = bytearray((out / "weights.bin").read_bytes())
+    w[len(w) // 2] ^= 0xFF
+    (out / "weights.bin").write_bytes(bytes(w))
+    load_manifest(out, verify="size")  # same size: only the hash can tell
+    with pytest.raises(UserError, match=r"weights.bin does not match its sha256"):
+        load_manifest(out)
+    out2 = _copy(exported, tmp_path / "b")
+    a, b = (out2 / "mlp.0.onnx").read_bytes(), (out2 / "mlp.1.onnx").read_bytes()
+    (out2 / "mlp.0.onnx").write_bytes(b)
+    (out2 / "mlp.1.onnx").write_bytes(a)
+    with pytest.raises(UserError, match=r"mlp\.0\.onnx (has|does not match)"):
+        load_manifest(out2)
+
+
+def test_missing_file_format_and_other_checkpoint(exported, tmp_path, tiny_config):
+    out = _copy(exported, tmp_path)
+    m = load_manifest(out)
+    m.check_matches(model_hash=tiny_config.hash(), weights="random-init-0")
+    with pytest.raises(UserError, match=r"exported from weights random-init-0, not abc"):
+        m.check_matches(weights="abc")
+    with pytest.raises(UserError, match=r"exported for model dit-tiny"):
+        m.check_matches(model_hash="0" * 16)
+    (out / "attn.1.onnx").unlink()
+    with pytest.raises(UserError, match=r"attn.1.onnx is missing"):
+        load_manifest(out)
+    data = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(data, format=99)))
+    with pytest.raises(UserError, match=r"format 99"):
+        load_manifest(out)
+    with pytest.raises(UserError, match=r"not an export folder"):
+        load_manifest(tmp_path)
+
+
+def test_manifest_module_needs_neither_torch_nor_onnx():
+    code = "import sys, export.manifest; bad = {'torch', 'onnx', 'onnxruntime'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_trt_profiles_one_per_token_count(exported):
+    from export.trt import _profiles
+
+    m = load_manifest(exported[0])
+    attn = m.data["artefacts"]["attn.0"]
+    profs = _profiles(attn, m.token_counts, max_batch=8)
+    assert [p["n"] for p in profs] == [16, 8, 4]
+    assert profs[2]["shapes"]["tokens"] == [[1, 4, 32], [8, 4, 32], [8, 4, 32]]
+    assert len(_profiles(m.data["artefacts"]["embed"], m.token_counts, 8)) == 1
+
+
+def test_trt_without_tensorrt_says_so_in_one_line(exported, tmp_path):
+    from export.trt import availability, build_engines
+
+    trt, gpu, _ = availability()
+    if trt is not None and gpu is not None:
+        pytest.skip("TensorRT and a GPU are present: the ONNX-only path is not taken")
+    lines = []
+    assert build_engines(_copy(exported, tmp_path), load_manifest(exported[0]).data, "fp16", echo=lines.append) is None
+    assert len(lines) == 1 and "ONNX only" in lines[0]
+
+
+def test_trt_engines_build(exported, tmp_path):
+    from export.trt import availability, build_engines
+
+    trt, gpu, why = availability()
+    if trt is None or gpu is None:
+        pytest.skip(f"TensorRT engines need tensorrt and a GPU: {why}")
+    out = _copy(exported, tmp_path)
+    section = build_engines(out, load_manifest(out).data, "fp16", echo=lambda s: None)
+    assert set(section["engines"]) == set(load_manifest(out).artefacts)
+    assert len(section["engines"]["attn.0"]["profiles"]) == 3
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "cli.py", "export", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_cli_export_then_reuse(tmp_path):
+    out = tmp_path / "digits"
+    r = _cli("--model", "dit-digits", "--random-init", "--steps", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    ratio = float(re.search(r"= ([0-9.]+)x the raw fp32 weights", r.stdout).group(1))
+    assert ratio <= 1.2 and "worst parity" in r.stdout
+    assert load_manifest(out).sampler["steps"] == 3
+    r = _cli("--model", "dit-digits", "--random-init", "--steps", "3", "--out", str(out))
+    assert r.returncode == 0 and "reuse:" in r.stdout
+
+
+def test_cli_refuses_a_folder_that_is_not_an_export(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = _cli("--model", "dit-digits", "--random-init", "--steps", "3", "--out", str(tmp_path))
+    assert r.returncode == 2
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "not an export folder" in err[0]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
