@@ -95,11 +95,12 @@ class Executor:
         k = kept_tokens(rate, N)
         cache = self.cache[(l, m)]
         idx = self.selector.select(s, l, name, k, tokens, cache)  # [B, k]
-        part = np.take_along_axis(tokens, idx[:, :, None], axis=1)
+        rows = np.arange(B)[:, None]  # fancy indexing: 6-18x faster than take/put_along_axis here (docs/runtime.md)
+        part = tokens[rows, idx]
         D_part, received = self.backend.module(l, name, part, shift, scale)
         self.flops_done += self.flops.module(name, B, k)
         cache = cache.copy()
-        np.put_along_axis(cache, idx[:, :, None], D_part, axis=1)
+        cache[rows, idx] = D_part
         self.cache[(l, m)] = cache
         self.selector.observe(s, l, name, idx, D_part, received)
         return cache

@@ -1,0 +1,297 @@
+"""Runtime benchmark, measured in one run on one machine:
+
+1. stitched full compute (one ONNX graph per module, the numpy loop) against ONE monolithic
+   ONNX graph of the whole model, exported here with torch.onnx the same way (exporter,
+   opset) the subgraphs are; same session options, same sampler loop, same noise;
+2. every policy's wall speedup against its FLOPs speedup, on the stitched runtime.
+
+Runs are interleaved (round r times every entry once) and the median of the rounds is
+reported, so a burst of load from other processes hits all entries alike.
+
+    python -m runtime.bench_runtime --model dit-s-2 --images 2 --steps 20 --repeats 3
+
+`measure_schedules` is the part `cli.py bench --backend ort` can call with its own schedules.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from soda.flops import FlopsModel
+from soda.generate import full_flops
+from soda.sampling import Diffusion, SamplerConfig, initial_noise, sample_loop
+from soda.schedule import Schedule
+
+Loop = Callable[[], tuple[np.ndarray, float]]  # one generation -> (samples, FLOPs executed)
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float  # median over rounds
+    rounds: list[float]
+    flops_speedup: float
+    wall_speedup: float  # against the reference entry of the same run
+    efficiency: float  # wall_speedup / flops_speedup
+
+
+@dataclass
+class Report:
+    command: str
+    model: str
+    sampler: str
+    images: int
+    threads: int | None
+    provider: str
+    repeats: int
+    rows: list[Row] = field(default_factory=list)
+    stitched_vs_monolithic: float | None = None  # stitched seconds / monolithic seconds
+    paired_step_ratio: float | None = None  # median over steps of stitched / monolithic, back to back
+    paired_steps: int = 0
+    monolithic_max_rel_diff: float | None = None  # final samples, stitched vs monolithic
+
+    def lines(self) -> list[str]:
+        out = [f"command: {self.command}",
+               f"{self.model}, {self.sampler}, {self.images} images (CFG rows doubled), {self.provider}, "
+               f"threads {self.threads or 'default'}, {self.repeats} interleaved rounds; seconds = median, "
+               f"wall x = median of per-round ratios to stitched full",
+               f"{'entry':<22} {'seconds':>8} {'FLOPs x':>8} {'wall x':>8} {'wall/FLOPs':>10}  rounds"]
+        for r in self.rows:
+            out.append(f"{r.name:<22} {r.seconds:8.2f} {r.flops_speedup:8.2f} {r.wall_speedup:8.2f} "
+                       f"{r.efficiency:10.2f}  {' '.join(f'{v:.2f}' for v in r.rounds)}")
+        if self.stitched_vs_monolithic is not None:
+            out.append(f"stitched full / monolithic (median of per-round ratios) = {self.stitched_vs_monolithic:.3f} "
+                       f"({(self.stitched_vs_monolithic - 1) * 100:+.1f}%); samples differ by "
+                       f"{self.monolithic_max_rel_diff:.1e} of their max")
+        if self.paired_step_ratio is not None:
+            out.append(f"paired per step (same inputs, back to back, order alternating): stitched / monolithic = "
+                       f"{self.paired_step_ratio:.3f} (median of {self.paired_steps} steps)")
+        return out
+
+
+def interleaved(loops: dict[str, Loop], repeats: int, echo: Callable[[str], None] = lambda s: None) -> dict:
+    """{name: (seconds per round, samples, flops)}: every round runs every loop once."""
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    last: dict[str, tuple[np.ndarray, float]] = {}
+    for r in range(repeats):
+        for name, loop in loops.items():
+            t0 = time.perf_counter()
+            last[name] = loop()
+            times[name].append(time.perf_counter() - t0)
+            echo(f"  round {r + 1}/{repeats} {name}: {times[name][-1]:.2f} s")
+    return {k: (times[k], *last[k]) for k in loops}
+
+
+def schedule_loop(backend, config, sampler_cfg: SamplerConfig, schedule: Schedule, labels: np.ndarray,
+                  seed: int = 0) -> Loop:
+    """One generation with `schedule` on `backend` through the shared executor."""
+    from soda.generate import generate
+
+    def loop():
+        x, stats = generate(backend, config, sampler_cfg, schedule, labels, seed)
+        return x, stats.flops
+
+    return loop
+
+
+def rows_from(results: dict, reference: str, full: float) -> list[Row]:
+    """Wall speedup = median over rounds of (reference time / entry time) IN THE SAME ROUND: the
+    two ran within a minute of each other, so a change of load between rounds cancels out."""
+    ref_rounds = results[reference][0]
+    rows = []
+    for name, (rounds, _, flops) in results.items():
+        fx = full / flops if flops else float("nan")
+        wx = statistics.median(r / t for r, t in zip(ref_rounds, rounds))
+        rows.append(Row(name, statistics.median(rounds), [round(v, 3) for v in rounds], fx, wx, wx / fx))
+    return rows
+
+
+def measure_schedules(backend, config, sampler_cfg: SamplerConfig, schedules: dict[str, Schedule],
+                      labels: np.ndarray, seed: int = 0, repeats: int = 3, reference: str = "full",
+                      echo: Callable[[str], None] = lambda s: None) -> list[Row]:
+    """Wall speedup vs FLOPs speedup of each schedule on `backend` (e.g. runtime OrtBackend),
+    interleaved, against `schedules[reference]` (normally the full schedule)."""
+    if reference not in schedules:
+        raise ValueError(f"schedules must include the reference entry {reference!r}")
+    loops = {name: schedule_loop(backend, config, sampler_cfg, s, labels, seed) for name, s in schedules.items()}
+    results = interleaved(loops, repeats, echo)
+    return rows_from(results, reference, full_flops(config, sampler_cfg, len(labels), tuple(schedules[reference].modules)))
+
+
+def export_monolithic(model, path: Path, opset: int = 17, exporter: str = "legacy") -> Path:
+    """The whole DiT forward (x, t, y) -> out as ONE ONNX graph, dynamic batch, weights inline."""
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    cfg = model.config
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size)
+    args = (x, torch.tensor([10, 500]), torch.tensor([0, cfg.num_classes]))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            buf = io.BytesIO()
+            torch.onnx.export(model, args, buf, input_names=["x", "t", "y"], output_names=["out"],
+                              dynamic_axes={"x": {0: "B"}, "t": {0: "B"}, "y": {0: "B"}, "out": {0: "B"}},
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+            onnx.save_model(onnx.load_from_string(buf.getvalue()), str(path))
+        else:
+            B = torch.export.Dim("B", min=1, max=4096)
+            prog = torch.onnx.export(model, args, input_names=["x", "t", "y"], output_names=["out"],
+                                     dynamic_shapes={"x": {0: B}, "t": {0: B}, "y": {0: B}}, opset_version=opset,
+                                     dynamo=True, verbose=False)
+            prog.save(str(path))
+    return path
+
+
+def monolithic_loop(session, config, sampler_cfg: SamplerConfig, labels: np.ndarray, seed: int = 0) -> Loop:
+    """Same sampler loop and noise as `generate`, the whole model as one session call per step."""
+    diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
+    shape = (config.in_channels, config.input_size, config.input_size)
+
+    def model_fn(s, x, t, y):
+        return session.run(["out"], {"x": x, "t": t, "y": y})[0]
+
+    def loop():
+        z, rng = initial_noise(len(labels), shape, seed)
+        x = sample_loop(model_fn, diffusion, z, labels, config.null_label, config.in_channels, rng)
+        return x, full_flops(config, sampler_cfg, len(labels))
+
+    return loop
+
+
+def paired_steps(executor, session, config, sampler_cfg: SamplerConfig, labels: np.ndarray, rounds: int = 1,
+                 seed: int = 0) -> list[float]:
+    """stitched / monolithic time of each step's model call on the same inputs, timed back to back
+    (order alternating), so load from other processes hits both sides of each ratio alike."""
+    diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
+    shape = (config.in_channels, config.input_size, config.input_size)
+    ratios = []
+
+    def model_fn(s, x, t, y):
+        feeds = {"x": x, "t": t, "y": y}
+        calls = [lambda: executor(s, x, t, y), lambda: session.run(["out"], feeds)[0]]
+        if s % 2:
+            calls.reverse()
+        times, outs = [], []
+        for call in calls:
+            t0 = time.perf_counter()
+            outs.append(call())
+            times.append(time.perf_counter() - t0)
+        if s % 2:
+            times.reverse()
+            outs.reverse()
+        ratios.append(times[0] / times[1])
+        return outs[0]
+
+    for _ in range(rounds):
+        executor.reset()
+        z, rng = initial_noise(len(labels), shape, seed)
+        sample_loop(model_fn, diffusion, z, labels, config.null_label, config.in_channels, rng)
+    return ratios
+
+
+def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20, sampler: str = "ddim",
+                  cfg_scale: float = 4.0, repeats: int = 3, threads: int | None = None,
+                  policies: tuple[str, ...] = ("full", "fora", "toca", "duca", "soda"), soda_speedup: float = 2.5,
+                  profile_samples: int = 2, workdir: str | None = None, command: str = "",
+                  echo: Callable[[str], None] = print) -> Report:
+    """Export a random-init model (stitched graphs + one monolithic graph) and time everything."""
+    import onnxruntime as ort
+    import torch
+
+    from export.onnx_export import export_model
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend, choose_providers, session_options
+    from soda.models.loading import load_model
+    from soda.policies import ScheduleSpec, make_schedule
+
+    torch.set_num_threads(1)  # set-up only (profile for soda, export): one thread is fastest on a shared box
+    model, weights = load_model(model_name, random_init=True)
+    config = model.config
+    sampler_cfg = SamplerConfig(sampler, steps, cfg_scale, 3 if config.in_channels == 4 else None)
+    spec = ScheduleSpec.for_model(config, sampler, steps)
+    labels = np.arange(images, dtype=np.int64) % config.num_classes
+    schedules = {}
+    for p in policies:
+        if p == "soda":
+            from soda.profile import profile
+
+            echo(f"profiling {profile_samples} generations for soda (torch) ...")
+            prof = profile(model, sampler_cfg, profile_samples, seed=1, weights=weights)
+            schedules[p] = make_schedule("soda", spec, speedup=soda_speedup, profile=prof)
+        else:
+            schedules[p] = make_schedule(p, spec)
+    if "full" not in schedules:
+        schedules = {"full": make_schedule("full", spec), **schedules}
+    tmp = tempfile.TemporaryDirectory(dir=workdir)
+    folder = Path(tmp.name)
+    echo(f"exporting {model_name} subgraphs and the monolithic graph into {folder} ...")
+    export_model(model, weights, schedules["full"], sampler_cfg, folder / "engines", progress=False, echo=echo)
+    mono_path = export_monolithic(model, folder / "monolithic.onnx")
+    del model
+
+    engines = open_engines(folder / "engines")
+    backend = OrtBackend(engines, threads=threads)
+    mono = ort.InferenceSession(str(mono_path), session_options(threads), providers=choose_providers())
+    loops = {"monolithic full": monolithic_loop(mono, config, sampler_cfg, labels)}
+    loops.update({f"stitched {name}": schedule_loop(backend, config, sampler_cfg, s, labels)
+                  for name, s in schedules.items()})
+    for loop in list(loops.values())[:2]:
+        loop()  # warm-up: first-run allocations and kernel selection
+    echo(f"timing {len(loops)} entries x {repeats} rounds ...")
+    results = interleaved(loops, repeats, echo)
+    rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, images))
+    mono_x, stitched_x = results["monolithic full"][1], results["stitched full"][1]
+    report = Report(command, model_name, f"{sampler}-{steps} cfg {cfg_scale:g}", images, threads, backend.describe(),
+                    repeats, rows)
+    report.stitched_vs_monolithic = statistics.median(
+        s / m for s, m in zip(results["stitched full"][0], results["monolithic full"][0]))
+    report.monolithic_max_rel_diff = float(np.abs(stitched_x - mono_x).max() / np.abs(mono_x).max())
+    echo("paired per-step comparison ...")
+    from soda.executor import Executor
+
+    ratios = paired_steps(Executor(backend, schedules["full"], FlopsModel.for_config(config)), mono, config,
+                          sampler_cfg, labels, rounds=max(1, repeats // 2))
+    report.paired_step_ratio, report.paired_steps = statistics.median(ratios), len(ratios)
+    tmp.cleanup()
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m runtime.bench_runtime", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="dit-s-2")
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    ap.add_argument("--cfg-scale", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--policies", default="full,fora,toca,duca,soda")
+    ap.add_argument("--soda-speedup", type=float, default=2.5)
+    ap.add_argument("--json", default=None, help="Also write the report here.")
+    args = ap.parse_args(argv)
+    command = "python -m runtime.bench_runtime " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    report = bench_runtime(args.model, args.images, args.steps, args.sampler, args.cfg_scale, args.repeats,
+                           args.threads, tuple(p for p in args.policies.split(",") if p), args.soda_speedup,
+                           command=command)
+    print("\n".join(report.lines()))
+    if args.json:
+        from soda.schedule import write_json_atomic
+
+        write_json_atomic(args.json, {"format": 1, **asdict(report)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""An engines folder, opened and checked: manifest, model config, sampler and the schedule to run.
+
+Validation of files and hashes is `export.manifest.load_manifest` (json + hashlib only); this
+module adds what the runtime needs on top: every graph the stitching loop calls is there with
+the inputs and outputs it feeds, and the schedule fits the exported model and sampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from soda.errors import UserError
+from soda.models.config import ModelConfig
+from soda.sampling import SamplerConfig
+from soda.schedule import Schedule
+
+# The artefact interface (export helper writes, runtime reads): graph -> (inputs, outputs).
+TOKEN_INPUTS = ("tokens", "shift", "scale")
+EMBED_IO = (("x", "t", "y"), ("tokens", "c"))
+FINAL_IO = (("tokens", "c"), ("out",))
+
+
+def module_outputs(name: str) -> tuple[str, ...]:
+    """Attention also returns the attention each token received (ToCa's score)."""
+    return ("D", "received") if name == "attn" else ("D",)
+
+
+def modulation_outputs(modules: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{kind}_{m}" for m in modules for kind in ("shift", "scale", "gate"))
+
+
+@dataclass(frozen=True)
+class Engines:
+    """A validated engines folder: what the backends open and what `run` checks schedules against."""
+
+    folder: Path
+    manifest: object  # export.manifest.Manifest
+    config: ModelConfig
+    sampler: SamplerConfig
+    modules: tuple[str, ...]
+    exported_schedule: Schedule
+
+    @property
+    def weights(self) -> str:
+        return self.manifest.weights
+
+    @property
+    def random_init(self) -> bool:
+        return str(self.weights).startswith("random-init")
+
+    def graph_names(self) -> list[str]:
+        names = ["embed"]
+        for l in range(self.config.depth):
+            names.append(f"modulation.{l}")
+            names += [f"{m}.{l}" for m in self.modules]
+        return names + ["final"]
+
+    def path(self, name: str) -> Path:
+        return self.manifest.path(name)
+
+    def io(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The (inputs, outputs) the runtime feeds and reads for graph `name`."""
+        if name == "embed":
+            return EMBED_IO
+        if name == "final":
+            return FINAL_IO
+        kind = name.split(".")[0]
+        if kind == "modulation":
+            return ("c",), modulation_outputs(self.modules)
+        return TOKEN_INPUTS, module_outputs(kind)
+
+    def sampler_with(self, kind: str | None = None, steps: int | None = None,
+                     cfg_scale: float | None = None) -> SamplerConfig:
+        """The exported sampler with any of its fields overridden from the command line."""
+        changes = {k: v for k, v in (("kind", kind), ("steps", steps), ("cfg_scale", cfg_scale)) if v is not None}
+        return replace(self.sampler, **changes)
+
+
+def open_engines(folder: str | Path, verify: str = "sha256") -> Engines:
+    """Validate `folder` (files, hashes, graph interface) and read what the runtime needs."""
+    from export.manifest import load_manifest
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"engines folder not found: {folder} (make one with `cli.py export --out {folder}`)")
+    manifest = load_manifest(folder, verify=verify)
+    try:
+        config = ModelConfig.from_dict(manifest.model)
+        sampler = SamplerConfig(**manifest.sampler)
+    except TypeError as e:
+        raise UserError(f"{folder}/manifest.json has a malformed model or sampler entry ({e})") from None
+    if config.hash() != manifest.model_hash:
+        raise UserError(f"{folder}/manifest.json: model config hashes to {config.hash()}, "
+                        f"not the recorded {manifest.model_hash}; re-run `cli.py export`")
+    schedule = Schedule.load(manifest.schedule_path)
+    if schedule.hash() != manifest.schedule_hash:
+        raise UserError(f"{manifest.schedule_path} hashes to {schedule.hash()}, not the manifest's "
+                        f"{manifest.schedule_hash}; re-run `cli.py export`")
+    schedule.check_fits(config.name, config.hash(), schedule.sampler, schedule.num_steps)
+    engines = Engines(folder, manifest, config, sampler, tuple(schedule.modules), schedule)
+    _check_interface(engines)
+    return engines
+
+
+def _check_interface(engines: Engines) -> None:
+    """Every graph the loop calls is exported, with the input and output names it uses."""
+    for name in engines.graph_names():
+        if name not in engines.manifest.artefacts:
+            raise UserError(f"{engines.folder} lacks graph {name!r} (a partial export?); re-run `cli.py export`")
+        art = engines.manifest.artefacts[name]
+        want_in, want_out = engines.io(name)
+        if tuple(art.input_names) != want_in or tuple(art.output_names[:len(want_out)]) != want_out:
+            raise UserError(f"{engines.folder}: graph {name} has inputs {art.input_names} and outputs "
+                            f"{art.output_names}, the runtime expects {list(want_in)} -> {list(want_out)}")
+
+
+def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | None = None,
+                     schedule_file: str | Path | None = None, speedup: float | None = None) -> Schedule:
+    """The schedule `run` executes: a file, a baseline made here without torch, or the exported one.
+
+    `--policy soda` (and no policy at all) means the schedule exported with the engines: SODA
+    needs a sensitivity profile from the torch model, so it is fixed at export time.
+    """
+    from soda.policies import POLICIES, ScheduleSpec, make_schedule
+
+    config = engines.config
+    if schedule_file is not None:
+        if policy is not None:
+            raise UserError("give --policy or --schedule, not both")
+        schedule = Schedule.load(schedule_file)
+    elif policy is None or policy == "soda":
+        schedule = engines.exported_schedule
+        if policy == "soda" and schedule.policy != "soda":
+            raise UserError(f"{engines.folder} was exported with a {schedule.policy!r} schedule, not a SODA one; "
+                            f"re-export with `cli.py export --policy soda` or pick another --policy")
+        if speedup is not None:
+            raise UserError("--speedup does not apply to the exported schedule (SODA's is fixed at export); "
+                            "re-export with `cli.py export --speedup X`")
+    else:
+        if policy not in POLICIES:
+            raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+        if speedup is not None and speedup < 1.0:
+            raise UserError(f"--speedup must be at least 1, got {speedup:g}")
+        spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, engines.modules)
+        try:  # the same call as soda.pipeline.resolve_schedule, so `run` and `sample` agree
+            schedule = make_schedule(policy, spec, **({} if speedup is None else {"speedup": speedup}))
+        except ModuleNotFoundError as e:
+            if e.name == f"soda.policies.{policy}":
+                raise UserError(f"policy {policy!r} is not installed in this checkout") from None
+            raise
+    schedule.check_fits(config.name, config.hash(), sampler.kind, sampler.steps)
+    if tuple(schedule.modules) != engines.modules or schedule.num_layers != config.depth:
+        raise UserError(f"schedule is for {schedule.num_layers} layers x {schedule.modules}, the engines have "
+                        f"{config.depth} x {list(engines.modules)}")
+    return schedule

@@ -1,0 +1,75 @@
+"""The body of `cli.py run`: engines folder + policy or schedule -> samples, numpy + ORT/TRT only."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from soda.errors import UserError
+from runtime.engines import Engines, open_engines, resolve_schedule
+
+BACKENDS = ("ort", "trt")
+
+
+def make_backend(engines: Engines, backend: str = "ort", device: str = "auto", threads: int | None = None):
+    """An executor Backend over the engines: onnxruntime (CPU or CUDA EP) or TensorRT."""
+    if backend == "ort":
+        from runtime.ort_backend import OrtBackend
+
+        return OrtBackend(engines, device=device, threads=threads)
+    if backend == "trt":
+        from runtime.trt_backend import TrtBackend
+
+        return TrtBackend(engines)
+    raise UserError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def run_command(
+    engines_dir: str,
+    labels: str,
+    policy: str | None = None,
+    schedule_file: str | None = None,
+    speedup: float | None = None,
+    seed: int = 0,
+    noise: str | None = None,
+    save_latents: str | None = None,
+    out: str | None = "run.png",
+    backend: str = "ort",
+    sampler: str | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    threads: int | None = None,
+    device: str = "auto",
+    echo: Callable[[str], None] = print,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Generate with the deployed graphs; returns the final samples [n, C, H, W]."""
+    from soda.generate import full_flops, generate, load_noise, parse_labels
+
+    engines = open_engines(engines_dir)
+    config = engines.config
+    sampler_cfg = engines.sampler_with(sampler, steps, cfg_scale)
+    ys = parse_labels(labels, config.num_classes)
+    z = load_noise(noise, len(ys), config) if noise else None
+    schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup)
+    impl = make_backend(engines, backend, device=device, threads=threads)
+    if hasattr(impl, "check_schedule"):
+        impl.check_schedule(schedule, len(ys) * (2 if sampler_cfg.uses_cfg else 1))
+    if engines.random_init:
+        echo(f"note: {engines.folder} holds RANDOM weights ({engines.weights}); outputs show the toolchain only")
+    x, stats = generate(impl, config, sampler_cfg, schedule, ys, seed, z, progress)
+    speed = full_flops(config, sampler_cfg, len(ys), engines.modules) / stats.flops
+    n_steps = sampler_cfg.steps
+    echo(f"{len(ys)} samples, {sampler_cfg.kind}-{n_steps}, policy {schedule.policy}, {impl.describe()}: "
+         f"{stats.seconds:.2f} s ({stats.seconds / n_steps * 1000:.0f} ms/step), FLOPs speedup {speed:.2f}x")
+    if save_latents:
+        Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
+        np.save(save_latents, x)
+        echo(f"latents -> {save_latents}")
+    if out:
+        from soda.pictures import save_samples_png
+
+        save_samples_png(x, ys, out, config, random_init=engines.random_init)
+        echo(f"image -> {out}")
+    return x

@@ -1,0 +1,381 @@
+"""The deploy runtime: exported graphs + numpy loop == the PyTorch reference, for every policy.
+
+Parity is held to 1e-4 of the max magnitude, for the final samples AND for the model output
+of every step (fp32 ORT vs torch; both run the same numpy stitching loop, schedules and
+selectors). The models are random-init with STRONG adaLN and final-layer weights (std 1, not
+the 0.02 of `randomize_zero_init`): with weak gates the blocks barely reach the output and a
+0.1% error in a module would pass unseen; with these, it fails the tolerance 40-500x over.
+The torch-free claim is tested for real in a subprocess where `import torch` and
+`import onnx` raise ImportError.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soda.errors import UserError
+from soda.sampling import SamplerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+REL_TOL = 1e-4
+STEPS = 10
+BASELINES = ("full", "fora", "toca", "duca")
+
+
+def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(got.astype(np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def strengthen(model, std: float = 1.0, seed: int = 1):
+    """Random adaLN and final-layer weights of std `std`, so every module shows in the output."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    params = [*(b.adaLN_modulation[-1].weight for b in model.blocks), model.final_layer.adaLN_modulation[-1].weight,
+              model.final_layer.linear.weight]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+class Recording:
+    """A backend wrapper that keeps every model output (one per step) for per-step parity."""
+
+    def __init__(self, backend):
+        self.backend, self.outputs = backend, []
+        self.modules, self.num_layers = backend.modules, backend.num_layers
+
+    def embed(self, *a):
+        return self.backend.embed(*a)
+
+    def modulation(self, *a):
+        return self.backend.modulation(*a)
+
+    def module(self, *a):
+        return self.backend.module(*a)
+
+    def final(self, *a):
+        out = self.backend.final(*a)
+        self.outputs.append(out)
+        return out
+
+
+def _export(model, weights, sampler_cfg, out, schedule=None):
+    from export.onnx_export import export_model
+    from soda.policies import ScheduleSpec, make_schedule
+
+    spec = ScheduleSpec.for_model(model.config, sampler_cfg.kind, sampler_cfg.steps)
+    schedule = schedule or make_schedule("full", spec)
+    export_model(model, weights, schedule, sampler_cfg, out, progress=False, echo=lambda *a: None)
+    return out
+
+
+def _soda_schedule(model, sampler_cfg, speedup=2.0):
+    """A real SODA schedule: profile the model (2 calibration generations), then plan."""
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.profile import profile
+
+    prof = profile(model, sampler_cfg, samples=2, seed=0)
+    spec = ScheduleSpec.for_model(model.config, sampler_cfg.kind, sampler_cfg.steps)
+    return make_schedule("soda", spec, speedup=speedup, profile=prof)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The models here are tiny: torch's 2-thread barriers cost 4-10x on a shared 2-core box."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the tiny random-init DiT (python API) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sampler():
+    return SamplerConfig("ddim", STEPS, 4.0, 3)
+
+
+@pytest.fixture(scope="module")
+def strong_tiny(tiny_config):
+    import torch
+
+    from soda.models.dit import DiT
+
+    torch.manual_seed(0)
+    return strengthen(DiT(tiny_config))
+
+
+@pytest.fixture(scope="module")
+def tiny_soda(strong_tiny, tiny_sampler):
+    return _soda_schedule(strong_tiny, tiny_sampler)
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tmp_path_factory, strong_tiny, tiny_sampler, tiny_soda):
+    out = tmp_path_factory.mktemp("rt") / "tiny_engines"
+    return _export(strong_tiny, "random-init-strong", tiny_sampler, out, tiny_soda)
+
+
+@pytest.fixture(scope="module")
+def tiny_backends(tiny_engines, strong_tiny):
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from soda.torch_backend import TorchBackend
+
+    engines = open_engines(tiny_engines)
+    return engines, OrtBackend(engines, threads=1), TorchBackend(strong_tiny)
+
+
+def _parity(engines, ort_backend, torch_backend, sampler_cfg, schedule, labels=(1, 7), seed=3):
+    """Worst relative error over the final samples and every step's model output."""
+    from soda.generate import generate
+
+    ys = np.array(labels)
+    got_rec, ref_rec = Recording(ort_backend), Recording(torch_backend)
+    got, stats_ort = generate(got_rec, engines.config, sampler_cfg, schedule, ys, seed)
+    ref, stats_ref = generate(ref_rec, engines.config, sampler_cfg, schedule, ys, seed)
+    assert stats_ort.flops == stats_ref.flops
+    assert len(got_rec.outputs) == len(ref_rec.outputs) == sampler_cfg.steps
+    per_step = max(_rel_err(a, b) for a, b in zip(got_rec.outputs, ref_rec.outputs))
+    return max(_rel_err(got, ref), per_step)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+@pytest.mark.parametrize("policy", [*BASELINES, "soda"])
+def test_tiny_runtime_equals_torch_reference(tiny_backends, tiny_sampler, policy, kind):
+    from runtime.engines import resolve_schedule
+
+    engines, ort_b, torch_b = tiny_backends
+    if policy == "soda" and kind == "ddpm":
+        pytest.skip("the exported SODA schedule is for ddim (schedules are per sampler)")
+    sampler_cfg = engines.sampler_with(kind=kind)
+    schedule = resolve_schedule(engines, sampler_cfg, policy)
+    if policy != "full":
+        assert schedule.count_kinds()["full"] < STEPS  # the policy really caches
+    assert _parity(engines, ort_b, torch_b, sampler_cfg, schedule) <= REL_TOL
+
+
+def test_tiny_prune_with_feature_mean(tiny_backends, tiny_sampler):
+    """A hand-made schedule with prune actions of several rates and a skip step."""
+    from soda.schedule import FULL, REUSE, Schedule, prune
+
+    engines, ort_b, torch_b = tiny_backends
+    cfg = engines.config
+    L = cfg.depth
+    grids = {"full": [[FULL, FULL]] * L, "prune": [[prune(0.5), prune(0.25)]] * L,
+             "mixed": [[REUSE, prune(0.75)]] * L}
+    order = ["full", "prune", "mixed", "skip", "prune", "full", "mixed", "prune", "skip", "prune"]
+    steps = ["skip" if k == "skip" else [list(r) for r in grids[k]] for k in order]
+    sched = Schedule("hand", cfg.name, cfg.hash(), "ddim", STEPS, ["attn", "mlp"], L, steps,
+                     selector="feature-mean").validate()
+    assert _parity(engines, ort_b, torch_b, tiny_sampler, sched) <= REL_TOL
+
+
+def test_sessions_do_not_spin_and_say_their_provider(tiny_backends):
+    _, ort_b, _ = tiny_backends
+    from runtime.ort_backend import session_options
+
+    assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    session = ort_b.sessions["attn.0"]
+    assert ort_b.provider == session.get_providers()[0]
+    assert ort_b.provider in ort_b.describe()
+
+
+# --- torch-free, for real ----------------------------------------------------------------------
+BLOCKER = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'onnx'):
+            raise ImportError('blocked for the test: ' + name)
+sys.meta_path.insert(0, _Block())
+for _m in [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx')]:
+    del sys.modules[_m]
+sys.path.insert(0, {root!r})
+sys.argv = ['cli.py'] + {args!r}
+import runtime, runtime.run, runtime.ort_backend
+try:
+    import torch
+    raise SystemExit('torch imported despite the blocker')
+except ImportError:
+    pass
+import cli
+try:
+    cli.main()
+finally:
+    leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx'))
+    assert not leaked, leaked
+"""
+
+
+def _run_blocked(args: list[str]) -> subprocess.CompletedProcess:
+    code = BLOCKER.format(root=str(ROOT), args=args)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("policy", ["toca", "soda"])
+def test_cli_run_works_without_torch(tiny_engines, tiny_backends, tmp_path, policy):
+    from runtime.engines import resolve_schedule
+    from soda.generate import generate
+
+    engines, ort_b, _ = tiny_backends
+    latents = tmp_path / "x.npy"
+    proc = _run_blocked(["run", "--engines", str(tiny_engines), "--policy", policy, "--labels", "1,7", "--seed", "3",
+                         "--save-latents", str(latents), "--out", str(tmp_path / "x.png")])
+    assert proc.returncode == 0, proc.stderr
+    assert "CPUExecutionProvider" in proc.stdout
+    want, _ = generate(ort_b, engines.config, engines.sampler, resolve_schedule(engines, engines.sampler, policy),
+                       np.array([1, 7]), 3)
+    np.testing.assert_allclose(np.load(latents), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert (tmp_path / "x.png").is_file()
+
+
+# --- bad input: one line, exit 2 -------------------------------------------------------------
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_errors_are_one_line(tiny_engines, tmp_path):
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.models.config import get_config
+
+    _one_line_error(_cli(["run", "--engines", str(tmp_path / "nope"), "--labels", "1"]), "not found")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(_cli(["run", "--engines", str(tmp_path / "empty"), "--labels", "1"]), "manifest.json")
+    other = make_schedule("full", ScheduleSpec.for_model(get_config("dit-s-2"), "ddim", STEPS))
+    other.save(tmp_path / "other.json")
+    _one_line_error(_cli(["run", "--engines", str(tiny_engines), "--schedule", str(tmp_path / "other.json"),
+                          "--labels", "1"]), "dit-s-2")
+    _one_line_error(_cli(["run", "--engines", str(tiny_engines), "--labels", "1", "--steps", "7"]), "ddim-10")
+    _one_line_error(_cli(["run", "--engines", str(tiny_engines), "--labels", "1", "--policy", "soda",
+                          "--speedup", "3"]), "--speedup")
+    # a tampered graph: same size, other bytes
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_engines, bad)
+    blob = bytearray((bad / "mlp.1.onnx").read_bytes())
+    blob[-1] ^= 0xFF
+    (bad / "mlp.1.onnx").write_bytes(bytes(blob))
+    _one_line_error(_cli(["run", "--engines", str(bad), "--labels", "1"]), "mlp.1.onnx")
+
+
+def test_exported_schedule_must_be_soda_for_policy_soda(tmp_path, tiny_model):
+    from runtime.engines import open_engines, resolve_schedule
+
+    out = _export(tiny_model, "random-init-0", SamplerConfig("ddim", 4, 4.0, 3), tmp_path / "full_engines")
+    engines = open_engines(out)
+    with pytest.raises(UserError, match="not a SODA one"):
+        resolve_schedule(engines, engines.sampler, "soda")
+    assert resolve_schedule(engines, engines.sampler, None).policy == "full"
+
+
+# --- dit-digits through the two CLIs ---------------------------------------------------------
+WEIGHTS = ROOT / "soda" / "assets" / "dit_digits.safetensors"
+
+
+@pytest.fixture(scope="module", params=["shipped", "strong-random"])
+def digits_engines(request, tmp_path_factory):
+    from soda.models.loading import load_model
+
+    if request.param == "shipped" and not WEIGHTS.is_file():
+        pytest.skip(f"shipped weights {WEIGHTS.name} not in this checkout")
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("digits")
+    ckpt = WEIGHTS
+    if request.param != "shipped":  # strong random weights, given to both CLIs as a checkpoint
+        model, _ = load_model("dit-digits", random_init=True)
+        ckpt = folder / "strong.safetensors"
+        save_file({k: v.contiguous() for k, v in strengthen(model).state_dict().items()}, str(ckpt))
+    model, weights = load_model("dit-digits", ckpt)
+    sampler_cfg = SamplerConfig("ddim", STEPS, 4.0, None)  # what `cli.py sample` uses for 1 channel
+    out = folder / "engines"
+    _export(model, weights, sampler_cfg, out, _soda_schedule(model, sampler_cfg, 2.0))
+    return ckpt, out
+
+
+@pytest.mark.parametrize("policy", [*BASELINES, "soda"])
+def test_digits_cli_run_equals_cli_sample(digits_engines, policy, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    ckpt, engines = digits_engines
+    labels = "0,3,8"
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.random.default_rng(5).standard_normal((3, 1, 16, 16)).astype(np.float32))
+    common = ["--labels", labels, "--noise", str(noise), "--out", str(tmp_path / "x.png")]
+    pol = ["--schedule", str(engines / "schedule.json")] if policy == "soda" else ["--policy", policy]
+    runner = CliRunner()
+    ref = runner.invoke(cli.cli, ["sample", "--model", "dit-digits", "--ckpt", str(ckpt),
+                                  "--steps", str(STEPS), "--cfg-scale", "4", *pol, *common,
+                                  "--save-latents", str(tmp_path / "ref.npy")], catch_exceptions=False)
+    assert ref.exit_code == 0, ref.output
+    got = runner.invoke(cli.cli, ["run", "--engines", str(engines), "--policy", policy, *common,
+                                  "--save-latents", str(tmp_path / "got.npy")], catch_exceptions=False)
+    assert got.exit_code == 0, got.output
+    a, b = np.load(tmp_path / "got.npy"), np.load(tmp_path / "ref.npy")
+    assert _rel_err(a, b) <= REL_TOL
+    # Same schedule on both sides: the FLOPs speedups printed must agree too.
+    speed = [line.rsplit("FLOPs speedup", 1)[1] for line in (ref.output + got.output).splitlines() if "FLOPs speedup" in line]
+    assert len(speed) == 2 and speed[0] == speed[1]
+
+
+# --- TensorRT where it exists ----------------------------------------------------------------
+def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pytest.skip("TensorRT is not installed here (no GPU on this machine); runtime/trt_backend.py is untested")
+    from export.trt import gpu_name
+
+    if gpu_name() is None:
+        pytest.skip("TensorRT is installed but no GPU was found")
+    from export.onnx_export import export_model
+    from runtime.engines import open_engines, resolve_schedule
+    from runtime.ort_backend import OrtBackend
+    from runtime.trt_backend import TrtBackend
+    from soda.generate import generate
+    from soda.policies import ScheduleSpec, make_schedule
+
+    spec = ScheduleSpec.for_model(strong_tiny.config, "ddim", STEPS)
+    export_model(strong_tiny, "random-init-0", make_schedule("toca", spec), tiny_sampler, tmp_path / "e",
+                 trt_precision="fp32", progress=False, echo=lambda *a: None)
+    engines = open_engines(tmp_path / "e")
+    schedule = resolve_schedule(engines, engines.sampler, None)
+    ys = np.array([1, 7])
+    got, _ = generate(TrtBackend(engines), engines.config, engines.sampler, schedule, ys, 3)
+    ref, _ = generate(OrtBackend(engines), engines.config, engines.sampler, schedule, ys, 3)
+    assert _rel_err(got, ref) <= 1e-3  # TF32 may be on in fp32 engines
+
+
+# --- the benchmark's measuring function (numbers themselves: docs/runtime.md) -----------------
+def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends):
+    from runtime.bench_runtime import measure_schedules
+    from runtime.engines import resolve_schedule
+    from soda.flops import FlopsModel, schedule_flops
+
+    engines, ort_b, _ = tiny_backends
+    sc = engines.sampler
+    schedules = {p: resolve_schedule(engines, sc, p) for p in ("full", "fora")}
+    rows = {r.name: r for r in measure_schedules(ort_b, engines.config, sc, schedules, np.array([1, 7]), repeats=2)}
+    fm = FlopsModel.for_config(engines.config)
+    want = schedule_flops(schedules["full"], fm, 4) / schedule_flops(schedules["fora"], fm, 4)
+    assert rows["fora"].flops_speedup == pytest.approx(want) and want > 1.5
+    assert rows["full"].wall_speedup == 1.0 and len(rows["fora"].rounds) == 2
+    assert rows["fora"].efficiency == pytest.approx(rows["fora"].wall_speedup / rows["fora"].flops_speedup)
