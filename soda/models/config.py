@@ -60,7 +60,7 @@ for _size, (_depth, _width, _heads) in _SIZES.items():
 
 # The project's own trained model (pixel space, 16x16 digits, 64 tokens); see soda/digits.
 REGISTRY["dit-digits"] = ModelConfig(
-    "dit-digits", depth=6, hidden_size=128, patch_size=2, num_heads=4, input_size=16, in_channels=1,
+    "dit-digits", depth=4, hidden_size=64, patch_size=2, num_heads=4, input_size=16, in_channels=1,
     num_classes=10, learn_sigma=True,
 )
 
