@@ -1,0 +1,119 @@
+"""Pictures of the method's files: sensitivity heatmaps, schedules, fidelity frontiers.
+
+matplotlib with the Agg backend (files only, no display needed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _integer_axes(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig, out: str | Path) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def sensitivity_heatmap(profile, out: str | Path, age: int = 1) -> None:
+    """E_c(s, l, m, k=age) as step x layer, one panel per module, log colour scale shared."""
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    ec = profile.ec()[:, :, :, profile.intervals.index(age)]  # [S, L, M]
+    finite = ec[np.isfinite(ec) & (ec > 0)]
+    norm = LogNorm(vmin=max(finite.min(), 1e-8), vmax=finite.max()) if finite.size else None
+    M = len(profile.modules)
+    fig, axes = plt.subplots(1, M, figsize=(4.5 * M, 0.12 * profile.num_steps + 2), squeeze=False)
+    for m, name in enumerate(profile.modules):
+        ax = axes[0, m]
+        img = ax.imshow(np.ma.masked_invalid(np.where(ec[:, :, m] > 0, ec[:, :, m], np.nan)), aspect="auto",
+                        cmap="magma", norm=norm, interpolation="nearest")
+        ax.set_title(f"{name}: E_c at cache age {age}")
+        _integer_axes(ax)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("step (0 = noisiest)")
+    fig.colorbar(img, ax=axes[0].tolist(), label="1 - cos(D(s-k), D(s))")
+    fig.suptitle(f"{profile.model} {profile.sampler.get('kind')}-{profile.num_steps}, "
+                 f"{profile.samples} calibration generations")
+    _save(fig, out)
+
+
+ACTION_COLOURS = {"full": "#1b5e20", "reuse": "#e0e0e0", "skip": "#b71c1c"}
+PRUNE_CMAP = "Blues"
+
+
+def schedule_picture(schedule, out: str | Path) -> None:
+    """step x layer, one panel per module; colour per action (full, reuse, each prune rate, skip)."""
+    import matplotlib
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from soda.schedule import parse_action
+
+    plt = _pyplot()
+    rates = schedule.prune_rates()
+    blues = matplotlib.colormaps[PRUNE_CMAP]
+    labels = ["reuse", *[f"prune@{a:g}" for a in rates], "full", "skip"]
+    colours = [ACTION_COLOURS["reuse"], *[blues(0.35 + 0.6 * i / max(1, len(rates) - 1)) for i in range(len(rates))],
+               ACTION_COLOURS["full"], ACTION_COLOURS["skip"]]
+    code = {lab: i for i, lab in enumerate(labels)}
+    S, L, M = schedule.num_steps, schedule.num_layers, len(schedule.modules)
+    grid = np.zeros((S, L, M), dtype=np.int64)
+    for s in range(S):
+        if schedule.is_skip(s):
+            grid[s] = code["skip"]
+            continue
+        for l in range(L):
+            for m in range(M):
+                kind, a = parse_action(schedule.action(s, l, m))
+                grid[s, l, m] = code["full" if kind == "full" else "reuse" if kind == "reuse" else f"prune@{a:g}"]
+    fig, axes = plt.subplots(1, M, figsize=(3.5 * M, 0.12 * S + 2), squeeze=False)
+    cmap = ListedColormap(colours)
+    for m, name in enumerate(schedule.modules):
+        ax = axes[0, m]
+        ax.imshow(grid[:, :, m], aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(labels) - 0.5, interpolation="nearest")
+        ax.set_title(name)
+        _integer_axes(ax)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("step (0 = noisiest)")
+    kinds = schedule.count_kinds()
+    fig.suptitle(f"{schedule.policy} on {schedule.model} {schedule.sampler}-{S}: "
+                 f"{kinds['full']} full, {kinds['partial']} partial, {kinds['skip']} skip steps")
+    fig.legend(handles=[Patch(color=c, label=lab) for lab, c in zip(labels, colours)],
+               loc="center left", bbox_to_anchor=(0.92, 0.5), frameon=False)
+    _save(fig, out)
+
+
+def frontier_plot(rows: list[dict], out: str | Path, metric: str = "psnr_db", title: str = "") -> None:
+    """Fidelity vs FLOPs speedup, one line per policy (rows as bench writes them)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["flops_speedup"], r[metric]) for r in rows if r["policy"] == policy and r.get(metric) is not None)
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=policy)
+    ax.set_xlabel("FLOPs speedup (x)")
+    ax.set_ylabel({"psnr_db": "PSNR vs full (dB)", "cosine": "cosine vs full"}.get(metric, metric))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    _save(fig, out)

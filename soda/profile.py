@@ -1,0 +1,340 @@
+"""OFS: offline fine-grained sensitivity, measured on full-compute trajectories.
+
+For every step s, layer l, module m and cache age k (`intervals`):
+
+- E_c(s, l, m, k) = 1 - cos(D(s-k), D(s)): the damage of serving step s from a cache k steps
+  old. D is the module's pre-gate output; the cosine is taken per batch row over all tokens
+  and channels, then averaged over rows (with CFG the rows are the doubled batch as sampled:
+  conditional and unconditional halves both count).
+- E_p(s, l, m, a, k): the same distance when a fraction `a` of the tokens (those the SODA
+  selector picks: top-k of the channel mean of |D(s-k)|, `soda.selectors.feature_mean`) are
+  recomputed and the others stay at D(s-k). For the token-wise MLP the recomputed values are
+  the fresh D(s) of those tokens (exact, no extra compute). For attention, a pruned step
+  attends among the kept tokens only (as the executor runs it), so by default the profiler
+  runs that pruned attention on the step's true inputs for every (k, a) and measures the
+  mixture it really produces (`exact_attention=True`), on `attention_rows` evenly spread
+  rows of each batch (both CFG halves) to bound the cost. With False it uses the fresh
+  full-attention values instead: cheaper, but on dit-digits that approximation is wrong by
+  an order of magnitude (it says pruning attention beats reuse 94-100% of the time; the
+  exact measurement says it almost never does), so it is not the default.
+
+The trajectories are teacher-forced: one full-compute generation per calibration sample, so
+the table says what each single cached module would cost on the true trajectory. Entries
+with s < k do not exist and are stored as null (NaN in memory).
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import tracemalloc
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from soda.errors import UserError
+from soda.schedule import kept_tokens, read_json, write_json_atomic
+
+FORMAT = 1
+KIND = "soda-profile"
+DEFAULT_INTERVALS = (1, 2, 3, 4, 5, 6)
+DEFAULT_RATES = (0.25, 0.5, 0.75)
+SELECTOR = "feature-mean"
+
+
+@dataclass
+class Profile:
+    """Sensitivity tables plus the identity of what they were measured on."""
+
+    model: str
+    model_hash: str
+    model_config: dict  # ModelConfig.to_dict(): lets a schedule be made (and its FLOPs counted) from the file alone
+    weights: str
+    sampler: dict  # SamplerConfig.to_dict()
+    num_steps: int
+    num_layers: int
+    modules: list[str]
+    intervals: list[int]
+    rates: list[float]
+    E_c: list  # [S][L][M][K], null where s < k
+    E_p: list  # [S][L][M][A][K], null where s < k
+    samples: int = 0
+    seed: int = 0
+    selector: str = SELECTOR
+    cost: dict = field(default_factory=dict)
+    kind: str = KIND
+    format: int = FORMAT
+
+    # --- arrays ---------------------------------------------------------------------------
+    def ec(self) -> np.ndarray:
+        """E_c as float64 [S, L, M, K]; NaN where undefined."""
+        return _to_array(self.E_c)
+
+    def ep(self) -> np.ndarray:
+        """E_p as float64 [S, L, M, A, K]; NaN where undefined."""
+        return _to_array(self.E_p)
+
+    @property
+    def max_contiguous_interval(self) -> int:
+        """Largest K with 1..K all profiled: the longest segment the DP may use is K + 1."""
+        K = 0
+        while K + 1 in self.intervals:
+            K += 1
+        return K
+
+    # --- validation and identity ----------------------------------------------------------
+    def validate(self) -> "Profile":
+        S, L, M = self.num_steps, self.num_layers, len(self.modules)
+        K, A = len(self.intervals), len(self.rates)
+        if not self.intervals or any(not isinstance(k, int) or k < 1 for k in self.intervals) \
+                or list(self.intervals) != sorted(set(self.intervals)):
+            raise UserError(f"profile intervals must be distinct positive integers in order, got {self.intervals}")
+        if not self.rates or any(not 0 < a < 1 for a in self.rates) or list(self.rates) != sorted(set(self.rates)):
+            raise UserError(f"profile rates must be distinct values in (0, 1) in order, got {self.rates}")
+        for name, table, shape in (("E_c", self.E_c, (S, L, M, K)), ("E_p", self.E_p, (S, L, M, A, K))):
+            try:
+                arr = _to_array(table)
+            except (ValueError, TypeError):
+                raise UserError(f"profile table {name} is not a numeric nested list") from None
+            if arr.shape != shape:
+                raise UserError(f"profile table {name} has shape {list(arr.shape)}, expected {list(shape)}")
+        return self
+
+    def check_fits(self, model: str, model_hash: str, sampler: str, num_steps: int) -> None:
+        """One clear error when a profile is used with a model or sampler it was not made for."""
+        if self.model_hash != model_hash:
+            raise UserError(f"profile was made for model {self.model} ({self.model_hash}), not {model} ({model_hash})")
+        if self.num_steps != num_steps or self.sampler.get("kind") != sampler:
+            raise UserError(f"profile was made for {self.sampler.get('kind')}-{self.num_steps}, not {sampler}-{num_steps}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "profile") -> "Profile":
+        if not isinstance(d, dict) or d.get("kind") != KIND:
+            raise UserError(f"{where} is not a SODA profile (make one with `cli.py profile`)")
+        if d.get("format") != FORMAT:
+            raise UserError(f"{where}: profile format {d.get('format')} is not supported (expected {FORMAT})")
+        try:
+            return cls(**d).validate()
+        except TypeError as e:
+            raise UserError(f"{where}: malformed profile ({e})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        return cls.from_dict(read_json(path, "profile"), str(path))
+
+
+def _to_array(nested) -> np.ndarray:
+    return np.array(nested, dtype=object).astype(np.float64)  # None -> nan
+
+
+def _to_nested(arr: np.ndarray) -> list:
+    """NaN -> None, other values rounded to 6 significant digits (the table stays small)."""
+    obj = np.vectorize(lambda v: None if np.isnan(v) else float(f"{v:.6g}"), otypes=[object])(arr)
+    return obj.tolist()
+
+
+class SensitivityRecorder:
+    """The executor's `recorder`: accumulates E_c and E_p from a full-compute trajectory.
+
+    Keeps, per (layer, module), the last max(intervals) outputs D with their per-token squared
+    norms; each new D(s) is compared with D(s - k) for every profiled k. Cosines are assembled
+    from per-token dot products, so each rate costs a gather, not another pass over D.
+    """
+
+    def __init__(self, num_steps: int, num_layers: int, modules: tuple[str, ...], intervals, rates,
+                 inputs: "InputTap | None" = None, attention_rows: int = 16):
+        from soda.selectors.feature_mean import FeatureMeanSelector
+
+        self.inputs = inputs  # when given, pruned attention is recomputed on the kept tokens
+        self.attention_rows = attention_rows
+        self.modules = tuple(modules)
+        self.intervals = tuple(intervals)
+        self.rates = tuple(rates)
+        self.selector = FeatureMeanSelector()
+        S, L, M, K, A = num_steps, num_layers, len(modules), len(self.intervals), len(self.rates)
+        self.sum_c = np.zeros((S, L, M, K))
+        self.sum_p = np.zeros((S, L, M, A, K))
+        self.rows = np.zeros((S, L, M, K))
+        self.rows_p = np.zeros((S, L, M, K))
+        self.history: dict[tuple[int, int], deque] = {}
+        self.depth = max(self.intervals)
+
+    def reset(self) -> None:
+        """Between generation batches: the ring buffers belong to one trajectory."""
+        self.history = {}
+
+    def __call__(self, s: int, l: int, name: str, D: np.ndarray) -> None:
+        m = self.modules.index(name)
+        hist = self.history.setdefault((l, m), deque(maxlen=self.depth))
+        ff = np.einsum("bnc,bnc->bn", D, D, dtype=np.float64)  # [B, N]
+        ff_sum = ff.sum(axis=1)
+        B, N, _ = D.shape
+        exact = self.inputs is not None and name != "mlp"
+        rows = np.unique(np.linspace(0, B - 1, min(B, self.attention_rows)).round().astype(np.int64)) if exact \
+            else np.arange(B)
+        ages = []  # (j, D_old, ss, sf) for every profiled age this step has
+        for j, k in enumerate(self.intervals):
+            if k > len(hist):
+                continue
+            s_old, D_old, ss = hist[-k]
+            assert s_old == s - k, "recorder must see every step of a full-compute trajectory"
+            sf = np.einsum("bnc,bnc->bn", D_old, D, dtype=np.float64)
+            self.sum_c[s, l, m, j] += _cos_distance(sf.sum(1), ss.sum(1), ff_sum).sum()
+            self.rows[s, l, m, j] += B
+            self.rows_p[s, l, m, j] += len(rows)
+            ages.append((j, D_old, ss, sf))
+        for i, a in enumerate(self.rates):
+            idxs = [self.selector.select(s, l, name, kept_tokens(a, N), None, D_old) for _, D_old, _, _ in ages]
+            if exact and ages:
+                # Token-mixing module: what the pruned module really computes on the kept tokens,
+                # every age in one batched call (same number of kept tokens).
+                parts = self.inputs.partial(l, name, [idx[rows] for idx in idxs], rows)
+                for (j, D_old, _, _), idx, part in zip(ages, idxs, parts):
+                    mixed = D_old[rows].copy()
+                    np.put_along_axis(mixed, idx[rows, :, None], part, axis=1)
+                    dot = np.einsum("bnc,bnc->b", mixed, D[rows], dtype=np.float64)
+                    sq = np.einsum("bnc,bnc->b", mixed, mixed, dtype=np.float64)
+                    self.sum_p[s, l, m, i, j] += _cos_distance(dot, sq, ff_sum[rows]).sum()
+                continue
+            for (j, _, ss, sf), idx in zip(ages, idxs):
+                sel = np.zeros((B, N), dtype=bool)
+                np.put_along_axis(sel, idx, True, axis=1)
+                dot = np.where(sel, ff, sf).sum(1)  # fresh tokens agree with themselves
+                mixed = np.where(sel, ff, ss).sum(1)
+                self.sum_p[s, l, m, i, j] += _cos_distance(dot, mixed, ff_sum).sum()
+        hist.append((s, D, ff))
+
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ec = np.where(self.rows > 0, self.sum_c / self.rows, np.nan)
+            ep = np.where(self.rows_p[:, :, :, None, :] > 0, self.sum_p / self.rows_p[:, :, :, None, :], np.nan)
+        return ec, ep
+
+
+class InputTap:
+    """Wraps a backend and remembers each module's latest inputs, so the recorder can rerun a
+    module on a subset of the same step's tokens (pruned attention, measured exactly)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.modules = backend.modules
+        self.num_layers = backend.num_layers
+        self.last: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def embed(self, x, t, y):
+        return self.backend.embed(x, t, y)
+
+    def modulation(self, layer, c):
+        return self.backend.modulation(layer, c)
+
+    def module(self, layer, name, tokens, shift, scale):
+        self.last[(layer, name)] = (tokens, shift, scale)
+        return self.backend.module(layer, name, tokens, shift, scale)
+
+    def final(self, tokens, c):
+        return self.backend.final(tokens, c)
+
+    def partial(self, layer: int, name: str, idxs: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+        """For each idx [len(rows), k] (same k): the module output of batch `rows` on those kept
+        tokens only (attending among them), all computed in one batched call."""
+        tokens, shift, scale = self.last[(layer, name)]
+        tokens = tokens[rows]
+        part = np.concatenate([np.take_along_axis(tokens, idx[:, :, None], axis=1) for idx in idxs])
+        reps = len(idxs)
+        out = self.backend.module(layer, name, part, np.tile(shift[rows], (reps, 1)), np.tile(scale[rows], (reps, 1)))[0]
+        return np.split(out, reps)
+
+
+def _cos_distance(dot: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray) -> np.ndarray:
+    """1 - dot / (|a| |b|) per row; two zero vectors are at distance 0."""
+    den = np.sqrt(sq_a * sq_b)
+    return np.where(den > 0, 1.0 - dot / np.where(den > 0, den, 1.0), 0.0)
+
+
+def profile(
+    model,
+    sampler_cfg,
+    samples: int = 32,
+    seed: int = 0,
+    intervals=DEFAULT_INTERVALS,
+    rates=DEFAULT_RATES,
+    progress: Callable[[int], None] | None = None,
+    weights: str = "unknown",
+    batch_size: int = 64,
+    exact_attention: bool = True,
+    attention_rows: int = 16,
+) -> Profile:
+    """Sensitivity tables from `samples` full-compute generations with random labels and seeds.
+
+    Calibration samples are generated in batches of up to `batch_size` (CFG doubles the rows);
+    `progress(s)` is called once per sampling step of every batch.
+    """
+    from soda.executor import Executor
+    from soda.flops import FlopsModel
+    from soda.policies import ScheduleSpec
+    from soda.policies.full import full_schedule
+    from soda.sampling import Diffusion, initial_noise, sample_loop
+    from soda.torch_backend import TorchBackend
+
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    intervals = tuple(sorted(set(int(k) for k in intervals)))
+    rates = tuple(sorted(set(float(a) for a in rates)))
+    config = model.config
+    modules = tuple(model.blocks[0].modules_order)
+    S = sampler_cfg.steps
+    spec = ScheduleSpec.for_model(config, sampler_cfg.kind, S, modules)
+    backend = InputTap(TorchBackend(model))
+    recorder = SensitivityRecorder(S, config.depth, modules, intervals, rates, backend if exact_attention else None,
+                                   attention_rows)
+    executor = Executor(backend, full_schedule(spec), FlopsModel.for_config(config), recorder=recorder)
+    diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
+    shape = (config.in_channels, config.input_size, config.input_size)
+    labels = np.random.default_rng(seed).integers(0, config.num_classes, samples)
+
+    tracing = not tracemalloc.is_tracing()
+    if tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    for b, start in enumerate(range(0, samples, batch_size)):
+        ys = labels[start:start + batch_size]
+        z, rng = initial_noise(len(ys), shape, seed + 1 + b)
+        executor.reset()
+        recorder.reset()
+        sample_loop(executor, diffusion, z, ys, config.null_label, config.in_channels, rng, progress)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    if tracing:
+        tracemalloc.stop()
+    ec, ep = recorder.tables()
+    cost = {
+        "seconds": round(seconds, 3),
+        "peak_traced_mb": round(peak / 2**20, 1),
+        "max_rss_mb": round(_max_rss_mb(), 1),
+        "generations": samples,
+        "batch_rows": min(samples, batch_size) * (2 if sampler_cfg.uses_cfg else 1),
+        "exact_attention": exact_attention,
+        "attention_rows": attention_rows if exact_attention else None,
+    }
+    return Profile(
+        model=config.name, model_hash=config.hash(), model_config=config.to_dict(), weights=weights,
+        sampler=sampler_cfg.to_dict(), num_steps=S, num_layers=config.depth, modules=list(modules),
+        intervals=list(intervals), rates=list(rates), E_c=_to_nested(ec), E_p=_to_nested(ep),
+        samples=samples, seed=seed, cost=cost,
+    ).validate()
+
+
+def _max_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
