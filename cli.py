@@ -24,7 +24,8 @@ def sampler_options(f):
     f = click.option("--cfg-channels", type=click.Choice(["official", "all"]), default=None,
                      help="Guide the first 3 channels (official DiT quirk) or all eps channels. "
                           "Default: official for 4-channel latents, all otherwise.")(f)
-    f = click.option("--cfg-scale", type=float, default=4.0, show_default=True, help="1 disables guidance.")(f)
+    f = click.option("--cfg-scale", type=float, default=None,
+                     help="Guidance scale; 1 disables it. Default: 4.0 (DiT), 2.0 (dit-digits).")(f)
     f = click.option("--steps", type=int, default=50, show_default=True)(f)
     f = click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)(f)
     return f
@@ -33,8 +34,12 @@ def sampler_options(f):
 def make_sampler(config, sampler: str, steps: int, cfg_scale: float, cfg_channels: str | None):
     from soda.sampling import SamplerConfig
 
+    from soda.models.config import default_cfg_scale
+
     if cfg_channels is None:
         cfg_channels = "official" if config.in_channels == 4 else "all"
+    if cfg_scale is None:
+        cfg_scale = default_cfg_scale(config.name)
     return SamplerConfig(sampler, steps, cfg_scale, 3 if cfg_channels == "official" else None)
 
 
@@ -100,14 +105,260 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
 
 
 # --- train (issue 3) -------------------------------------------------------------------------
+@cli.command()
+@click.option("--model", "model_name", default="dit-digits", show_default=True, help="A registered digits-shaped config.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=7000, show_default=True, help="7000 = the shipped weights.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--ema", "ema_decay", type=float, default=0.999, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads (results are bitwise reproducible for the same count).")
+@click.option("--out", type=click.Path(dir_okay=False), default="dit_digits.safetensors", show_default=True)
+@click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
+              help="Loss log, JSON lines (default: OUT with .log.jsonl).")
+def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_file):
+    """Train dit-digits from scratch on scikit-learn's digits (EMA weights -> safetensors)."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from soda.digits.train import TrainConfig, digits_config, train as run_training
+
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, threads=threads)
+    digits_config(model_name)  # refuse a non-digits model before the progress bar starts
+    log_file = log_file or str(Path(out).with_suffix(".log.jsonl"))
+    with tqdm(total=steps, desc=f"train {model_name}", unit="step", file=sys.stderr) as bar:
+        def progress(step, last):
+            bar.update()
+            if last:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+
+        result = run_training(model_name, cfg, out, log_file, progress)
+    click.echo(f"{steps} steps in {result['seconds']:.0f} s, last loss {result['last']['loss']:.4f}; "
+               f"weights -> {out}, loss log -> {log_file}")
+
 
 # --- profile / schedule / bench (issue 4) ----------------------------------------------------
+@cli.command("profile")
+@model_options
+@sampler_options
+@click.option("--samples", type=int, default=32, show_default=True, help="Calibration generations (random labels).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--intervals", default="1,2,3,4,5,6", show_default=True, help="Cache ages k to measure.")
+@click.option("--rates", default="0.25,0.5,0.75", show_default=True, help="Recompute fractions a to measure.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Generations per batch (CFG doubles rows).")
+@click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True)
+def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, samples, seed,
+                intervals, rates, batch_size, out):
+    """OFS: measure cache and prune sensitivity on full trajectories (-> JSON + heatmap PNG)."""
+    from tqdm import tqdm
+
+    from soda.pipeline import schedule_path_png
+    from soda.plots import sensitivity_heatmap
+    from soda.profile import profile
+
+    ks, rs = _numbers(intervals, int, "--intervals"), _numbers(rates, float, "--rates")
+    model, weights = load(model_name, ckpt, num_heads, random_init)
+    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    total = steps * -(-samples // max(1, batch_size))
+    with tqdm(total=total, desc=f"profile {samples} generations", unit="step", file=sys.stderr) as bar:
+        prof = profile(model, sampler_cfg, samples, seed, ks, rs, lambda s: bar.update(), weights, batch_size)
+    prof.save(out)
+    png = schedule_path_png(out)
+    sensitivity_heatmap(prof, png)
+    c = prof.cost
+    click.echo(f"profiled {samples} generations ({c['batch_rows']} rows per batch) in {c['seconds']:.1f} s; "
+               f"peak traced memory {c['peak_traced_mb']:.0f} MiB, process max RSS {c['max_rss_mb']:.0f} MiB")
+    click.echo(f"profile -> {out}, heatmap -> {png}")
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty")
+    return values
+
+
+@cli.command("schedule")
+@click.option("--profile", "profile_file", type=click.Path(dir_okay=False), required=True, help="From `cli.py profile`.")
+@click.option("--speedup", type=float, default=None, help="Target FLOPs speedup (anchors + pruning fill it).")
+@click.option("--anchors", type=int, default=None, help="Exactly N anchor steps (no pruning unless --speedup too).")
+@click.option("--lam", type=float, default=None, help="UAS lambda in units of 1/mean(E_c) (default: best of a grid).")
+@click.option("--out", type=click.Path(dir_okay=False), default="schedule.json", show_default=True)
+def schedule_cmd(profile_file, speedup, anchors, lam, out):
+    """DCS + UAS: a SODA schedule from a profile (-> JSON + picture PNG)."""
+    from soda.models.config import ModelConfig
+    from soda.pipeline import schedule_path_png
+    from soda.plots import schedule_picture
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.profile import Profile
+
+    if speedup is None and anchors is None:
+        raise UserError("give --speedup X or --anchors N")
+    prof = Profile.load(profile_file)
+    spec = ScheduleSpec.for_model(ModelConfig.from_dict(prof.model_config), prof.sampler["kind"], prof.num_steps,
+                                  tuple(prof.modules))
+    sched = make_schedule("soda", spec, speedup=speedup, anchors=anchors, profile=prof, lam=lam)
+    sched.save(out)
+    png = schedule_path_png(out)
+    schedule_picture(sched, png)
+    kinds = sched.count_kinds()
+    p = sched.params
+    click.echo(f"FLOPs speedup {p['flops_speedup']:.3f}x with {p['num_anchors']} anchors: {kinds['full']} full, "
+               f"{kinds['partial']} partial, {kinds['skip']} skip steps; prune rates {sched.prune_rates() or 'none'}")
+    click.echo(f"schedule -> {out}, picture -> {png}")
+
+
+@cli.command("bench")
+@model_options
+@sampler_options
+@click.option("--policies", default="full,fora,toca,duca,soda", show_default=True)
+@click.option("--speedup", type=float, default=2.5, show_default=True, help="FLOPs speedup every policy is tuned to.")
+@click.option("--samples", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
+              help="Profile for soda (measured first when absent).")
+@click.option("--profile-samples", type=int, default=32, show_default=True)
+@click.option("--frontier", default=None, help="More speedups for the fidelity frontier, e.g. 1.5,2.5,3,4.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Frontier PNG (PSNR vs FLOPs speedup).")
+@click.option("--backend", type=click.Choice(["torch", "ort"]), default="torch", show_default=True)
+@click.option("--engines", "engines_dir", type=click.Path(file_okay=False), default=None, help="For --backend ort.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default="bench.json", show_default=True)
+def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
+              samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, json_out):
+    """Fidelity and speed of every policy against full compute, on the same noise."""
+    import shlex
+
+    from tqdm import tqdm
+
+    from soda.bench import BenchSetup, bench, format_table, parse_policies, parse_speedups
+    from soda.schedule import write_json_atomic
+
+    setup = BenchSetup(parse_policies(policies), speedup, samples, seed, parse_speedups(frontier), backend,
+                       engines_dir, profile_file, profile_samples, batch_size)
+    if speedup < 1:
+        raise UserError(f"--speedup must be at least 1, got {speedup:g}")
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    model, weights = load(model_name, ckpt, num_heads, random_init)
+    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    bar = lambda desc, total: tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+    report = bench(model, weights, sampler_cfg, setup, echo=click.echo, progress=bar)
+    report["command"] = "python cli.py " + shlex.join(sys.argv[1:])
+    write_json_atomic(json_out, report)
+    click.echo(format_table(report["results"]))
+    if report["frontier"]:
+        click.echo("frontier:")
+        click.echo(format_table(report["frontier"]))
+    if plot:
+        from soda.plots import frontier_plot
+
+        frontier_plot(report["results"] + report["frontier"], plot,
+                      title=f"{model.config.name} {sampler}-{steps}, {samples} samples")
+        click.echo(f"frontier plot -> {plot}")
+    click.echo(f"results -> {json_out}")
+    click.echo(f"reproduce: {report['command']}")
+
 
 # --- export (issue 5) ------------------------------------------------------------------------
+@cli.command("export")
+@model_options
+@sampler_options
+@click.option("--policy", default="full", show_default=True, help="full | fora | toca | duca | soda")
+@click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
+@click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
+@click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
+              help="Sensitivity profile for --policy soda.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Engines folder [engines/<model>].")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True,
+              help="torch.onnx TorchScript exporter (fast) or the dynamo exporter.")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and a GPU).")
+@click.option("--fp16/--bf16", "fp16", default=True, show_default=True, help="TensorRT precision.")
+@click.option("--force", is_flag=True, help="Export even when the folder already holds the same export.")
+def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policy,
+               schedule_file, speedup, profile_file, out, opset, exporter, trt, fp16, force):
+    """Export ONNX subgraphs, one weights file, the schedule and a manifest (engines/<model>/)."""
+    from pathlib import Path
+
+    from export.onnx_export import export_model, summary
+    from soda.pipeline import resolve_schedule
+
+    model, weights = load(model_name, ckpt, num_heads, random_init)
+    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo)
+    res = export_model(model, weights, schedule, sampler_cfg, Path(out or Path("engines") / model.config.name),
+                       opset=opset, exporter=exporter, trt_precision=("fp16" if fp16 else "bf16") if trt else None,
+                       force=force, echo=click.echo)
+    for line in summary(res):
+        click.echo(line)
+
 
 # --- run (issue 6) ---------------------------------------------------------------------------
+@cli.command()
+@click.option("--engines", "engines_dir", required=True, type=click.Path(), help="Folder written by `cli.py export`.")
+@click.option("--policy", type=click.Choice(["full", "fora", "toca", "duca", "soda"]), default=None,
+              help="Baselines are scheduled here (no torch); soda = the schedule exported with the engines (default).")
+@click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
+@click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for a baseline policy.")
+@click.option("--labels", default="0,1,2,3", show_default=True, help="Comma-separated class labels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
+@click.option("--save-latents", type=click.Path(dir_okay=False), default=None, help="Final samples .npy.")
+@click.option("--out", type=click.Path(dir_okay=False), default="run.png", show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="Default: the exported sampler.")
+@click.option("--steps", type=int, default=None, help="Default: the exported sampler's.")
+@click.option("--cfg-scale", type=float, default=None, help="Default: the exported sampler's.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime: CUDA EP when onnxruntime-gpu has a GPU (auto), or force one.")
+def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_latents, out, backend, sampler, steps,
+        cfg_scale, threads, device):
+    """Generate with exported graphs: numpy + onnxruntime (or TensorRT), no torch."""
+    from runtime.run import run_command
+
+    run_command(engines_dir, labels, policy, schedule_file, speedup, seed, noise, save_latents, out, backend,
+                sampler, steps, cfg_scale, threads, device, echo=click.echo)
+
 
 # --- demo (issue 7) --------------------------------------------------------------------------
+@cli.command()
+@model_options
+@sampler_options
+@click.option("--speedup", type=float, default=2.5, show_default=True, help="FLOPs speedup every policy is tuned to.")
+@click.option("--frontier", default="1.5,3,4", show_default=True, help="More speedups for the fidelity plot.")
+@click.option("--samples", type=int, default=100, show_default=True, help="Samples per policy (labels cycle 0..9).")
+@click.option("--profile-samples", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="demo", show_default=True)
+def demo(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, speedup, frontier,
+         samples, profile_samples, seed, out):
+    """The whole toolchain: profile, schedule, export, run on onnxruntime, bench, report."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from demo import DemoConfig, run_demo
+    from soda.bench import parse_speedups
+
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    model, weights = load(model_name, ckpt, num_heads, random_init)
+    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    cfg = DemoConfig(Path(out), speedup, parse_speedups(frontier), samples, profile_samples, seed=seed)
+
+    def progress(desc, total):
+        return tqdm(total=total, desc=f"  {desc}", unit="step", file=sys.stderr, leave=False)
+
+    report = run_demo(model, weights, sampler_cfg, cfg, echo=click.echo, progress=progress)
+    click.echo(f"report -> {report}")
+    click.echo(f"pictures -> {', '.join(str(report.parent / n) for n in ('samples.png', 'sensitivity.png', 'schedule.png', 'frontier.png'))}")
+
 
 
 def main() -> None:

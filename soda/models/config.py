@@ -65,6 +65,14 @@ REGISTRY["dit-digits"] = ModelConfig(
 )
 
 
+# Guidance scale each model samples best at (DiT's published 4.0; dit-digits measured in docs/digits.md).
+DEFAULT_CFG_SCALE = {"dit-digits": 2.0}
+
+
+def default_cfg_scale(name: str) -> float:
+    return DEFAULT_CFG_SCALE.get(name, 4.0)
+
+
 def model_names() -> list[str]:
     return sorted(REGISTRY) + ["dit"]
 
