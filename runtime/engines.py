@@ -143,7 +143,12 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
             raise UserError(f"--speedup must be at least 1, got {speedup:g}")
         spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, engines.modules)
         try:  # the same call as soda.pipeline.resolve_schedule, so `run` and `sample` agree
-            schedule = make_schedule(policy, spec, **({} if speedup is None else {"speedup": speedup}))
+            from soda.flops import FlopsModel
+
+            params = {"flops": FlopsModel.for_config(config)}
+            if speedup is not None:
+                params["speedup"] = speedup
+            schedule = make_schedule(policy, spec, **params)
         except ModuleNotFoundError as e:
             if e.name == f"soda.policies.{policy}":
                 raise UserError(f"policy {policy!r} is not installed in this checkout") from None
