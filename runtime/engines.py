@@ -158,3 +158,32 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
         raise UserError(f"schedule is for {schedule.num_layers} layers x {schedule.modules}, the engines have "
                         f"{config.depth} x {list(engines.modules)}")
     return schedule
+
+
+class GraphBackend:
+    """The executor's Backend protocol over exported graphs; subclasses only say how to run one.
+
+    `_run(name, inputs)` feeds the graph's inputs in manifest order and returns its outputs
+    (numpy arrays) in manifest order.
+    """
+
+    modules: tuple[str, ...]
+    num_layers: int
+
+    def _run(self, name: str, inputs: tuple) -> list:
+        raise NotImplementedError
+
+    def embed(self, x, t, y):
+        tokens, c = self._run("embed", (x, t, y))[:2]
+        return tokens, c
+
+    def modulation(self, layer, c):
+        outs = self._run(f"modulation.{layer}", (c,))
+        return {m: tuple(outs[3 * i:3 * i + 3]) for i, m in enumerate(self.modules)}
+
+    def module(self, layer, name, tokens, shift, scale):
+        outs = self._run(f"{name}.{layer}", (tokens, shift, scale))
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    def final(self, tokens, c):
+        return self._run("final", (tokens, c))[0]

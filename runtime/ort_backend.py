@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from soda.errors import UserError
-from runtime.engines import Engines
+from runtime.engines import Engines, GraphBackend
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -42,7 +42,7 @@ def choose_providers(device: str = "auto") -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-class OrtBackend:
+class OrtBackend(GraphBackend):
     """The executor's Backend over an engines folder's graphs."""
 
     def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None):
@@ -69,21 +69,6 @@ class OrtBackend:
     def describe(self) -> str:
         return f"onnxruntime {__import__('onnxruntime').__version__} ({self.provider})"
 
-    # --- the Backend protocol ------------------------------------------------------------------
-    def embed(self, x, t, y):
-        tokens, c = self._run("embed", (x, t, y))
-        return tokens, c
-
-    def modulation(self, layer, c):
-        outs = self._run(f"modulation.{layer}", (c,))
-        return {m: tuple(outs[3 * i:3 * i + 3]) for i, m in enumerate(self.modules)}
-
-    def module(self, layer, name, tokens, shift, scale):
-        outs = self._run(f"{name}.{layer}", (tokens, shift, scale))
-        return outs[0], (outs[1] if len(outs) > 1 else None)
-
-    def final(self, tokens, c):
-        return self._run("final", (tokens, c))[0]
 
     # --- calls -----------------------------------------------------------------------------------
     def _run_cpu(self, name: str, inputs: tuple) -> list[np.ndarray]:

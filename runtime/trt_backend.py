@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from soda.errors import UserError
-from runtime.engines import Engines
+from runtime.engines import Engines, GraphBackend
 
 
 def _cudart():
@@ -103,7 +103,7 @@ class _Engine:
         self.buffers.clear()
 
 
-class TrtBackend:
+class TrtBackend(GraphBackend):
     """The executor's Backend over the TensorRT engines listed in the manifest's "trt" entry."""
 
     def __init__(self, engines: Engines):
@@ -163,20 +163,6 @@ class TrtBackend:
         ins, outs = self._io[name]
         return self._engines[name](dict(zip(ins, inputs)), outs, self.stream)
 
-    def embed(self, x, t, y):
-        tokens, c = self._run("embed", (x, t, y))
-        return tokens, c
-
-    def modulation(self, layer, c):
-        outs = self._run(f"modulation.{layer}", (c,))
-        return {m: tuple(outs[3 * i:3 * i + 3]) for i, m in enumerate(self.modules)}
-
-    def module(self, layer, name, tokens, shift, scale):
-        outs = self._run(f"{name}.{layer}", (tokens, shift, scale))
-        return outs[0], (outs[1] if len(outs) > 1 else None)
-
-    def final(self, tokens, c):
-        return self._run("final", (tokens, c))[0]
 
     def close(self) -> None:
         for e in self._engines.values():

@@ -189,15 +189,6 @@ def test_staleness_counts_steps_since_computed_skips_excluded():
         sel.staleness(1, 0, "mlp")
 
 
-@pytest.fixture
-def one_torch_thread():
-    """The reference runs ~1000 tiny torch ops; thread start-up would dominate them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dual", [False, True])
 def test_attention_selector_matches_official_selection(dual, one_torch_thread):
     """Drive our selector like the executor does through a whole schedule on 28 layers with

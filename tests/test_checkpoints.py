@@ -22,14 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MARKER = "soda_pickle_code_ran"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def state():
     """A dit-digits state dict (registered, small) with random non-zero weights."""

@@ -86,17 +86,6 @@ def _soda_schedule(model, sampler_cfg, speedup=2.0):
     return make_schedule("soda", spec, speedup=speedup, profile=prof)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The models here are tiny: torch's 2-thread barriers cost 4-10x on a shared 2-core box."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- the tiny random-init DiT (python API) ---------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_sampler():
