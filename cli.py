@@ -254,6 +254,10 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     if report["frontier"]:
         click.echo("frontier:")
         click.echo(format_table(report["frontier"]))
+    if "runtime" in report:
+        from runtime.bench_runtime import runtime_lines
+
+        click.echo("\n".join(runtime_lines(report["runtime"])))
     if plot:
         from soda.plots import frontier_plot
 

@@ -127,6 +127,46 @@ def measure_schedules(backend, config, sampler_cfg: SamplerConfig, schedules: di
     return rows_from(results, reference, full_flops(config, sampler_cfg, len(labels), tuple(schedules[reference].modules)))
 
 
+def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[str, Schedule], labels: np.ndarray,
+                   repeats: int = 3, threads: int | None = None, echo: Callable[[str], None] = lambda s: None) -> dict:
+    """Measured in one run on `backend` (an OrtBackend): stitched full compute against one
+    monolithic ONNX of `model`, and each schedule's wall speedup against its FLOPs speedup,
+    in interleaved rounds. `schedules` must include "full"."""
+    import onnxruntime as ort
+
+    from runtime.ort_backend import choose_providers, session_options
+
+    config = model.config
+    with tempfile.TemporaryDirectory() as tmp:
+        mono_path = export_monolithic(model, Path(tmp) / "monolithic.onnx")
+        mono = ort.InferenceSession(str(mono_path), session_options(threads), providers=choose_providers())
+        loops = {"monolithic full": monolithic_loop(mono, config, sampler_cfg, labels)}
+        loops.update({f"stitched {n}": schedule_loop(backend, config, sampler_cfg, s, labels) for n, s in schedules.items()})
+        for loop in list(loops.values())[:2]:
+            loop()  # warm-up: first-run allocations and kernel selection
+        results = interleaved(loops, repeats, echo)
+    rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, len(labels), tuple(schedules["full"].modules)))
+    mono_x, stitched_x = results["monolithic full"][1], results["stitched full"][1]
+    return {
+        "images": len(labels),
+        "repeats": repeats,
+        "stitched_over_monolithic": statistics.median(
+            s / m for s, m in zip(results["stitched full"][0], results["monolithic full"][0])),
+        "monolithic_max_rel_diff": float(np.abs(stitched_x - mono_x).max() / np.abs(mono_x).max()),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def runtime_lines(rt: dict) -> list[str]:
+    out = [f"runtime timing ({rt['images']} images, {rt['repeats']} interleaved rounds, medians):",
+           f"  stitched full / one monolithic ONNX = {rt['stitched_over_monolithic']:.3f} "
+           f"({(rt['stitched_over_monolithic'] - 1) * 100:+.1f}%; samples differ by {rt['monolithic_max_rel_diff']:.1e})"]
+    for r in rt["rows"]:
+        out.append(f"  {r['name']:<20} FLOPs x {r['flops_speedup']:5.2f}  wall x {r['wall_speedup']:5.2f}  "
+                   f"wall/FLOPs {r['efficiency']:.2f}")
+    return out
+
+
 def export_monolithic(model, path: Path, opset: int = 17, exporter: str = "legacy") -> Path:
     """The whole DiT forward (x, t, y) -> out as ONE ONNX graph, dynamic batch, weights inline."""
     import io
@@ -237,34 +277,24 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
         schedules = {"full": make_schedule("full", spec), **schedules}
     tmp = tempfile.TemporaryDirectory(dir=workdir)
     folder = Path(tmp.name)
-    echo(f"exporting {model_name} subgraphs and the monolithic graph into {folder} ...")
+    echo(f"exporting {model_name} subgraphs into {folder} ...")
     export_model(model, weights, schedules["full"], sampler_cfg, folder / "engines", progress=False, echo=echo)
-    mono_path = export_monolithic(model, folder / "monolithic.onnx")
-    del model
-
-    engines = open_engines(folder / "engines")
-    backend = OrtBackend(engines, threads=threads)
-    mono = ort.InferenceSession(str(mono_path), session_options(threads), providers=choose_providers())
-    loops = {"monolithic full": monolithic_loop(mono, config, sampler_cfg, labels)}
-    loops.update({f"stitched {name}": schedule_loop(backend, config, sampler_cfg, s, labels)
-                  for name, s in schedules.items()})
-    for loop in list(loops.values())[:2]:
-        loop()  # warm-up: first-run allocations and kernel selection
-    echo(f"timing {len(loops)} entries x {repeats} rounds ...")
-    results = interleaved(loops, repeats, echo)
-    rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, images))
-    mono_x, stitched_x = results["monolithic full"][1], results["stitched full"][1]
+    backend = OrtBackend(open_engines(folder / "engines"), threads=threads)
+    echo(f"timing {len(schedules) + 1} entries (with one monolithic ONNX) x {repeats} rounds ...")
+    rt = runtime_report(model, backend, sampler_cfg, schedules, labels, repeats, threads, echo)
     report = Report(command, model_name, f"{sampler}-{steps} cfg {cfg_scale:g}", images, threads, backend.describe(),
-                    repeats, rows)
-    report.stitched_vs_monolithic = statistics.median(
-        s / m for s, m in zip(results["stitched full"][0], results["monolithic full"][0]))
-    report.monolithic_max_rel_diff = float(np.abs(stitched_x - mono_x).max() / np.abs(mono_x).max())
+                    repeats, [Row(**r) for r in rt["rows"]])
+    report.stitched_vs_monolithic = rt["stitched_over_monolithic"]
+    report.monolithic_max_rel_diff = rt["monolithic_max_rel_diff"]
     echo("paired per-step comparison ...")
     from soda.executor import Executor
 
+    mono = ort.InferenceSession(str(export_monolithic(model, folder / "monolithic.onnx")), session_options(threads),
+                                providers=choose_providers())
     ratios = paired_steps(Executor(backend, schedules["full"], FlopsModel.for_config(config)), mono, config,
                           sampler_cfg, labels, rounds=max(1, repeats // 2))
     report.paired_step_ratio, report.paired_steps = statistics.median(ratios), len(ratios)
+    del model
     tmp.cleanup()
     return report
 

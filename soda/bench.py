@@ -56,6 +56,8 @@ class BenchSetup:
     profile_file: str | None = None
     profile_samples: int = 32
     batch_size: int = 50
+    timing_images: int = 2  # --backend ort: images for the interleaved runtime timing
+    timing_repeats: int = 3
     keep_samples: int = 0  # > 0: report["kept_samples"] = {policy: first n samples at `speedup`} (arrays, not JSON)
 
 
@@ -161,6 +163,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     full_x, full_flops, full_seconds = runner.run(full_schedule, "full")
 
     kept: dict[str, np.ndarray] = {}
+    main_schedules = {"full": full_schedule}  # what the --backend ort runtime timing replays
 
     def measure(policy: str, target: float | None) -> dict | None:
         if policy == "full":
@@ -176,6 +179,8 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
             # drifting load of a shared machine cancels out.
             wall = runner.time_first_batch(full_schedule) / runner.time_first_batch(sched)
             x, flops, seconds = runner.run(sched, f"{policy} {target}x")
+        if target == setup.speedup and policy != "full":
+            main_schedules[policy] = sched
         if setup.keep_samples > 0 and target == setup.speedup:
             kept[policy] = x[:setup.keep_samples]
         images = np.clip(x, -1, 1)
@@ -219,6 +224,15 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
         "results": results,
         "frontier": frontier,
     }
+    if setup.backend == "ort":
+        # The deploy runtime's own claims, measured in this run: stitched vs one monolithic ONNX,
+        # and wall vs FLOPs speedup over interleaved rounds (steadier than one back-to-back pair).
+        from runtime.bench_runtime import runtime_report
+
+        echo(f"runtime timing: {setup.timing_images} images x {setup.timing_repeats} interleaved rounds, "
+             f"against one monolithic ONNX of the model ...")
+        report["runtime"] = runtime_report(model, backend, sampler, main_schedules, runner.labels[:setup.timing_images],
+                                           setup.timing_repeats)
     if setup.keep_samples > 0:
         report["kept_samples"] = kept
     return report

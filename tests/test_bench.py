@@ -87,3 +87,28 @@ def test_frontier_plot(tmp_path):
             [("full", 1.0, None), ("fora", 2.0, 30.0), ("fora", 3.0, 25.0), ("soda", 2.0, 35.0), ("soda", 3.0, 31.0)]]
     frontier_plot(rows, tmp_path / "f.png", title="t")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_bench_on_ort_reports_runtime_against_monolithic(tiny_model, tmp_path):
+    """--backend ort: fidelity from the exported graphs, plus the runtime timing section."""
+    from export.onnx_export import export_model
+    from soda.policies import ScheduleSpec, make_schedule
+
+    sampler = SamplerConfig("ddim", 6, 4.0, None)
+    spec = ScheduleSpec.for_model(tiny_model.config, "ddim", 6)
+    export_model(tiny_model, "w", make_schedule("full", spec), sampler, tmp_path / "eng", progress=False, echo=lambda s: None)
+    setup = BenchSetup(["full", "fora"], 2.0, samples=4, batch_size=4, backend="ort", engines_dir=str(tmp_path / "eng"),
+                       timing_images=1, timing_repeats=1)
+    report = bench(tiny_model, "w", sampler, setup, echo=lambda s: None)
+    torch_report = bench(tiny_model, "w", sampler, BenchSetup(["full", "fora"], 2.0, samples=4, batch_size=4),
+                         echo=lambda s: None)
+    # Same schedules, same noise: the deploy runtime's fidelity equals the reference's.
+    assert report["results"][1]["psnr_db"] == pytest.approx(torch_report["results"][1]["psnr_db"], abs=0.05)
+    rt = report["runtime"]
+    names = [r["name"] for r in rt["rows"]]
+    assert names == ["monolithic full", "stitched full", "stitched fora"]
+    assert rt["monolithic_max_rel_diff"] < 1e-4  # the monolithic graph computes the same samples
+    assert rt["stitched_over_monolithic"] > 0
+    fora = rt["rows"][2]
+    assert fora["flops_speedup"] == pytest.approx(report["results"][1]["flops_speedup"], rel=1e-3)
+    json.dumps(report)
