@@ -84,6 +84,10 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     from soda.pipeline import resolve_schedule
     from soda.torch_backend import TorchBackend
 
+    from pathlib import Path
+
+    if vae and not Path(vae).is_dir():
+        raise UserError(f"VAE folder not found: {vae}")
     model, weights = load(model_name, ckpt, num_heads, random_init)
     config = model.config
     sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
