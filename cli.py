@@ -43,9 +43,27 @@ def make_sampler(config, sampler: str, steps: int, cfg_scale: float, cfg_channel
     return SamplerConfig(sampler, steps, cfg_scale, 3 if cfg_channels == "official" else None)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def check_out_suffix(path: str | None, flag: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> None:
+    """Refuse an output name we cannot write before doing the work, not after."""
+    if path and not path.lower().endswith(suffixes):
+        raise UserError(f"{flag} {path}: use one of {', '.join(suffixes)}")
+
+
+def policy_or_schedule(policy: str | None, schedule_file: str | None) -> str:
+    if policy and schedule_file:
+        raise UserError("give --policy or --schedule, not both")
+    return policy or "full"
+
+
 def load(model_name, ckpt, num_heads, random_init):
     """(model, weights id) with a note on stderr when the weights are random."""
     from soda.models.loading import load_model
+
+    if ckpt and random_init:
+        raise UserError("give --ckpt or --random-init, not both")
 
     model, weights = load_model(model_name, ckpt, num_heads, random_init)
     if random_init:
@@ -63,9 +81,9 @@ def cli():
 @model_options
 @sampler_options
 @click.option("--labels", default="0,1,2,3", show_default=True, help="Comma-separated class labels.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
-@click.option("--policy", default="full", show_default=True, help="full | fora | toca | duca | soda")
+@click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
@@ -88,6 +106,9 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
 
     if vae and not Path(vae).is_dir():
         raise UserError(f"VAE folder not found: {vae}")
+    policy = policy_or_schedule(policy, schedule_file)
+    check_out_suffix(out, "--out")
+    check_out_suffix(save_latents, "--save-latents", (".npy",))
     model, weights = load(model_name, ckpt, num_heads, random_init)
     config = model.config
     sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
@@ -102,6 +123,7 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     click.echo(f"{len(ys)} samples, {sampler}-{steps}, policy {policy}: {stats.seconds:.2f} s "
                f"({stats.seconds / steps * 1000:.0f} ms/step), FLOPs speedup {speed:.2f}x")
     if save_latents:
+        Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
         np.save(save_latents, x)
         click.echo(f"latents -> {save_latents}")
     save_samples_png(x, ys, out, config, vae=vae, random_init=random_init)
@@ -111,7 +133,7 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
 # --- train (issue 3) -------------------------------------------------------------------------
 @cli.command()
 @click.option("--model", "model_name", default="dit-digits", show_default=True, help="A registered digits-shaped config.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--steps", type=int, default=7000, show_default=True, help="7000 = the shipped weights.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -147,10 +169,10 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_
 @model_options
 @sampler_options
 @click.option("--samples", type=int, default=32, show_default=True, help="Calibration generations (random labels).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--intervals", default="1,2,3,4,5,6", show_default=True, help="Cache ages k to measure.")
 @click.option("--rates", default="0.25,0.5,0.75", show_default=True, help="Recompute fractions a to measure.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Generations per batch (CFG doubles rows).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Generations per batch (CFG doubles rows).")
 @click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True)
 def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, samples, seed,
                 intervals, rates, batch_size, out):
@@ -162,6 +184,13 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     from soda.profile import profile
 
     ks, rs = _numbers(intervals, int, "--intervals"), _numbers(rates, float, "--rates")
+    if 1 not in ks or min(ks) < 1 or len(set(ks)) != len(ks):
+        raise UserError(f"--intervals must be distinct cache ages >= 1 including 1, got {intervals}")
+    if not all(0 < r < 1 for r in rs):
+        raise UserError(f"--rates must be fractions strictly between 0 and 1, got {rates}")
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1, got {samples}")
+    check_out_suffix(out, "--out", (".json",))
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     total = steps * -(-samples // max(1, batch_size))
@@ -190,7 +219,7 @@ def _numbers(text: str, kind, flag: str) -> list:
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), required=True, help="From `cli.py profile`.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup (anchors + pruning fill it).")
 @click.option("--anchors", type=int, default=None, help="Exactly N anchor steps (no pruning unless --speedup too).")
-@click.option("--lam", type=float, default=None, help="UAS lambda in units of 1/mean(E_c) (default: best of a grid).")
+@click.option("--lam", type=click.FloatRange(min=0, max=1e6), default=None, help="UAS lambda in units of 1/mean(E_c) (default: best of a grid).")
 @click.option("--out", type=click.Path(dir_okay=False), default="schedule.json", show_default=True)
 def schedule_cmd(profile_file, speedup, anchors, lam, out):
     """DCS + UAS: a SODA schedule from a profile (-> JSON + picture PNG)."""
@@ -222,8 +251,8 @@ def schedule_cmd(profile_file, speedup, anchors, lam, out):
 @click.option("--policies", default="full,fora,toca,duca,soda", show_default=True)
 @click.option("--speedup", type=float, default=2.5, show_default=True, help="FLOPs speedup every policy is tuned to.")
 @click.option("--samples", type=int, default=100, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=50, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
               help="Profile for soda (measured first when absent).")
 @click.option("--profile-samples", type=int, default=32, show_default=True)
@@ -244,8 +273,14 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 
     setup = BenchSetup(parse_policies(policies), speedup, samples, seed, parse_speedups(frontier), backend,
                        engines_dir, profile_file, profile_samples, batch_size)
-    if speedup < 1:
-        raise UserError(f"--speedup must be at least 1, got {speedup:g}")
+    if not 1 <= speedup < float("inf"):
+        raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
+    if engines_dir and backend != "ort":
+        raise UserError("--engines is for --backend ort")
+    if profile_samples < 1:
+        raise UserError(f"--profile-samples must be at least 1, got {profile_samples}")
+    check_out_suffix(plot, "--plot", (".png", ".pdf", ".svg", ".jpg"))
+    check_out_suffix(json_out, "--json", (".json",))
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     model, weights = load(model_name, ckpt, num_heads, random_init)
@@ -276,13 +311,13 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 @cli.command("export")
 @model_options
 @sampler_options
-@click.option("--policy", default="full", show_default=True, help="full | fora | toca | duca | soda")
+@click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
               help="Sensitivity profile for --policy soda.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Engines folder [engines/<model>].")
-@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--opset", type=click.IntRange(14, 20), default=17, show_default=True)
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True,
               help="torch.onnx TorchScript exporter (fast) or the dynamo exporter.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and a GPU).")
@@ -296,6 +331,7 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
     from export.onnx_export import export_model, summary
     from soda.pipeline import resolve_schedule
 
+    policy = policy_or_schedule(policy, schedule_file)
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo)
@@ -314,7 +350,7 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for a baseline policy.")
 @click.option("--labels", default="0,1,2,3", show_default=True, help="Comma-separated class labels.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
 @click.option("--save-latents", type=click.Path(dir_okay=False), default=None, help="Final samples .npy.")
 @click.option("--out", type=click.Path(dir_okay=False), default="run.png", show_default=True)
@@ -322,13 +358,16 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="Default: the exported sampler.")
 @click.option("--steps", type=int, default=None, help="Default: the exported sampler's.")
 @click.option("--cfg-scale", type=float, default=None, help="Default: the exported sampler's.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime: CUDA EP when onnxruntime-gpu has a GPU (auto), or force one.")
 def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_latents, out, backend, sampler, steps,
         cfg_scale, threads, device):
     """Generate with exported graphs: numpy + onnxruntime (or TensorRT), no torch."""
     from runtime.run import run_command
+
+    check_out_suffix(out, "--out")
+    check_out_suffix(save_latents, "--save-latents", (".npy",))
 
     run_command(engines_dir, labels, policy, schedule_file, speedup, seed, noise, save_latents, out, backend,
                 sampler, steps, cfg_scale, threads, device, echo=click.echo)
@@ -342,7 +381,7 @@ def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_l
 @click.option("--frontier", default="1.5,3,4", show_default=True, help="More speedups for the fidelity plot.")
 @click.option("--samples", type=int, default=100, show_default=True, help="Samples per policy (labels cycle 0..9).")
 @click.option("--profile-samples", type=int, default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="demo", show_default=True)
 def demo(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, speedup, frontier,
          samples, profile_samples, seed, out):
@@ -356,6 +395,13 @@ def demo(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cf
 
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
+    if profile_samples < 1:
+        raise UserError(f"--profile-samples must be at least 1, got {profile_samples}")
+    if not 1 <= speedup < float("inf"):
+        raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
+    out_dir = Path(out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / n).is_file() for n in ("report.md", "profile.json")):
+        raise UserError(f"refusing to write into {out}: it holds other files (no report.md); choose another --out")
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     cfg = DemoConfig(Path(out), speedup, parse_speedups(frontier), samples, profile_samples, seed=seed)

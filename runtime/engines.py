@@ -141,6 +141,8 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
             raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
         if speedup is not None and speedup < 1.0:
             raise UserError(f"--speedup must be at least 1, got {speedup:g}")
+        if speedup is not None and policy == "full":
+            raise UserError("--speedup does not apply to --policy full (choose fora, toca, duca or soda)")
         spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, engines.modules)
         try:  # the same call as soda.pipeline.resolve_schedule, so `run` and `sample` agree
             from soda.flops import FlopsModel

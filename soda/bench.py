@@ -64,10 +64,12 @@ class BenchSetup:
 def parse_policies(text: str) -> list[str]:
     from soda.policies import POLICIES
 
-    names = [p.strip() for p in text.split(",") if p.strip()]
+    names = list(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    if not names:
+        raise UserError("--policies is empty")
     bad = [p for p in names if p not in POLICIES]
-    if bad or not names:
-        raise UserError(f"unknown policy {', '.join(bad) or '(none)'}; choose from: {', '.join(POLICIES)}")
+    if bad:
+        raise UserError(f"unknown policy {', '.join(bad)}; choose from: {', '.join(POLICIES)}")
     return names
 
 
@@ -201,6 +203,8 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
         return row
 
     results = [r for p in setup.policies if (r := measure(p, setup.speedup)) is not None]
+    if len(results) == 1 and len(setup.policies) > 1:
+        raise UserError(f"no policy reaches {setup.speedup:g}x FLOPs on {config.name}; lower --speedup")
     frontier = []
     for target in setup.frontier:
         for p in setup.policies:

@@ -27,7 +27,7 @@ class RunStats:
 
 def parse_labels(text: str, num_classes: int) -> np.ndarray:
     try:
-        labels = [int(v) for v in text.split(",") if v.strip() != ""]
+        labels = [int(v) for v in text.split(",")] if text.strip() else []
     except ValueError:
         raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
     if not labels:
@@ -49,6 +49,8 @@ def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
     want = (n, config.in_channels, config.input_size, config.input_size)
     if z.shape != want:
         raise UserError(f"noise in {path} has shape {list(z.shape)}, expected {list(want)} (one per label)")
+    if not np.issubdtype(z.dtype, np.number) or not np.isfinite(z).all():
+        raise UserError(f"noise in {path} must be finite numbers")
     return z.astype(np.float32)
 
 

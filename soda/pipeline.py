@@ -52,6 +52,8 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     config = model.config
     spec = spec_for(model, sampler)
     if schedule_file:
+        if speedup is not None:
+            raise UserError("--speedup does not apply to a --schedule file (its speedup is fixed)")
         schedule = Schedule.load(schedule_file)
         schedule.check_fits(config.name, config.hash(), sampler.kind, sampler.steps)
         return schedule
@@ -60,6 +62,8 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     if speedup is not None and speedup < 1.0:
         raise UserError(f"--speedup must be at least 1, got {speedup:g}")
     if policy == "full":
+        if speedup is not None:
+            raise UserError("--speedup does not apply to --policy full (choose fora, toca, duca or soda)")
         return make_schedule("full", spec)
     if policy == "soda":
         prof = load_or_profile(model, weights, sampler, profile_file, echo)

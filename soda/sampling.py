@@ -32,7 +32,7 @@ class SamplerConfig:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         if self.steps > self.num_train_timesteps:
             raise UserError(f"--steps {self.steps} exceeds the {self.num_train_timesteps} training timesteps")
-        if self.cfg_scale < 1.0:
+        if not 1.0 <= self.cfg_scale < float("inf"):
             raise UserError(f"--cfg-scale must be >= 1 (1 disables guidance), got {self.cfg_scale}")
 
     @property

@@ -41,7 +41,7 @@ class TrainConfig:
             raise UserError("--steps and --batch-size must be at least 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"--ema must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0 or self.threads < 1:
+        if not 0 < self.lr < float("inf") or self.threads < 1:
             raise UserError("--lr must be positive and --threads at least 1")
 
 

@@ -82,4 +82,7 @@ def get_config(name: str, **overrides) -> ModelConfig:
     if name not in REGISTRY:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    heads = overrides.get("num_heads")
+    if heads is not None and heads != REGISTRY[name].num_heads:
+        raise UserError(f"{name} has {REGISTRY[name].num_heads} heads; --num-heads is for --model dit")
     return replace(REGISTRY[name], **overrides)

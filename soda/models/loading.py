@@ -81,7 +81,7 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
     heads = num_heads or HEADS_BY_WIDTH.get(hidden)
     if heads is None:
         raise UserError(f"width {hidden} is not a standard DiT width; pass --num-heads")
-    if hidden % heads:
+    if heads < 1 or hidden % heads:
         raise UserError(f"--num-heads {heads} does not divide the width {hidden}")
     side = int(round(num_patches**0.5)) * patch
     return ModelConfig(
@@ -106,6 +106,8 @@ def load_model(
 ) -> tuple[DiT, str]:
     """(model in eval mode, weights identity). The identity is the checkpoint's sha256, or
     "random-init-<seed>" so everything made from such a model says so."""
+    if name != "dit":
+        get_config(name, num_heads=num_heads)  # an unknown name or a wrong head count, said first
     if random_init:
         if name == "dit":
             raise UserError("--random-init needs a named config (e.g. dit-xl-2), not the generic 'dit'")
