@@ -54,8 +54,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise UserError(f"refusing {path}: it needs arbitrary code to unpickle (weights_only=True)") from None
         raise UserError(f"cannot read checkpoint {path}: {first}") from None
     except Exception as e:  # garbage bytes surface as IndexError, KeyError, ... from the unpickler
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({detail})") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # train.py checkpoint
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
