@@ -145,6 +145,20 @@ def _fmt(v, digits=3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def _runtime_md(rt: dict | None) -> list[str]:
+    """The deploy runtime's overhead, measured by the bench in this run."""
+    if not rt:
+        return []
+    lines = ["## Runtime overhead",
+             f"Stitched full compute takes {rt['stitched_over_monolithic']:.3f}x the time of one monolithic ONNX "
+             f"of the same model ({rt['images']} images, median of {rt['repeats']} interleaved rounds); "
+             "wall speedup per FLOPs speedup:", "",
+             "| entry | FLOPs speedup | wall speedup | wall / FLOPs |", "|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['flops_speedup']:.2f} | {r['wall_speedup']:.2f} | {r['efficiency']:.2f} |"
+              for r in rt["rows"]]
+    return lines + [""]
+
+
 def _report_md(config, weights, sampler, cfg: DemoConfig, prof, schedule, export_res, report, timings) -> str:
     random = weights.startswith("random-init")
     lines = [
@@ -187,6 +201,7 @@ def _report_md(config, weights, sampler, cfg: DemoConfig, prof, schedule, export
         f"worst parity error vs PyTorch {max(r.parity_max_abs for r in export_res.rows):.1e} "
         f"({'reused from an earlier run' if export_res.reused else 'exported by this run'}).",
         "",
+        *_runtime_md(report.get("runtime")),
         "## Stages",
         "| stage | seconds |",
         "|---|---|",
