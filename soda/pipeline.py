@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from soda.errors import UserError
-from soda.policies import POLICIES, ScheduleSpec, make_schedule
+from soda.policies import ScheduleSpec, check_request, make_schedule
 from soda.schedule import Schedule
 
 DEFAULT_SPEEDUP = 2.5  # the paper's DDIM-50 operating point (2.49x)
@@ -57,13 +57,10 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
         schedule = Schedule.load(schedule_file)
         schedule.check_fits(config.name, config.hash(), sampler.kind, sampler.steps)
         return schedule
-    if policy not in POLICIES:
-        raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
-    if speedup is not None and speedup < 1.0:
+    check_request(policy, speedup)
+    if speedup is not None and speedup < 1.0:  # said before SODA profiles, which takes a while
         raise UserError(f"--speedup must be at least 1, got {speedup:g}")
     if policy == "full":
-        if speedup is not None:
-            raise UserError("--speedup does not apply to --policy full (choose fora, toca, duca or soda)")
         return make_schedule("full", spec)
     if policy == "soda":
         prof = load_or_profile(model, weights, sampler, profile_file, echo)
@@ -76,12 +73,7 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     params = {"flops": FlopsModel.for_config(config)}
     if speedup is not None:
         params["speedup"] = speedup
-    try:
-        return make_schedule(policy, spec, **params)
-    except ModuleNotFoundError as e:
-        if e.name == f"soda.policies.{policy}":
-            raise UserError(f"policy {policy!r} is not installed in this checkout") from None
-        raise
+    return make_schedule(policy, spec, **params)
 
 
 def schedule_path_png(path: str | Path) -> Path:

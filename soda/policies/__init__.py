@@ -29,14 +29,27 @@ class ScheduleSpec:
         return cls(config.name, config.hash(), config.depth, tuple(modules), config.num_tokens, sampler, num_steps)
 
 
-def make_schedule(policy: str, spec: ScheduleSpec, **params):
+def check_request(policy: str, speedup: float | None = None) -> None:
+    """The checks every way of asking for a policy shares (CLI flags, the runtime, the API);
+    each policy checks the range of its own parameters, speedup included."""
     if policy not in POLICIES:
         raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
+    if speedup is not None and policy == "full":
+        raise UserError("--speedup does not apply to --policy full (choose fora, toca, duca or soda)")
+
+
+def make_schedule(policy: str, spec: ScheduleSpec, **params):
+    check_request(policy, params.get("speedup"))
     if policy == "full":
         from soda.policies.full import full_schedule
 
         return full_schedule(spec)
     import importlib
 
-    mod = importlib.import_module(f"soda.policies.{policy}")
+    try:
+        mod = importlib.import_module(f"soda.policies.{policy}")
+    except ModuleNotFoundError as e:
+        if e.name == f"soda.policies.{policy}":
+            raise UserError(f"policy {policy!r} is not installed in this checkout") from None
+        raise
     return mod.make(spec, **params)
