@@ -127,19 +127,25 @@ def measure_schedules(backend, config, sampler_cfg: SamplerConfig, schedules: di
     return rows_from(results, reference, full_flops(config, sampler_cfg, len(labels), tuple(schedules[reference].modules)))
 
 
-def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[str, Schedule], labels: np.ndarray,
-                   repeats: int = 3, threads: int | None = None, echo: Callable[[str], None] = lambda s: None) -> dict:
-    """Measured in one run on `backend` (an OrtBackend): stitched full compute against one
-    monolithic ONNX of `model`, and each schedule's wall speedup against its FLOPs speedup,
-    in interleaved rounds. `schedules` must include "full"."""
+def monolithic_session(model, folder: Path, threads: int | None = None):
+    """One onnxruntime session over the whole model, exported into `folder`."""
     import onnxruntime as ort
 
     from runtime.ort_backend import choose_providers, session_options
 
+    path = export_monolithic(model, folder / "monolithic.onnx")
+    return ort.InferenceSession(str(path), session_options(threads), providers=choose_providers())
+
+
+def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[str, Schedule], labels: np.ndarray,
+                   repeats: int = 3, threads: int | None = None, echo: Callable[[str], None] = lambda s: None,
+                   mono=None) -> dict:
+    """Measured in one run on `backend` (an OrtBackend): stitched full compute against one
+    monolithic ONNX of `model` (`mono`, a session, or exported here), and each schedule's wall
+    speedup against its FLOPs speedup, in interleaved rounds. `schedules` must include "full"."""
     config = model.config
     with tempfile.TemporaryDirectory() as tmp:
-        mono_path = export_monolithic(model, Path(tmp) / "monolithic.onnx")
-        mono = ort.InferenceSession(str(mono_path), session_options(threads), providers=choose_providers())
+        mono = mono or monolithic_session(model, Path(tmp), threads)
         loops = {"monolithic full": monolithic_loop(mono, config, sampler_cfg, labels)}
         loops.update({f"stitched {n}": schedule_loop(backend, config, sampler_cfg, s, labels) for n, s in schedules.items()})
         for loop in list(loops.values())[:2]:
@@ -248,12 +254,11 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
                   profile_samples: int = 2, workdir: str | None = None, command: str = "",
                   echo: Callable[[str], None] = print) -> Report:
     """Export a random-init model (stitched graphs + one monolithic graph) and time everything."""
-    import onnxruntime as ort
     import torch
 
     from export.onnx_export import export_model
     from runtime.engines import open_engines
-    from runtime.ort_backend import OrtBackend, choose_providers, session_options
+    from runtime.ort_backend import OrtBackend
     from soda.models.loading import load_model
     from soda.policies import ScheduleSpec, make_schedule
 
@@ -280,8 +285,9 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
     echo(f"exporting {model_name} subgraphs into {folder} ...")
     export_model(model, weights, schedules["full"], sampler_cfg, folder / "engines", progress=False, echo=echo)
     backend = OrtBackend(open_engines(folder / "engines"), threads=threads)
+    mono = monolithic_session(model, folder, threads)
     echo(f"timing {len(schedules) + 1} entries (with one monolithic ONNX) x {repeats} rounds ...")
-    rt = runtime_report(model, backend, sampler_cfg, schedules, labels, repeats, threads, echo)
+    rt = runtime_report(model, backend, sampler_cfg, schedules, labels, repeats, threads, echo, mono)
     report = Report(command, model_name, f"{sampler}-{steps} cfg {cfg_scale:g}", images, threads, backend.describe(),
                     repeats, [Row(**r) for r in rt["rows"]])
     report.stitched_vs_monolithic = rt["stitched_over_monolithic"]
@@ -289,8 +295,6 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
     echo("paired per-step comparison ...")
     from soda.executor import Executor
 
-    mono = ort.InferenceSession(str(export_monolithic(model, folder / "monolithic.onnx")), session_options(threads),
-                                providers=choose_providers())
     ratios = paired_steps(Executor(backend, schedules["full"], FlopsModel.for_config(config)), mono, config,
                           sampler_cfg, labels, rounds=max(1, repeats // 2))
     report.paired_step_ratio, report.paired_steps = statistics.median(ratios), len(ratios)
