@@ -31,6 +31,13 @@ def sampler_options(f):
     return f
 
 
+def toca_official_loop_option(f):
+    return click.option("--toca-official-loop", is_flag=True,
+                        help="With --policy toca: the official code's literal layer loop (a full step's new interval "
+                             "can send layers 1..L-1 to the partial branch; 18 full steps on DDIM-50, not 20). "
+                             "Default: every layer follows layer 0, as the papers describe.")(f)
+
+
 def make_sampler(config, sampler: str, steps: int, cfg_scale: float, cfg_channels: str | None):
     from soda.sampling import SamplerConfig
 
@@ -71,6 +78,13 @@ def load(model_name, ckpt, num_heads, random_init):
     return model, weights
 
 
+def progress_bar(desc: str, total: int):
+    """A progress bar on stderr for long work inside a command (profiling, timing rounds)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
+
+
 @click.group()
 def cli():
     """SODA: sensitivity-oriented dynamic acceleration for Diffusion Transformers."""
@@ -90,9 +104,10 @@ def cli():
               help="Sensitivity profile for --policy soda (profiled first when absent).")
 @click.option("--save-latents", type=click.Path(dir_okay=False), default=None, help="Final samples .npy.")
 @click.option("--vae", type=click.Path(file_okay=False), default=None, help="Local diffusers AutoencoderKL folder.")
+@toca_official_loop_option
 @click.option("--out", type=click.Path(dir_okay=False), default="sample.png", show_default=True)
 def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, labels, seed,
-           noise, policy, schedule_file, speedup, profile_file, save_latents, vae, out):
+           noise, policy, schedule_file, speedup, profile_file, save_latents, vae, toca_official_loop, out):
     """Generate samples with the PyTorch reference executor."""
     import numpy as np
     from tqdm import tqdm
@@ -114,13 +129,14 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
     ys = parse_labels(labels, config.num_classes)
     z = load_noise(noise, len(ys), config) if noise else None
-    schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo)
-    with tqdm(total=steps, desc=f"sample {policy}", unit="step", file=sys.stderr) as bar:
+    schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo,
+                                toca_official_loop=toca_official_loop, progress=progress_bar)
+    with tqdm(total=steps, desc=f"sample {schedule.policy}", unit="step", file=sys.stderr) as bar:
         x, stats = generate(TorchBackend(model), config, sampler_cfg, schedule, ys, seed, z, lambda s: bar.update())
     from soda.generate import full_flops
 
     speed = full_flops(config, sampler_cfg, len(ys)) / stats.flops
-    click.echo(f"{len(ys)} samples, {sampler}-{steps}, policy {policy}: {stats.seconds:.2f} s "
+    click.echo(f"{len(ys)} samples, {sampler}-{steps}, policy {schedule.policy}: {stats.seconds:.2f} s "
                f"({stats.seconds / steps * 1000:.0f} ms/step), FLOPs speedup {speed:.2f}x")
     if save_latents:
         Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +310,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
         click.echo("frontier:")
         click.echo(format_table(report["frontier"]))
     if "runtime" in report:
-        from runtime.bench_runtime import runtime_lines
+        from soda.bench_runtime import runtime_lines
 
         click.echo("\n".join(runtime_lines(report["runtime"])))
     if plot:
@@ -321,10 +337,12 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 @click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True,
               help="torch.onnx TorchScript exporter (fast) or the dynamo exporter.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and a GPU).")
-@click.option("--fp16/--bf16", "fp16", default=True, show_default=True, help="TensorRT precision.")
+@click.option("--trt-precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="TensorRT engine precision (fp32: for parity checks against onnxruntime).")
 @click.option("--force", is_flag=True, help="Export even when the folder already holds the same export.")
+@toca_official_loop_option
 def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policy,
-               schedule_file, speedup, profile_file, out, opset, exporter, trt, fp16, force):
+               schedule_file, speedup, profile_file, out, opset, exporter, trt, trt_precision, force, toca_official_loop):
     """Export ONNX subgraphs, one weights file, the schedule and a manifest (engines/<model>/)."""
     from pathlib import Path
 
@@ -334,9 +352,10 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
     policy = policy_or_schedule(policy, schedule_file)
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
-    schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo)
+    schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo,
+                                toca_official_loop=toca_official_loop, progress=progress_bar)
     res = export_model(model, weights, schedule, sampler_cfg, Path(out or Path("engines") / model.config.name),
-                       opset=opset, exporter=exporter, trt_precision=("fp16" if fp16 else "bf16") if trt else None,
+                       opset=opset, exporter=exporter, trt_precision=trt_precision if trt else None,
                        force=force, echo=click.echo)
     for line in summary(res):
         click.echo(line)
@@ -346,7 +365,8 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 @cli.command()
 @click.option("--engines", "engines_dir", required=True, type=click.Path(), help="Folder written by `cli.py export`.")
 @click.option("--policy", type=click.Choice(["full", "fora", "toca", "duca", "soda"]), default=None,
-              help="Baselines are scheduled here (no torch); soda = the schedule exported with the engines (default).")
+              help="full, fora, toca, duca: scheduled here (no torch); soda: the engines' exported schedule, "
+                   "which must be SODA's. Default: the exported schedule, whatever its policy.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for a baseline policy.")
 @click.option("--labels", default="0,1,2,3", show_default=True, help="Comma-separated class labels.")
@@ -361,8 +381,9 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime: CUDA EP when onnxruntime-gpu has a GPU (auto), or force one.")
+@toca_official_loop_option
 def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_latents, out, backend, sampler, steps,
-        cfg_scale, threads, device):
+        cfg_scale, threads, device, toca_official_loop):
     """Generate with exported graphs: numpy + onnxruntime (or TensorRT), no torch."""
     from runtime.run import run_command
 
@@ -370,7 +391,7 @@ def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_l
     check_out_suffix(save_latents, "--save-latents", (".npy",))
 
     run_command(engines_dir, labels, policy, schedule_file, speedup, seed, noise, save_latents, out, backend,
-                sampler, steps, cfg_scale, threads, device, echo=click.echo)
+                sampler, steps, cfg_scale, threads, device, echo=click.echo, toca_official_loop=toca_official_loop)
 
 
 # --- demo (issue 7) --------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
     profile_path = out / "profile.json"
     prof = _reusable_profile(profile_path, model, weights, sampler, cfg.profile_samples, echo)
     if prof is None:
-        prof = load_or_profile(model, weights, sampler, None, echo, cfg.profile_samples, seed=cfg.seed + 10_000)
+        prof = load_or_profile(model, weights, sampler, None, echo, cfg.profile_samples, seed=cfg.seed + 10_000,
+                               progress=progress, hint=f" (kept in {profile_path} and reused by the next demo run)")
         prof.save(profile_path)
     sensitivity_heatmap(prof, out / "sensitivity.png")
 

@@ -106,4 +106,9 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
                                    [("tokens", ["B", "n", D], F32), ("shift", ["B", D], F32), ("scale", ["B", D], F32)], outs))
     specs.append(GraphSpec("final", FinalGraph(model), [("tokens", ["B", N, D], F32), ("c", ["B", D], F32)],
                            [("out", ["B", cfg.out_channels, H, H], F32)]))
+    # Wrappers start in training mode like any nn.Module, and torch.onnx.export restores the mode
+    # it found *recursively*: a training-mode wrapper would leave the shared model in training mode,
+    # where DiT's label dropout makes every later PyTorch call random (docs/export.md, "Parity").
+    for spec in specs:
+        spec.module.eval()
     return specs

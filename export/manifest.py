@@ -86,10 +86,6 @@ class Manifest:
         return self.data["weights"]
 
     @property
-    def weights_path(self) -> Path:
-        return self.folder / self.data["weights_file"]
-
-    @property
     def schedule_path(self) -> Path:
         return self.folder / self.data["schedule"]
 

@@ -97,6 +97,9 @@ def open_engines(folder: str | Path, verify: str = "sha256") -> Engines:
         raise UserError(f"{manifest.schedule_path} hashes to {schedule.hash()}, not the manifest's "
                         f"{manifest.schedule_hash}; re-run `cli.py export`")
     schedule.check_fits(config.name, config.hash(), schedule.sampler, schedule.num_steps)
+    if manifest.token_counts != schedule.token_counts(config.num_tokens):
+        raise UserError(f"{folder}/manifest.json lists token counts {manifest.token_counts}, its schedule runs "
+                        f"{schedule.token_counts(config.num_tokens)}; re-run `cli.py export`")
     engines = Engines(folder, manifest, config, sampler, tuple(schedule.modules), schedule)
     _check_interface(engines)
     return engines
@@ -115,15 +118,18 @@ def _check_interface(engines: Engines) -> None:
 
 
 def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | None = None,
-                     schedule_file: str | Path | None = None, speedup: float | None = None) -> Schedule:
+                     schedule_file: str | Path | None = None, speedup: float | None = None,
+                     toca_official_loop: bool = False) -> Schedule:
     """The schedule `run` executes: a file, a baseline made here without torch, or the exported one.
 
     `--policy soda` (and no policy at all) means the schedule exported with the engines: SODA
     needs a sensitivity profile from the torch model, so it is fixed at export time.
     """
-    from soda.policies import ScheduleSpec, make_schedule
+    from soda.policies import ScheduleSpec
 
     config = engines.config
+    if toca_official_loop and policy != "toca":
+        raise UserError(f"--toca-official-loop applies to --policy toca, not {policy or 'the exported schedule'}")
     if schedule_file is not None:
         if policy is not None:
             raise UserError("give --policy or --schedule, not both")
@@ -137,14 +143,10 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
             raise UserError("--speedup does not apply to the exported schedule (SODA's is fixed at export); "
                             "re-export with `cli.py export --speedup X`")
     else:
-        from soda.flops import FlopsModel
+        from soda.policies import baseline_schedule
 
-        # The same call as soda.pipeline.resolve_schedule, so `run` and `sample` agree.
         spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, engines.modules)
-        params = {"flops": FlopsModel.for_config(config)}
-        if speedup is not None:
-            params["speedup"] = speedup
-        schedule = make_schedule(policy, spec, **params)
+        schedule = baseline_schedule(policy, spec, config, speedup, toca_official_loop)
     schedule.check_fits(config.name, config.hash(), sampler.kind, sampler.steps)
     if tuple(schedule.modules) != engines.modules or schedule.num_layers != config.depth:
         raise UserError(f"schedule is for {schedule.num_layers} layers x {schedule.modules}, the engines have "

@@ -42,6 +42,28 @@ def choose_providers(device: str = "auto") -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "float16": "tensor(float16)"}
+
+
+def _check_declared(engines: Engines, name: str, session) -> None:
+    """The manifest's shapes and dtypes are what the graph itself declares. Inputs match exactly
+    (their dynamic axes are named at export); outputs may carry exporter-made symbolic dims, so
+    only their rank and the sizes the graph fixes are compared."""
+    art = engines.manifest.artefacts[name]
+    for specs, declared, exact in ((art.inputs, session.get_inputs(), True), (art.outputs, session.get_outputs(), False)):
+        graph = {t.name: (list(t.shape), t.type) for t in declared}
+        for spec in specs:
+            shape, kind = graph.get(spec.name, (None, None))
+            ok = shape is not None and kind == ORT_TYPES.get(spec.dtype, spec.dtype) and len(shape) == len(spec.shape)
+            if ok and exact:
+                ok = shape == list(spec.shape)
+            elif ok:
+                ok = all(g == m for g, m in zip(shape, spec.shape) if isinstance(g, int))
+            if not ok:
+                raise UserError(f"{engines.folder}/manifest.json says {name}:{spec.name} is {spec.dtype} "
+                                f"{list(spec.shape)}, the graph declares {kind} {shape}; re-run `cli.py export`")
+
+
 class OrtBackend(GraphBackend):
     """The executor's Backend over an engines folder's graphs."""
 
@@ -63,6 +85,8 @@ class OrtBackend(GraphBackend):
         self.provider = self.sessions["embed"].get_providers()[0]
         if device == "cuda" and self.provider != CUDA:
             raise UserError(f"--device cuda: onnxruntime-gpu fell back to {self.provider} (no usable GPU/CUDA here)")
+        for name, session in self.sessions.items():
+            _check_declared(engines, name, session)
         self._io = {name: engines.io(name) for name in self.sessions}
         self._run = self._run_device if self.provider == CUDA else self._run_cpu
 

@@ -43,6 +43,7 @@ def run_command(
     device: str = "auto",
     echo: Callable[[str], None] = print,
     progress: Callable[[int], None] | None = None,
+    toca_official_loop: bool = False,
 ) -> np.ndarray:
     """Generate with the deployed graphs; returns the final samples [n, C, H, W]."""
     from soda.generate import full_flops, generate, load_noise, parse_labels
@@ -52,7 +53,7 @@ def run_command(
     sampler_cfg = engines.sampler_with(sampler, steps, cfg_scale)
     ys = parse_labels(labels, config.num_classes)
     z = load_noise(noise, len(ys), config) if noise else None
-    schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup)
+    schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup, toca_official_loop)
     impl = make_backend(engines, backend, device=device, threads=threads)
     if hasattr(impl, "check_schedule"):
         impl.check_schedule(schedule, len(ys) * (2 if sampler_cfg.uses_cfg else 1))

@@ -147,10 +147,7 @@ class TrtBackend(GraphBackend):
 
     def check_schedule(self, schedule, rows: int) -> None:
         """Refuse, before sampling, a schedule whose token counts or batch the engines cannot run."""
-        from soda.schedule import kept_tokens
-
-        N = self.engines.config.num_tokens
-        need = {N, *(kept_tokens(a, N) for a in schedule.prune_rates())}
+        need = set(schedule.token_counts(self.engines.config.num_tokens))
         missing = sorted(need - set(self.token_counts))
         if missing:
             raise UserError(f"the TensorRT engines have profiles for {self.token_counts} tokens; this "

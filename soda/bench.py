@@ -4,9 +4,9 @@ Fidelity is measured against the full model's samples from the same initial nois
 cosine, `soda.metrics`); for `dit-digits` the digit classifier adds accuracy on the requested
 labels and a Frechet distance to held-out real digits. Wall speedup is measured in the same
 run against full compute on the same backend, the two timed back to back on the first batch
-(so the drifting load of a shared machine cancels). The backend is pluggable: `make_backend("torch",
-...)` is the PyTorch reference; `"ort"` runs an exported engines folder through onnxruntime
-(imported lazily, so bench works without the runtime package).
+(so the drifting load of a shared machine cancels). The backend is pluggable: `backend_for("torch",
+...)` is the PyTorch reference; `"ort"` runs an exported engines folder through the runtime's
+`make_backend` (imported lazily, so bench works without the runtime package).
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ BACKENDS = ("torch", "ort")
 FIELDS = ("policy", "flops_speedup", "wall_speedup", "psnr_db", "cosine", "class_accuracy", "frechet")
 
 
-def make_backend(kind: str, model, engines_dir: str | None = None):
-    """The executor backend for `kind`: "torch" (reference) or "ort" (an exported engines folder)."""
+def backend_for(kind: str, model, engines_dir: str | None = None):
+    """The backend the bench runs: "torch" (the reference) or "ort" (an exported engines folder,
+    opened by the runtime's own `make_backend`, so bench measures exactly what `run` runs)."""
     if kind == "torch":
         from soda.torch_backend import TorchBackend
 
@@ -34,13 +35,13 @@ def make_backend(kind: str, model, engines_dir: str | None = None):
             raise UserError("--backend ort needs --engines DIR (made by `cli.py export`)")
         try:
             from runtime.engines import open_engines
-            from runtime.ort_backend import OrtBackend
+            from runtime.run import make_backend
         except ImportError as e:
             raise UserError(f"--backend ort needs the runtime package ({e})") from None
         engines = open_engines(engines_dir)
         if engines.config.hash() != model.config.hash():
             raise UserError(f"{engines_dir} was exported from {engines.config.name}, not {model.config.name}")
-        return OrtBackend(engines)
+        return make_backend(engines, "ort")
     raise UserError(f"unknown backend {kind!r}; choose one of: {', '.join(BACKENDS)}")
 
 
@@ -153,13 +154,13 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
 
     config = model.config
     metrics, classifier = _scores(config.name, echo)
-    backend = make_backend(setup.backend, model, setup.engines_dir)
+    backend = backend_for(setup.backend, model, setup.engines_dir)
     runner = Runner(backend, model, sampler, setup, progress)
     prof = None
     if "soda" in setup.policies:
         # Calibration seeds stay clear of the evaluation noise (seed + 10000).
         prof = load_or_profile(model, weights, sampler, setup.profile_file, echo, setup.profile_samples,
-                               seed=setup.seed + 10_000)
+                               seed=setup.seed + 10_000, progress=progress)
 
     full_schedule = resolve_schedule(model, weights, sampler, "full")
     full_x, full_flops, full_seconds = runner.run(full_schedule, "full")
@@ -231,7 +232,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     if setup.backend == "ort":
         # The deploy runtime's own claims, measured in this run: stitched vs one monolithic ONNX,
         # and wall vs FLOPs speedup over interleaved rounds (steadier than one back-to-back pair).
-        from runtime.bench_runtime import runtime_report
+        from soda.bench_runtime import runtime_report
 
         echo(f"runtime timing: {setup.timing_images} images x {setup.timing_repeats} interleaved rounds, "
              f"against one monolithic ONNX of the model ...")

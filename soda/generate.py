@@ -21,9 +21,6 @@ class RunStats:
     flops: float  # FLOPs actually executed (per generation batch)
     seconds: float
 
-    def speedup_vs(self, full_flops: float) -> float:
-        return full_flops / self.flops
-
 
 def parse_labels(text: str, num_classes: int) -> np.ndarray:
     try:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 from soda.errors import UserError
-from soda.policies import ScheduleSpec, check_request, make_schedule
+from soda.policies import ScheduleSpec, baseline_schedule, check_request, make_schedule
 from soda.schedule import Schedule
 
 DEFAULT_SPEEDUP = 2.5  # the paper's DDIM-50 operating point (2.49x)
 PROFILE_SAMPLES = 32
+PROFILE_BATCH = 64  # generations per profiling batch (CFG doubles the rows)
 
 
 def spec_for(model, sampler) -> ScheduleSpec:
@@ -22,8 +23,13 @@ def spec_for(model, sampler) -> ScheduleSpec:
 
 
 def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Callable = print,
-                    samples: int = PROFILE_SAMPLES, seed: int = 0, progress=None):
-    """A profile that fits this model and sampler: the file given, or one measured now."""
+                    samples: int = PROFILE_SAMPLES, seed: int = 0, progress: Callable | None = None,
+                    hint: str = "; save one with `cli.py profile` and pass --profile to skip this"):
+    """A profile that fits this model and sampler: the file given, or one measured now.
+
+    `progress(desc, total)` makes a progress bar (tqdm-like: update(), close()) for the
+    profiling run, which takes minutes on real models.
+    """
     from soda.profile import Profile, profile
 
     config = model.config
@@ -32,9 +38,15 @@ def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Calla
     elif profile_file:
         prof = Profile.load(profile_file)
     else:
-        echo(f"no --profile given: profiling {samples} generations first "
-             f"({sampler.kind}-{sampler.steps}; save one with `cli.py profile` to skip this)")
-        prof = profile(model, sampler, samples, seed, progress=progress, weights=weights)
+        echo(f"profiling {samples} generations first ({sampler.kind}-{sampler.steps}){hint}")
+        total = sampler.steps * -(-samples // PROFILE_BATCH)
+        bar = progress(f"profile {samples} generations", total) if progress else None
+        try:
+            prof = profile(model, sampler, samples, seed, progress=bar and (lambda s: bar.update()), weights=weights,
+                           batch_size=PROFILE_BATCH)
+        finally:
+            if bar is not None:
+                bar.close()
         echo(f"profiled in {prof.cost['seconds']:.1f} s")
         return prof
     prof.check_fits(config.name, config.hash(), sampler.kind, sampler.steps)
@@ -44,7 +56,8 @@ def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Calla
 
 
 def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=None, speedup=None,
-                     profile_file=None, echo: Callable = print, anchors: int | None = None) -> Schedule:
+                     profile_file=None, echo: Callable = print, anchors: int | None = None,
+                     toca_official_loop: bool = False, progress=None) -> Schedule:
     """The schedule the flags ask for, checked against this model and sampler.
 
     `profile_file` may be a path or an already loaded `soda.profile.Profile`.
@@ -52,6 +65,8 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     config = model.config
     spec = spec_for(model, sampler)
     if schedule_file:
+        if toca_official_loop:
+            raise UserError("--toca-official-loop builds a ToCa schedule; it does not apply to a --schedule file")
         if speedup is not None:
             raise UserError("--speedup does not apply to a --schedule file (its speedup is fixed)")
         schedule = Schedule.load(schedule_file)
@@ -60,20 +75,15 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     check_request(policy, speedup)
     if speedup is not None and speedup < 1.0:  # said before SODA profiles, which takes a while
         raise UserError(f"--speedup must be at least 1, got {speedup:g}")
-    if policy == "full":
-        return make_schedule("full", spec)
     if policy == "soda":
-        prof = load_or_profile(model, weights, sampler, profile_file, echo)
+        if toca_official_loop:
+            raise UserError("--toca-official-loop applies to --policy toca, not soda")
+        prof = load_or_profile(model, weights, sampler, profile_file, echo, progress=progress)
         if speedup is None and anchors is None:
             speedup = DEFAULT_SPEEDUP
             echo(f"no --speedup given: soda targets {DEFAULT_SPEEDUP}x FLOPs")
         return make_schedule("soda", spec, speedup=speedup, anchors=anchors, profile=prof)
-    from soda.flops import FlopsModel
-
-    params = {"flops": FlopsModel.for_config(config)}
-    if speedup is not None:
-        params["speedup"] = speedup
-    return make_schedule(policy, spec, **params)
+    return baseline_schedule(policy, spec, config, speedup, toca_official_loop)
 
 
 def schedule_path_png(path: str | Path) -> Path:

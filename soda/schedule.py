@@ -77,6 +77,11 @@ class Schedule:
             out[self.step_kind(s)] += 1
         return out
 
+    def token_counts(self, num_tokens: int) -> list[int]:
+        """N and every pruned k this schedule runs module graphs with, largest first: the counts
+        export checks parity at and TensorRT builds one optimization profile for."""
+        return sorted({num_tokens, *(kept_tokens(a, num_tokens) for a in self.prune_rates())}, reverse=True)
+
     def prune_rates(self) -> list[float]:
         rates = set()
         for s in range(self.num_steps):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soda.bench import BenchSetup, FIELDS, Runner, bench, format_table, make_backend, parse_policies, parse_speedups
+from soda.bench import BenchSetup, FIELDS, Runner, bench, format_table, backend_for, parse_policies, parse_speedups
 from soda.errors import UserError
 from soda.sampling import SamplerConfig
 
@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_backend_factory(tiny_model):
     from soda.torch_backend import TorchBackend
 
-    assert isinstance(make_backend("torch", tiny_model), TorchBackend)
+    assert isinstance(backend_for("torch", tiny_model), TorchBackend)
     with pytest.raises(UserError, match="needs --engines"):
-        make_backend("ort", tiny_model)
+        backend_for("ort", tiny_model)
     with pytest.raises(UserError, match="unknown backend 'tpu'"):
-        make_backend("tpu", tiny_model)
+        backend_for("tpu", tiny_model)
 
 
 def test_parsers():
@@ -39,8 +39,8 @@ def test_runner_batches_equal_one_batch(tiny_model):
 
     sampler = SamplerConfig("ddim", 3, 4.0, None)
     sched = resolve_schedule(tiny_model, "w", sampler, "full")
-    a, fa, _ = Runner(make_backend("torch", tiny_model), tiny_model, sampler, BenchSetup(["full"], 1.0, 5, batch_size=5)).run(sched, "a")
-    b, fb, _ = Runner(make_backend("torch", tiny_model), tiny_model, sampler, BenchSetup(["full"], 1.0, 5, batch_size=2)).run(sched, "b")
+    a, fa, _ = Runner(backend_for("torch", tiny_model), tiny_model, sampler, BenchSetup(["full"], 1.0, 5, batch_size=5)).run(sched, "a")
+    b, fb, _ = Runner(backend_for("torch", tiny_model), tiny_model, sampler, BenchSetup(["full"], 1.0, 5, batch_size=2)).run(sched, "b")
     np.testing.assert_allclose(a, b, atol=1e-4)  # batch size changes matmul blocking only
     assert fa == pytest.approx(fb)
 

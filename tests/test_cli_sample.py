@@ -136,3 +136,37 @@ def test_zero_steps(ckpt):
 
 def test_cfg_scale_below_one(run_here):
     assert "--cfg-scale" in one_line_error(run_here("--steps", "2", "--cfg-scale", "0.5"))
+
+
+def test_toca_official_loop_on_the_command_line(run_here, tmp_path):
+    """--toca-official-loop runs the literal official layer loop: on DDIM-50 two full steps compute
+    only layer 0 fully, so the FLOPs speedup printed is that of `layer_quirk=True`, not the default's."""
+    import re
+
+    from soda.flops import FlopsModel, schedule_flops
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.policies.full import full_schedule
+
+    spec, fm = ScheduleSpec.for_model(SMALL, "ddim", 50), FlopsModel.for_config(SMALL)
+    want = {quirk: schedule_flops(full_schedule(spec), fm, 2) / schedule_flops(
+        make_schedule("toca", spec, flops=fm, layer_quirk=quirk), fm, 2) for quirk in (False, True)}
+    assert want[True] > want[False]
+    for quirk in (False, True):
+        r = run_here("--labels", "1", "--steps", "50", "--policy", "toca", *(["--toca-official-loop"] if quirk else []),
+                     "--out", str(tmp_path / "s.png"))
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"policy toca: .*FLOPs speedup ([0-9.]+)x", r.stdout).group(1) == f"{want[quirk]:.2f}"
+    assert "applies to --policy toca" in one_line_error(run_here("--steps", "50", "--policy", "fora",
+                                                                 "--toca-official-loop"))
+    assert "drop --speedup" in one_line_error(run_here("--steps", "50", "--policy", "toca", "--speedup", "2",
+                                                       "--toca-official-loop"))
+
+
+def test_a_schedule_file_reports_its_own_policy(run_here, tmp_path):
+    from soda.policies import ScheduleSpec, make_schedule
+
+    make_schedule("fora", ScheduleSpec.for_model(SMALL, "ddim", 6)).save(tmp_path / "fora.json")
+    r = run_here("--labels", "1", "--steps", "6", "--schedule", str(tmp_path / "fora.json"), "--out",
+                 str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr
+    assert "policy fora:" in r.stdout and "policy full" not in r.stdout

@@ -105,6 +105,49 @@ def test_artefacts_manifest_and_parity(exported, tiny_model, tiny_config):
     assert not res.reused
 
 
+def test_export_leaves_the_model_in_eval_mode(exported, tiny_model):
+    """torch.onnx.export restores the mode it found recursively; a training-mode wrapper used to
+    leave the shared model in training mode, where label dropout made PyTorch calls random."""
+    assert not [n for n, m in tiny_model.named_modules() if m.training]
+    backend, gen = TorchBackend(tiny_model), __import__("torch").Generator().manual_seed(3)
+    from export.graphs import graph_specs
+
+    args = [a.numpy() for a in graph_specs(tiny_model)[0].example(64, 16, gen, 10)]
+    first, again = backend.embed(*args), backend.embed(*args)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_parity_check_fails_loudly_with_both_numbers(tiny_model, tmp_path, monkeypatch):
+    """No best-of-N: a reference that changes between calls fails the export, saying by how much."""
+    from soda.torch_backend import TorchBackend as TB
+
+    real, calls = TB.embed, {"n": 0}
+
+    def drifting(self, x, t, y):
+        tokens, c = real(self, x, t, y)
+        calls["n"] += 1
+        return tokens, c + 0.01 * calls["n"]
+
+    monkeypatch.setattr(TB, "embed", drifting)
+    with pytest.raises(RuntimeError, match=r"embed: onnxruntime differs from PyTorch by 0\.01.*"
+                                           r"differs from its first result by 0\.01"):
+        _export(tiny_model, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+def test_nan_weights_fail_the_export(tiny_model, tmp_path):
+    import copy
+
+    import torch
+
+    bad = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        bad.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"graph mlp\.1: PyTorch gives non-finite outputs"):
+        _export(bad, tmp_path / "e")
+
+
 def test_executor_over_onnx_matches_torch(exported, tiny_model, tiny_config):
     """The exported graphs drive the one stitching loop to the PyTorch result (prune, reuse, skip)."""
     out, _ = exported

@@ -205,6 +205,22 @@ finally:
 """
 
 
+def test_runtime_package_never_imports_torch_or_onnx():
+    """Not even lazily inside a function: `runtime/` is what a deploy machine without torch runs."""
+    import ast
+
+    heavy = {"export.onnx_export", "export.graphs", "export.weights_store", "export.granularity", "soda.torch_backend", "soda.profile", "soda.bench_runtime", "soda.models.dit",
+             "soda.models.loading", "soda.pipeline"}
+    found = []
+    for path in sorted((ROOT / "runtime").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{path.name}: {n}" for n in names if n in heavy or n.split(".")[0] in {"torch", "onnx"}
+                      or any(n.startswith(h + ".") for h in heavy)]
+    assert not found, found
+
+
 def _run_blocked(args: list[str]) -> subprocess.CompletedProcess:
     code = BLOCKER.format(root=str(ROOT), args=args)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -261,6 +277,41 @@ def test_errors_are_one_line(tiny_engines, tmp_path):
     blob[-1] ^= 0xFF
     (bad / "mlp.1.onnx").write_bytes(bytes(blob))
     _one_line_error(_cli(["run", "--engines", str(bad), "--labels", "1"]), "mlp.1.onnx")
+
+
+def test_manifest_shapes_dtypes_and_token_counts_are_checked(tiny_engines, tmp_path):
+    """Fields written at export are checked on load, not just carried along."""
+    import json
+
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+
+    def tampered(change) -> Path:
+        folder = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_engines, folder)
+        data = json.loads((folder / "manifest.json").read_text())
+        change(data)
+        (folder / "manifest.json").write_text(json.dumps(data))
+        return folder
+
+    def counts(d):
+        d["token_counts"] = d["token_counts"][:1]
+
+    def shape(d):
+        d["artefacts"]["attn.1"]["inputs"][0]["shape"][2] += 1
+
+    def dtype(d):
+        d["artefacts"]["embed"]["inputs"][1]["dtype"] = "float32"
+
+    def out_shape(d):
+        d["artefacts"]["final"]["outputs"][0]["shape"][1] = 99
+
+    with pytest.raises(UserError, match="lists token counts"):
+        open_engines(tampered(counts))
+    for change, where in ((shape, "attn.1:tokens"), (dtype, "embed:t"), (out_shape, "final:out")):
+        with pytest.raises(UserError, match=f"manifest.json says {where} is"):
+            OrtBackend(open_engines(tampered(change)))
+    OrtBackend(open_engines(tampered(lambda d: None)))  # untouched: opens
 
 
 def test_exported_schedule_must_be_soda_for_policy_soda(tmp_path, tiny_model):
@@ -355,7 +406,7 @@ def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
 
 # --- the benchmark's measuring function (numbers themselves: docs/runtime.md) -----------------
 def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends):
-    from runtime.bench_runtime import measure_schedules
+    from soda.bench_runtime import measure_schedules
     from runtime.engines import resolve_schedule
     from soda.flops import FlopsModel, schedule_flops
 

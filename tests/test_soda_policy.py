@@ -129,10 +129,24 @@ def test_resolve_schedule_profiles_first_and_says_so(tiny_model):
     from soda.pipeline import resolve_schedule
     from soda.sampling import SamplerConfig
 
-    said = []
+    said, bars = [], []
+
+    class Bar:
+        def __init__(self, desc, total):
+            self.desc, self.total, self.n, self.closed = desc, total, 0, False
+            bars.append(self)
+
+        def update(self):
+            self.n += 1
+
+        def close(self):
+            self.closed = True
+
     sampler = SamplerConfig("ddim", 4, 4.0, None)
-    sched = resolve_schedule(tiny_model, "w", sampler, "soda", speedup=1.3, echo=said.append)
-    assert any(m.startswith("no --profile given: profiling 32 generations first") for m in said)
+    sched = resolve_schedule(tiny_model, "w", sampler, "soda", speedup=1.3, echo=said.append, progress=Bar)
+    assert any(m.startswith("profiling 32 generations first") and "--profile" in m for m in said)
+    # The profiling run shows a progress bar: one tick per sampling step of its one batch.
+    assert [(b.desc, b.total, b.n, b.closed) for b in bars] == [("profile 32 generations", 4, 4, True)]
     assert sched.policy == "soda" and sched.num_steps == 4 and sched.params["flops_speedup"] >= 1.3
     assert resolve_schedule(tiny_model, "w", sampler, "full").count_kinds()["full"] == 4
     with pytest.raises(UserError, match="unknown policy 'fast'"):

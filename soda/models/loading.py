@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from soda.errors import UserError
-from soda.models.config import HEADS_BY_WIDTH, REGISTRY, ModelConfig, get_config
+from soda.models.config import HEADS_BY_WIDTH, ModelConfig, get_config
 from soda.models.dit import DiT
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -155,7 +155,3 @@ def _check_keys(model: DiT, state: dict[str, torch.Tensor], ckpt) -> None:
 def _few(items: list[str], n: int = 4) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
-
-
-def known_models() -> list[str]:
-    return sorted(REGISTRY)

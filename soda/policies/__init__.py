@@ -38,6 +38,33 @@ def check_request(policy: str, speedup: float | None = None) -> None:
         raise UserError("--speedup does not apply to --policy full (choose fora, toca, duca or soda)")
 
 
+def baseline_schedule(policy: str, spec: ScheduleSpec, config, speedup: float | None = None,
+                      toca_official_loop: bool = False):
+    """full, FORA, ToCa or DuCa for `spec`: the published setting, or tuned to `speedup` x FLOPs
+    on `config`'s FLOPs model. The one builder `sample`, `export`, `bench` and `run` share, so the
+    reference and the runtime always execute the same baseline schedule.
+
+    `toca_official_loop`: ToCa's literal official layer loop (docs/baselines.md, "Deviations").
+    """
+    from soda.flops import FlopsModel
+
+    check_request(policy, speedup)
+    if policy == "soda":
+        raise UserError("soda needs a sensitivity profile (soda.pipeline.resolve_schedule)")
+    if toca_official_loop and policy != "toca":
+        raise UserError(f"--toca-official-loop applies to --policy toca, not {policy}")
+    if toca_official_loop and speedup is not None:
+        raise UserError("--toca-official-loop reproduces the published ToCa setting only; drop --speedup")
+    if policy == "full":
+        return make_schedule("full", spec)
+    params = {"flops": FlopsModel.for_config(config)}
+    if speedup is not None:
+        params["speedup"] = speedup
+    if toca_official_loop:
+        params["layer_quirk"] = True
+    return make_schedule(policy, spec, **params)
+
+
 def make_schedule(policy: str, spec: ScheduleSpec, **params):
     check_request(policy, params.get("speedup"))
     if policy == "full":

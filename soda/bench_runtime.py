@@ -8,7 +8,7 @@
 Runs are interleaved (round r times every entry once) and the median of the rounds is
 reported, so a burst of load from other processes hits all entries alike.
 
-    python -m runtime.bench_runtime --model dit-s-2 --images 2 --steps 20 --repeats 3
+    python -m soda.bench_runtime --model dit-s-2 --images 2 --steps 20 --repeats 3
 
 `measure_schedules` is the part `cli.py bench --backend ort` can call with its own schedules.
 """
@@ -258,7 +258,7 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
 
     from export.onnx_export import export_model
     from runtime.engines import open_engines
-    from runtime.ort_backend import OrtBackend
+    from runtime.run import make_backend
     from soda.models.loading import load_model
     from soda.policies import ScheduleSpec, make_schedule
 
@@ -284,7 +284,7 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
     folder = Path(tmp.name)
     echo(f"exporting {model_name} subgraphs into {folder} ...")
     export_model(model, weights, schedules["full"], sampler_cfg, folder / "engines", progress=False, echo=echo)
-    backend = OrtBackend(open_engines(folder / "engines"), threads=threads)
+    backend = make_backend(open_engines(folder / "engines"), "ort", threads=threads)
     mono = monolithic_session(model, folder, threads)
     echo(f"timing {len(schedules) + 1} entries (with one monolithic ONNX) x {repeats} rounds ...")
     rt = runtime_report(model, backend, sampler_cfg, schedules, labels, repeats, threads, echo, mono)
@@ -304,7 +304,7 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m runtime.bench_runtime", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m soda.bench_runtime", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="dit-s-2")
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--soda-speedup", type=float, default=2.5)
     ap.add_argument("--json", default=None, help="Also write the report here.")
     args = ap.parse_args(argv)
-    command = "python -m runtime.bench_runtime " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m soda.bench_runtime " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = bench_runtime(args.model, args.images, args.steps, args.sampler, args.cfg_scale, args.repeats,
                            args.threads, tuple(p for p in args.policies.split(",") if p), args.soda_speedup,
                            command=command)
