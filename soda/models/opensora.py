@@ -1,0 +1,535 @@
+"""Open-Sora 1.2's STDiT3 (hpcaitech/Open-Sora v1.2.0), with parameter names identical to the
+official checkpoints (`OpenSora-STDiT-v3`).
+
+Video latents [B, C, T, H, W] become tokens in one flat layout [B, N, D], N = T * S with
+S = H * W patches per frame (frame-major, as the official code). The toolchain only ever sees that
+layout; the two kinds of self-attention reshape inside themselves: spatial blocks attend over the S
+patches of each frame ((B*T) x S), temporal blocks over the T frames of each patch ((B*S) x T,
+with rotary position embedding). 28 spatial and 28 temporal blocks run interleaved, so the adapter
+exposes 56 layers, each with modules `attn` (gated, mixes tokens along its axis), `cross_attn` (to
+the caption; no norm, no gate, token-wise) and `mlp` (gated, token-wise).
+
+Conditioning has three lifetimes, each computed once at its own: per generation the caption
+projection, its mask and every layer's cross-attention K/V (`Caption`); per step the timestep +
+fps embedding and the shared `t_block` output (`StepCond`); per layer the block's modulation.
+`forward` composes the pieces exactly as the official `STDiT3.forward` does (text-to-video: no
+temporal `x_mask`), so a full-compute schedule is the official model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from soda.errors import UserError
+
+MODULES = ("attn", "cross_attn", "mlp")
+GATED = {"attn": True, "cross_attn": False, "mlp": True}
+TOKENWISE = {"attn": False, "cross_attn": True, "mlp": True}
+VAE_SPATIAL = 8  # OpenSoraVAE_V1_2: SDXL VAE, 8x per side
+VAE_MICRO_FRAMES, VAE_MICRO_LATENTS, VAE_TEMPORAL = 17, 5, 4  # 17 frames -> 5 latents; 4x inside a chunk
+IMG_FPS = 120  # opensora.datasets.IMG_FPS: the fps the model sees for a single image
+
+
+@dataclass(frozen=True)
+class OpenSoraConfig:
+    """STDiT3 hyper-parameters (the official `STDiT3Config` fields that shape the network)."""
+
+    name: str
+    depth: int = 28  # spatial blocks; as many temporal ones
+    hidden_size: int = 1152
+    num_heads: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 4
+    learn_sigma: bool = True  # pred_sigma
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    model_max_length: int = 300
+    input_sq_size: int = 512
+    qk_norm: bool = True
+    arch: str = "opensora"
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_layers(self) -> int:
+        return 2 * self.depth
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames Open-Sora 1.2's VAE makes of `num_frames` pixel frames (`get_latent_size`):
+    17-frame chunks of 5 latents each, the remainder padded to a multiple of 4 and divided by 4."""
+    if num_frames < 1:
+        raise UserError(f"--num-frames must be at least 1, got {num_frames}")
+    whole, rest = divmod(num_frames, VAE_MICRO_FRAMES)
+    return whole * VAE_MICRO_LATENTS + -(-rest // VAE_TEMPORAL)
+
+
+def latent_shape(config: OpenSoraConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """[C, T, H, W] of the latent the sampler starts from (scripts/inference.py: vae.get_latent_size)."""
+    if height < VAE_SPATIAL or width < VAE_SPATIAL:
+        raise UserError(f"--height and --width must be at least {VAE_SPATIAL} pixels, got {height}x{width}")
+    return config.in_channels, latent_frames(num_frames), height // VAE_SPATIAL, width // VAE_SPATIAL
+
+
+def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+# --- layers (official names) ----------------------------------------------------------------------
+class PatchEmbed3D(nn.Module):
+    """Conv3d with kernel = stride = patch; the latent is zero-padded up to a multiple of the patch."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pt, ph, pw = self.patch_size
+        _, _, T, H, W = x.shape
+        x = F.pad(x, (0, -W % pw, 0, -H % ph, 0, -T % pt))
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, T*H*W, D], frame-major
+
+
+class RMSNorm(nn.Module):
+    """LlamaRMSNorm (q/k norm over the head dimension)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """rotary_embedding_torch's RotaryEmbedding as STDiT3 uses it: 'lang' frequencies, theta 10000,
+    interleaved pairs, positions 0..T-1. `freqs` is a parameter there, so checkpoints carry it."""
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.freqs = nn.Parameter(1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)),
+                                  requires_grad=False)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., T, d]: rotate each (2i, 2i+1) pair by angle pos * freqs[i]."""
+        pos = torch.arange(x.shape[-2], dtype=x.dtype, device=x.device)
+        angles = (pos[:, None] * self.freqs[None, :]).repeat_interleave(2, dim=-1)  # [T, d]
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).reshape(x.shape)
+        return x * angles.cos() + rotated * angles.sin()
+
+
+class Attention(nn.Module):
+    """Self-attention with q/k RMSNorm; `rope` set = temporal (RoPE over the sequence axis)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self._rope = [rope]  # a reference, not a submodule: its weights live once, at `rope.freqs`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        rope = self._rope[0]
+        if rope is not None:
+            q, k = rope.rotate(q), rope.rotate(k)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class MultiHeadCrossAttention(nn.Module):
+    """Image tokens attend to their own sample's caption tokens (key-padding mask per sample; the
+    official code packs the valid tokens of all samples into one block-diagonal sequence, the same
+    attention). K/V depend on the caption only, so `kv` runs once per generation."""
+
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.q_linear = nn.Linear(d_model, d_model)
+        self.kv_linear = nn.Linear(d_model, d_model * 2)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption tokens [B, L, D] -> K, V each [B, heads, L, d]."""
+        B, L, _ = y.shape
+        k, v = self.kv_linear(y).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, n, D] (any subset of tokens), mask [B, L] bool (True = a caption token)."""
+        B, n, C = x.shape
+        q = self.q_linear(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
+        scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = scores.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, n, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding (cos first) -> MLP; also the fps embedder (`SizeEmbedder`)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class CaptionEmbedder(nn.Module):
+    """`y_proj` (Mlp caption_channels -> D -> D, GELU-tanh) and the learned null caption `y_embedding`."""
+
+    def __init__(self, in_channels: int, hidden_size: int, token_num: int):
+        super().__init__()
+        self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
+        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels**0.5)
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        return self.y_proj(caption)
+
+
+class T2IFinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, num_patch: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
+
+
+@lru_cache(maxsize=64)
+def position_embedding(dim: int, h: int, w: int, scale: float, base_size: int) -> torch.Tensor:
+    """PositionEmbedding2D: [1, h*w, dim], row-major patches; the first half encodes the patch's
+    column, the second its row, each as [sin, cos] of coordinate / scale * base_size / side."""
+    half = dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))
+    col = (torch.arange(w) / scale * (base_size / w)).repeat(h)
+    row = (torch.arange(h) / scale * (base_size / h)).repeat_interleave(w)
+
+    def sincos(c: torch.Tensor) -> torch.Tensor:
+        out = c[:, None] * inv_freq[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)
+
+    return torch.cat([sincos(col), sincos(row)], dim=-1)[None]
+
+
+# --- what the loop hands back to the modules --------------------------------------------------
+@dataclass
+class Grid:
+    """Token layout of one latent: T frames x (H x W) patches after padding, and the raw sizes."""
+
+    T: int
+    H: int
+    W: int
+    raw: tuple[int, int, int]
+
+    @property
+    def S(self) -> int:
+        return self.H * self.W
+
+
+@dataclass
+class Caption:
+    """Per generation: projected caption [B, L, D], its mask [B, L] and each layer's K/V (lazily)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    kv: dict
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.mask.sum(dim=1).tolist()
+
+
+@dataclass
+class StepCond:
+    """Per step: t = t_embedder(t) + fps_embedder(fps) [B, D] (the final layer's input) and
+    t_mlp = t_block(t) [B, 6D], shared by every block."""
+
+    t: torch.Tensor
+    t_mlp: torch.Tensor
+
+
+@dataclass
+class Modulation:
+    shift: torch.Tensor | None
+    scale: torch.Tensor | None
+    gate: torch.Tensor | None  # None: the module is added with weight 1
+
+
+class STDiT3Block(nn.Module):
+    modules_order = MODULES
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool,
+                 temporal: bool = False, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        self.temporal = temporal
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden_size, num_heads, qk_norm, rope=rope if temporal else None)
+        self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def modulation(self, t_mlp: torch.Tensor) -> dict[str, Modulation]:
+        B = t_mlp.shape[0]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t_mlp.reshape(B, 6, -1)).unbind(1)
+        return {"attn": Modulation(shift_msa, scale_msa, gate_msa),
+                "cross_attn": Modulation(None, None, None),
+                "mlp": Modulation(shift_mlp, scale_mlp, gate_mlp)}
+
+    def mix(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Self-attention on flat tokens [B, T*S, D], along this block's axis."""
+        B, _, C = x.shape
+        T, S = grid.T, grid.S
+        if self.temporal:
+            x = x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
+            return self.attn(x).reshape(B, S, T, C).transpose(1, 2).reshape(B, T * S, C)
+        return self.attn(x.reshape(B * T, S, C)).reshape(B, T * S, C)
+
+    def run_module(self, name: str, x: torch.Tensor, mod: Modulation, grid: Grid, kv=None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-gate output of module `name`: on all tokens for `attn`, on any subset for the others."""
+        if name == "attn":
+            return self.mix(t2i_modulate(self.norm1(x), mod.shift[:, None], mod.scale[:, None]), grid)
+        if name == "cross_attn":
+            return self.cross_attn(x, kv[0], kv[1], mask)
+        if name == "mlp":
+            return self.mlp(t2i_modulate(self.norm2(x), mod.shift[:, None], mod.scale[:, None]))
+        raise KeyError(name)
+
+
+class STDiT3(nn.Module):
+    """The adapter interface: `encode_caption` (per generation), `step_cond` (per step), `embed`,
+    `layers[l].modulation` / `.run_module` (56 interleaved blocks), `final`."""
+
+    def __init__(self, config: OpenSoraConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        if D % config.num_heads or D % 4 or (D // config.num_heads) % 2:
+            raise UserError(f"width {D} with {config.num_heads} heads: STDiT3 needs the width divisible by 4 "
+                            "and by the head count, and an even head width")
+        self.rope = RotaryEmbedding(D // config.num_heads)
+        self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.fps_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.model_max_length)
+        block = lambda temporal: STDiT3Block(D, config.num_heads, config.mlp_ratio, config.qk_norm, temporal,
+                                             self.rope)
+        self.spatial_blocks = nn.ModuleList([block(False) for _ in range(config.depth)])
+        self.temporal_blocks = nn.ModuleList([block(True) for _ in range(config.depth)])
+        self.final_layer = T2IFinalLayer(D, int(np.prod(config.patch_size)), config.out_channels)
+
+    @property
+    def layers(self) -> list[STDiT3Block]:
+        """spatial 0, temporal 0, spatial 1, ... (the official execution order)."""
+        return [b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair]
+
+    def randomize(self, seed: int = 0) -> None:
+        """Random weights everywhere with outputs of order one (a random-init model to exercise the
+        toolchain; the official init zeroes the temporal blocks' output projections)."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name == "rope.freqs":
+                    continue
+                if p.ndim > 1:
+                    p.copy_(torch.randn(p.shape, generator=g) / math.prod(p.shape[1:]) ** 0.5)
+                elif name.endswith("norm.weight"):
+                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            self.y_embedder.y_embedding.copy_(torch.randn(self.y_embedder.y_embedding.shape, generator=g))
+
+    # --- per generation ------------------------------------------------------------------------
+    def encode_caption(self, y: torch.Tensor, mask: torch.Tensor | None = None) -> Caption:
+        """Caption embeddings [B, L, C_text] (mask [B, L]) -> projected caption for every layer."""
+        if y.shape[-1] != self.config.caption_channels:
+            raise UserError(f"caption width {y.shape[-1]} does not match the checkpoint's "
+                            f"{self.config.caption_channels}")
+        mask = torch.ones(y.shape[:2], dtype=torch.bool) if mask is None else mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise UserError("a caption mask selects no token; every prompt needs at least one")
+        return Caption(self.y_embedder(y), mask, {})
+
+    def layer_kv(self, layer: int, caption: Caption):
+        if layer not in caption.kv:
+            caption.kv[layer] = self.layers[layer].cross_attn.kv(caption.tokens)
+        return caption.kv[layer]
+
+    def grid(self, x: torch.Tensor) -> Grid:
+        _, _, T, H, W = x.shape
+        pt, ph, pw = self.config.patch_size
+        return Grid(-(-T // pt), -(-H // ph), -(-W // pw), (T, H, W))
+
+    # --- per step ------------------------------------------------------------------------------
+    def step_cond(self, t: torch.Tensor, fps: torch.Tensor) -> StepCond:
+        """t [B] (rectified-flow time in [0, 1000]), fps [B] or [1]."""
+        if fps.shape[0] != t.shape[0]:
+            fps = fps.repeat(t.shape[0] // fps.shape[0])
+        tt = self.t_embedder(t) + self.fps_embedder(fps)
+        return StepCond(tt, self.t_block(tt))
+
+    def embed(self, x: torch.Tensor, height: float, width: float) -> tuple[torch.Tensor, Grid]:
+        """Latents [B, C, T, H, W] -> tokens [B, T*S, D] with the position embedding of a
+        `height` x `width` pixel video (scale = sqrt(h*w) / input_sq_size), and their grid."""
+        grid = self.grid(x)
+        tokens = self.x_embedder(x)
+        scale = (height * width) ** 0.5 / self.config.input_sq_size
+        pos = position_embedding(self.config.hidden_size, grid.H, grid.W, float(scale), round(grid.S**0.5))
+        B, _, D = tokens.shape
+        tokens = (tokens.reshape(B, grid.T, grid.S, D) + pos.to(tokens.dtype)).reshape(B, grid.T * grid.S, D)
+        return tokens, grid
+
+    def final(self, tokens: torch.Tensor, cond: StepCond, grid: Grid) -> torch.Tensor:
+        """Tokens -> model output [B, C_out, T, H, W] (padding cropped)."""
+        x = self.final_layer(tokens, cond.t)
+        B, C = x.shape[0], self.config.out_channels
+        pt, ph, pw = self.config.patch_size
+        x = x.reshape(B, grid.T, grid.H, grid.W, pt, ph, pw, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        x = x.reshape(B, C, grid.T * pt, grid.H * ph, grid.W * pw)
+        T, H, W = grid.raw
+        return x[:, :, :T, :H, :W]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
+                fps: torch.Tensor, height: float, width: float) -> torch.Tensor:
+        """The official forward (x_mask=None): y [B, L, C_text] with mask [B, L]."""
+        caption = self.encode_caption(y, mask)
+        cond = self.step_cond(t, fps)
+        tokens, grid = self.embed(x, height, width)
+        for l, block in enumerate(self.layers):
+            mods = block.modulation(cond.t_mlp)
+            for name in block.modules_order:
+                mod = mods[name]
+                kv = self.layer_kv(l, caption) if name == "cross_attn" else None
+                D = block.run_module(name, tokens, mod, grid, kv, caption.mask)
+                tokens = tokens + (D if mod.gate is None else mod.gate[:, None] * D)
+        return self.final(tokens, cond, grid)
+
+
+# --- registry and checkpoints -------------------------------------------------------------------
+REGISTRY: dict[str, OpenSoraConfig] = {
+    # STDiT3-XL/2 as configs/opensora-v1-2/inference/sample.py builds it (hpcai-tech/OpenSora-STDiT-v3).
+    "opensora-v1.2": OpenSoraConfig("opensora-v1.2"),
+}
+GENERIC = "opensora"
+
+
+def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = GENERIC) -> OpenSoraConfig:
+    """Architecture from the tensors. The head width is read from the q/k norm (or `rope.freqs`);
+    only a checkpoint with neither needs `num_heads`."""
+    try:
+        proj = state["x_embedder.proj.weight"]  # [D, C, pt, ph, pw]
+        hidden, in_ch, patch = proj.shape[0], proj.shape[1], tuple(proj.shape[2:])
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("spatial_blocks."))
+        caption_channels = state["y_embedder.y_proj.fc1.weight"].shape[1]
+        max_length = state["y_embedder.y_embedding"].shape[0]
+        out_dim = state["final_layer.linear.weight"].shape[0]
+        mlp_hidden = state["spatial_blocks.0.mlp.fc1.weight"].shape[0]
+        if len(patch) != 3 or "temporal_blocks.0.attn.qkv.weight" not in state:
+            raise KeyError("temporal_blocks / a 3D patch embedding")
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(f"checkpoint does not look like an Open-Sora STDiT3 (missing {e})") from None
+    qk_norm = "spatial_blocks.0.attn.q_norm.weight" in state
+    head_dim = (state["spatial_blocks.0.attn.q_norm.weight"].shape[0] if qk_norm
+                else 2 * state["rope.freqs"].shape[0] if "rope.freqs" in state else None)
+    if num_heads is None:
+        if head_dim is None:
+            raise UserError("this checkpoint has neither q/k norms nor rope.freqs to read the head count from; "
+                            "pass --num-heads")
+        num_heads = hidden // head_dim
+    elif head_dim is not None and num_heads * head_dim != hidden:
+        raise UserError(f"--num-heads {num_heads} disagrees with the checkpoint's head width {head_dim} "
+                        f"(width {hidden} means {hidden // head_dim} heads)")
+    if num_heads < 1 or hidden % num_heads:
+        raise UserError(f"--num-heads {num_heads} does not divide the width {hidden}")
+    out_ch = out_dim // int(np.prod(patch))
+    return OpenSoraConfig(name, depth=depth, hidden_size=hidden, num_heads=num_heads, patch_size=patch,
+                          in_channels=in_ch, learn_sigma=out_ch == 2 * in_ch, mlp_ratio=mlp_hidden / hidden,
+                          caption_channels=caption_channels, model_max_length=max_length, qk_norm=qk_norm)
+
+
+def get_config(name: str, num_heads: int | None = None) -> OpenSoraConfig:
+    if name not in REGISTRY:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(REGISTRY) + [GENERIC])}")
+    base = REGISTRY[name]
+    if num_heads is not None and num_heads != base.num_heads:
+        raise UserError(f"{name} has {base.num_heads} heads; --num-heads is for --model {GENERIC}")
+    return base
+
+
+def load(name: str, ckpt=None, num_heads: int | None = None, random_init: bool = False,
+         seed: int = 0) -> tuple[STDiT3, str]:
+    """(model in eval mode, float32, weights identity): the checkpoint's sha256 or "random-init-<seed>".
+
+    Checkpoints: the released safetensors (official key names), a bare state dict, or a training
+    checkpoint holding one under "ema"/"model". `rope.freqs` may be absent (it is a constant)."""
+    from soda.models.loading import _check_keys, file_sha256, read_state_dict
+
+    if name != GENERIC:
+        get_config(name, num_heads)
+    if random_init:
+        if name == GENERIC:
+            raise UserError(f"--random-init needs a named config (e.g. opensora-v1.2), not the generic '{GENERIC}'")
+        model = STDiT3(get_config(name, num_heads))
+        model.randomize(seed)
+        return model.eval(), f"random-init-{seed}"
+    if ckpt is None:
+        raise UserError(f"model {name!r} needs --ckpt FILE (the released OpenSora-STDiT-v3 model.safetensors), "
+                        "or --random-init to try the toolchain without weights")
+    state = {k: v.float() for k, v in read_state_dict(ckpt).items()}
+    # A named config fixes the architecture (misfits are listed key by key); the generic one reads it.
+    config = infer_config(state, num_heads) if name == GENERIC else REGISTRY[name]
+    state.setdefault("rope.freqs", RotaryEmbedding(config.hidden_size // config.num_heads).freqs.detach())
+    with torch.device("meta"):  # shapes only: a misfit is reported before any real allocation
+        _check_keys(STDiT3(config), state, ckpt)
+    model = STDiT3(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), file_sha256(Path(ckpt))
