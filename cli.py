@@ -236,8 +236,11 @@ def _numbers(text: str, kind, flag: str) -> list:
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup (anchors + pruning fill it).")
 @click.option("--anchors", type=int, default=None, help="Exactly N anchor steps (no pruning unless --speedup too).")
 @click.option("--lam", type=click.FloatRange(min=0, max=1e6), default=None, help="UAS lambda in units of 1/mean(E_c) (default: best of a grid).")
+@click.option("--planner", type=click.Choice(["uas", "joint", "dcs", "fixed"]), default="uas", show_default=True,
+              help="uas: the paper (DCS anchors, lambda*E_c+beta rates); joint: exact joint DP; dcs / fixed: "
+                   "DP / evenly spaced anchors without pruning (ablation).")
 @click.option("--out", type=click.Path(dir_okay=False), default="schedule.json", show_default=True)
-def schedule_cmd(profile_file, speedup, anchors, lam, out):
+def schedule_cmd(profile_file, speedup, anchors, lam, planner, out):
     """DCS + UAS: a SODA schedule from a profile (-> JSON + picture PNG)."""
     from soda.models.config import ModelConfig
     from soda.pipeline import schedule_path_png
@@ -250,7 +253,7 @@ def schedule_cmd(profile_file, speedup, anchors, lam, out):
     prof = Profile.load(profile_file)
     spec = ScheduleSpec.for_model(ModelConfig.from_dict(prof.model_config), prof.sampler["kind"], prof.num_steps,
                                   tuple(prof.modules))
-    sched = make_schedule("soda", spec, speedup=speedup, anchors=anchors, profile=prof, lam=lam)
+    sched = make_schedule("soda", spec, speedup=speedup, anchors=anchors, profile=prof, lam=lam, planner=planner)
     sched.save(out)
     png = schedule_path_png(out)
     schedule_picture(sched, png)
@@ -276,21 +279,34 @@ def schedule_cmd(profile_file, speedup, anchors, lam, out):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Frontier PNG (PSNR vs FLOPs speedup).")
 @click.option("--backend", type=click.Choice(["torch", "ort"]), default="torch", show_default=True)
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False), default=None, help="For --backend ort.")
+@click.option("--eval-seeds", type=int, default=None,
+              help="Evaluation seeds the samples are split over (mean and 95% interval; timing rounds). "
+                   "Default: 5, or --samples if fewer.")
+@click.option("--tune/--no-tune", default=True, show_default=True,
+              help="Add a 'tuned' row per baseline, its parameters chosen on calibration seeds.")
+@click.option("--tune-samples", type=int, default=16, show_default=True, help="Calibration samples per tuning candidate.")
+@click.option("--planner", type=click.Choice(["uas", "joint"]), default="uas", show_default=True,
+              help="SODA's planner: the paper's lambda*E_c+beta rule, or the exact joint DP.")
+@click.option("--ablation", is_flag=True, help="Also SODA with fixed-interval / DCS-only / DCS+UAS / joint planners.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default="bench.json", show_default=True)
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
-              samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, json_out):
+              samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, eval_seeds,
+              tune, tune_samples, planner, ablation, json_out):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
     from tqdm import tqdm
 
-    from soda.bench import BenchSetup, bench, format_table, parse_policies, parse_speedups
+    from soda.bench import BenchSetup, bench, check_setup, format_table, parse_policies, parse_speedups
     from soda.schedule import write_json_atomic
 
     setup = BenchSetup(parse_policies(policies), speedup, samples, seed, parse_speedups(frontier), backend,
-                       engines_dir, profile_file, profile_samples, batch_size)
+                       engines_dir, profile_file, profile_samples, batch_size,
+                       eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
+                       tune_samples=tune_samples, planner=planner, ablation=ablation)
     if not 1 <= speedup < float("inf"):
         raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
+    check_setup(setup)
     if engines_dir and backend != "ort":
         raise UserError("--engines is for --backend ort")
     if profile_samples < 1:
@@ -309,6 +325,9 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     if report["frontier"]:
         click.echo("frontier:")
         click.echo(format_table(report["frontier"]))
+    if report.get("ablation"):
+        click.echo("ablation (SODA planners at --speedup):")
+        click.echo(format_table(report["ablation"]))
     if "runtime" in report:
         from soda.bench_runtime import runtime_lines
 

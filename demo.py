@@ -86,7 +86,7 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
     setup = BenchSetup(policies=list(cfg.policies), speedup=cfg.speedup, samples=cfg.samples, seed=cfg.seed,
                        frontier=cfg.frontier, backend="ort", engines_dir=str(out / "engines"),
                        profile_file=str(profile_path), profile_samples=cfg.profile_samples,
-                       keep_samples=cfg.grid_per_policy)
+                       keep_samples=cfg.grid_per_policy, tune=False)  # the demo shows the toolchain; bench tunes
     report = bench(model, weights, sampler, setup, echo=echo, progress=progress)
     from soda.schedule import write_json_atomic
 
@@ -127,7 +127,9 @@ def _sample_grid(kept: dict[str, np.ndarray], config, rows: list[dict], path: Pa
     """One row per policy, same noise and labels in every row."""
     from soda.pictures import grid_image, latent_preview, to_uint8
 
-    names = [r["policy"] for r in rows if r["policy"] in kept]
+    label = lambda r: r["policy"] if r.get("variant", "-") == "-" else f"{r['policy']} {r['variant']}"  # noqa: E731
+    rows = [r for r in rows if label(r) in kept]
+    names = [label(r) for r in rows]
     if not names:
         raise UserError("no samples were kept for the grid")
     n = len(kept[names[0]])
@@ -170,12 +172,14 @@ def _report_md(config, weights, sampler, cfg: DemoConfig, prof, schedule, export
         f"{cfg.samples} samples per policy from the same noise (seed {cfg.seed}), run by the deploy runtime "
         f"({report['backend']}). Every number below was computed by the run that wrote this file.",
         "",
-        "| policy | FLOPs speedup | wall speedup | PSNR vs full (dB) | cosine | class accuracy | Frechet |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | variant | FLOPs speedup | wall speedup | PSNR vs full (dB), mean [95% CI] | cosine | class accuracy | Frechet |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['policy']} | {_fmt(r['flops_speedup'], 2)} | {_fmt(r['wall_speedup'], 2)} | "
-                     f"{_fmt(r['psnr_db'], 2)} | {_fmt(r['cosine'], 4)} | {_fmt(r['class_accuracy'], 2)} | "
+        ci = r.get("psnr_ci95")
+        psnr = _fmt(r['psnr_db'], 2) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        lines.append(f"| {r['policy']} | {r.get('variant', '-')} | {_fmt(r['flops_speedup'], 2)} | {_fmt(r['wall_speedup'], 2)} | "
+                     f"{psnr} | {_fmt(r['cosine'], 4)} | {_fmt(r['class_accuracy'], 2)} | "
                      f"{_fmt(r['frechet'], 2)} |")
     kinds = schedule.count_kinds()
     lines += [

@@ -1,10 +1,22 @@
-"""bench: every policy on the same noise and labels, against full compute, at equal FLOPs.
+"""bench: every policy on the same evaluation noise and labels, against full compute, at equal FLOPs.
 
-Fidelity is measured against the full model's samples from the same initial noise (PSNR and
-cosine, `soda.metrics`); for `dit-digits` the digit classifier adds accuracy on the requested
-labels and a Frechet distance to held-out real digits. Wall speedup is measured in the same
-run against full compute on the same backend, the two timed back to back on the first batch
-(so the drifting load of a shared machine cancels). The backend is pluggable: `backend_for("torch",
+What a reviewer needs from a comparison, in one run:
+- equal budget and tolerance: every schedule lands in [target, 1.03 x target] FLOPs speedup
+  (`soda.policies.scaling.in_window`; a row that cannot, e.g. FORA's whole anchors, says so);
+- equal tuning: each baseline appears twice, `variant` "rule" (its published rule scaled to the
+  target) and "tuned" (its free parameters chosen on calibration seeds by the PSNR this bench
+  reports, `soda.tuning`); SODA chooses its own setting on its calibration profile;
+- disjoint data: calibration (profiling, tuning) and evaluation draw from separate seed streams
+  (`soda.seeds`), whatever `--seed` the user passes;
+- spread: the samples are split over `eval_seeds` evaluation seeds; `psnr_db` is the mean of the
+  per-seed PSNRs and `psnr_ci95` its 95% t-interval;
+- wall speedup by interleaved rounds: each evaluation seed is one round that runs full and every
+  schedule once; a row's wall speedup is the median over rounds of (full seconds / its seconds)
+  in the same round (`soda.timing.wall_speedup`, the runtime report's definition).
+
+Fidelity is measured against the full model's samples from the same noise (PSNR and cosine,
+`soda.metrics`); for `dit-digits` the digit classifier adds accuracy on the requested labels and
+a Frechet distance to held-out real digits. The backend is pluggable: `backend_for("torch",
 ...)` is the PyTorch reference; `"ort"` runs an exported engines folder through the runtime's
 `make_backend` (imported lazily, so bench works without the runtime package).
 """
@@ -20,7 +32,8 @@ from soda.errors import UserError
 
 FORMAT = 1
 BACKENDS = ("torch", "ort")
-FIELDS = ("policy", "flops_speedup", "wall_speedup", "psnr_db", "cosine", "class_accuracy", "frechet")
+FIELDS = ("policy", "variant", "target_speedup", "flops_speedup", "wall_speedup", "psnr_db", "psnr_ci95", "cosine",
+          "class_accuracy", "frechet")
 
 
 def backend_for(kind: str, model, engines_dir: str | None = None):
@@ -57,9 +70,14 @@ class BenchSetup:
     profile_file: str | None = None
     profile_samples: int = 32
     batch_size: int = 50
-    timing_images: int = 2  # --backend ort: images for the interleaved runtime timing
+    timing_images: int = 2  # --backend ort: images for the runtime-vs-monolithic timing
     timing_repeats: int = 3
-    keep_samples: int = 0  # > 0: report["kept_samples"] = {policy: first n samples at `speedup`} (arrays, not JSON)
+    keep_samples: int = 0  # > 0: report["kept_samples"] = {name: first n samples at `speedup`} (arrays, not JSON)
+    eval_seeds: int = 5  # evaluation seeds (= timing rounds); the samples are split evenly over them
+    tune: bool = True  # add a "tuned" row for every baseline with a tuning space
+    tune_samples: int = 16  # calibration samples each tuning candidate is scored on
+    planner: str = "uas"  # SODA's planner: "uas" (the paper) or "joint" (soda.dp_joint)
+    ablation: bool = False  # also SODA with planners fixed / dcs / uas / joint at `speedup`
 
 
 def parse_policies(text: str) -> list[str]:
@@ -81,46 +99,58 @@ def parse_speedups(text: str | None) -> list[float]:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"--frontier must be comma-separated numbers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise UserError(f"--frontier speedups must be at least 1, got {text}")
+    if any(not (1 <= v < math.inf) for v in values):
+        raise UserError(f"--frontier speedups must be finite and at least 1, got {text}")
     return values
 
 
+def check_setup(setup: BenchSetup) -> None:
+    """Every bad combination is one user error, before any work."""
+    if setup.samples < 1:
+        raise UserError(f"--samples must be at least 1, got {setup.samples}")
+    if not 1 <= setup.eval_seeds <= setup.samples:
+        raise UserError(f"--eval-seeds must be between 1 and --samples ({setup.samples}), got {setup.eval_seeds}")
+    if setup.tune_samples < 1:
+        raise UserError(f"--tune-samples must be at least 1, got {setup.tune_samples}")
+    if setup.planner not in ("uas", "joint"):
+        raise UserError(f"--planner must be uas or joint, got {setup.planner!r}")
+
+
+@dataclass
+class Cell:
+    """One schedule the bench evaluates: a row of the report."""
+
+    policy: str
+    variant: str  # "rule" / "tuned" for baselines, "-" for full and soda, the planner in the ablation
+    target: float | None
+    schedule: object
+    tuning: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.policy if self.variant == "-" else f"{self.policy} {self.variant}"
+
+
 class Runner:
-    """Runs schedules in batches over fixed noise and labels; the full run is the reference."""
+    """Runs schedules on fixed noise and labels, in chunks of `batch_size`."""
 
-    def __init__(self, backend, model, sampler, setup: BenchSetup, progress: Callable | None = None):
-        from soda.sampling import initial_noise
-
-        self.backend, self.model, self.sampler, self.setup = backend, model, sampler, setup
-        cfg = model.config
-        self.labels = np.arange(setup.samples) % cfg.num_classes
-        shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        self.noise, _ = initial_noise(setup.samples, shape, setup.seed)
+    def __init__(self, backend, model, sampler, batch_size: int, progress: Callable | None = None):
+        self.backend, self.model, self.sampler, self.batch_size = backend, model, sampler, batch_size
         self.progress = progress
 
-    def time_first_batch(self, schedule) -> float:
-        """Seconds for `schedule` on the first batch alone (for back-to-back wall comparisons)."""
-        from soda.generate import generate
-
-        sl = slice(0, self.setup.batch_size)
-        _, stats = generate(self.backend, self.model.config, self.sampler, schedule, self.labels[sl], self.setup.seed,
-                            self.noise[sl])
-        return stats.seconds
-
-    def run(self, schedule, desc: str) -> tuple[np.ndarray, float, float]:
-        """(samples, FLOPs, seconds) for `schedule` over all bench samples."""
+    def run(self, schedule, labels: np.ndarray, noise: np.ndarray, seqs, desc: str | None = None):
+        """(samples, FLOPs, seconds); `seqs(c)` seeds chunk c's DDPM noise."""
         from soda.generate import generate
 
         outs, flops, seconds = [], 0.0, 0.0
-        bs = self.setup.batch_size
-        steps = self.sampler.steps * math.ceil(self.setup.samples / bs)
-        tick = self.progress(desc, steps) if self.progress else None
+        bs = self.batch_size
+        steps = self.sampler.steps * math.ceil(len(labels) / bs)
+        tick = self.progress(desc, steps) if (self.progress and desc) else None
         try:
-            for c, start in enumerate(range(0, self.setup.samples, bs)):
+            for c, start in enumerate(range(0, len(labels), bs)):
                 sl = slice(start, start + bs)
-                x, stats = generate(self.backend, self.model.config, self.sampler, schedule, self.labels[sl],
-                                    self.setup.seed + c, self.noise[sl], tick and (lambda s: tick.update()))
+                x, stats = generate(self.backend, self.model.config, self.sampler, schedule, labels[sl], seqs(c),
+                                    noise[sl], tick and (lambda s: tick.update()))
                 outs.append(x)
                 flops += stats.flops
                 seconds += stats.seconds
@@ -128,6 +158,12 @@ class Runner:
             if tick is not None:
                 tick.close()
         return np.concatenate(outs), flops, seconds
+
+
+def draw(seq, n: int, config) -> np.ndarray:
+    """n initial latents from a seed sequence."""
+    shape = (config.in_channels, config.input_size, config.input_size)
+    return np.random.default_rng(seq).standard_normal((n, *shape)).astype(np.float32)
 
 
 def _scores(model_name: str, echo):
@@ -147,74 +183,176 @@ def _scores(model_name: str, echo):
     return metrics, classifier
 
 
+def mean_ci95(values: list[float]) -> tuple[float, list[float] | None]:
+    """Mean and its 95% t-interval (None for a single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, None
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return mean, [mean - half, mean + half]
+
+
+def pruned_share(schedule) -> float | None:
+    """Fraction of the reused (non-full) module actions that recompute some tokens."""
+    reused = pruned = 0
+    for s in range(schedule.num_steps):
+        if schedule.is_skip(s):
+            continue
+        for row in schedule.steps[s]:
+            for a in row:
+                if a != "full":
+                    reused += 1
+                    pruned += a.startswith("prune@")
+    return pruned / reused if reused else None
+
+
 def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = print,
           progress: Callable | None = None) -> dict:
     """All policies at `setup.speedup` (plus the frontier speedups) -> the bench report dict."""
-    from soda.pipeline import load_or_profile, resolve_schedule
+    from soda import seeds
+    from soda.flops import FlopsModel
+    from soda.pipeline import load_or_profile, spec_for
+    from soda.policies import make_schedule
+    from soda.policies.scaling import in_window
+    from soda.timing import wall_speedup
 
+    check_setup(setup)
     config = model.config
     metrics, classifier = _scores(config.name, echo)
     backend = backend_for(setup.backend, model, setup.engines_dir)
-    runner = Runner(backend, model, sampler, setup, progress)
+    runner = Runner(backend, model, sampler, setup.batch_size, progress)
+    spec, fm = spec_for(model, sampler), FlopsModel.for_config(config)
+    targets = list(dict.fromkeys([setup.speedup, *setup.frontier]))
     prof = None
-    if "soda" in setup.policies:
-        # Calibration seeds stay clear of the evaluation noise (seed + 10000).
+    if "soda" in setup.policies or setup.ablation:
         prof = load_or_profile(model, weights, sampler, setup.profile_file, echo, setup.profile_samples,
-                               seed=setup.seed + 10_000, progress=progress)
+                               seed=setup.seed, progress=progress)  # the calibration stream of --seed (soda.seeds)
+    pixels = config.in_channels in (1, 3)
 
-    full_schedule = resolve_schedule(model, weights, sampler, "full")
-    full_x, full_flops, full_seconds = runner.run(full_schedule, "full")
+    def view(x):  # pixel models are judged on what a person sees (clipped to [-1, 1]); latents as they are
+        return np.clip(x, -1, 1) if pixels else x
 
+    full_schedule = make_schedule("full", spec)
+
+    # --- calibration set for tuning: its own stream, scored exactly as the bench scores ----------
+    cal: dict = {}
+
+    def calibration_psnr(schedule) -> float:
+        if not cal:
+            labels = seeds.labels_for(setup.tune_samples, config.num_classes)
+            noise = draw(seeds.calibration(setup.seed, seeds.TUNING, 0), setup.tune_samples, config)
+            seqs = lambda c: seeds.calibration(setup.seed, seeds.TUNING, 1 + c)  # noqa: E731
+            cal.update(labels=labels, noise=noise, seqs=seqs)
+            cal["ref"] = view(runner.run(full_schedule, labels, noise, seqs)[0])
+        x = runner.run(schedule, cal["labels"], cal["noise"], cal["seqs"])[0]
+        return float(metrics.psnr(view(x), cal["ref"]))
+
+    # --- every schedule first (rule, tuned, soda), then the interleaved evaluation rounds ---------
+    from soda import tuning
+
+    cells = [Cell("full", "-", None, full_schedule)]
+    for target in targets:
+        for policy in setup.policies:
+            if policy == "full":
+                continue
+            if policy == "soda":
+                try:
+                    cells.append(Cell("soda", "-", target, make_schedule(
+                        "soda", spec, speedup=target, profile=prof, planner=setup.planner)))
+                except UserError as e:
+                    echo(f"skipped soda at {target:g}x: {e}")
+                continue
+            try:
+                cells.append(Cell(policy, "rule", target, make_schedule(policy, spec, speedup=target, flops=fm)))
+            except UserError as e:
+                echo(f"skipped {policy} rule at {target:g}x: {e}")
+            if setup.tune and tuning.tunable(policy):
+                build = lambda p=policy, t=target, **kw: make_schedule(p, spec, speedup=t, flops=fm, **kw)  # noqa: E731
+                try:
+                    tuned = tuning.tune(policy, build, calibration_psnr, target, progress)
+                except UserError as e:
+                    echo(f"skipped {policy} tuned at {target:g}x: {e}")
+                    continue
+                cells.append(Cell(policy, "tuned", target, tuned.schedule, tuned.summary()))
+    ablation = []
+    if setup.ablation:
+        for planner in ("fixed", "dcs", "uas", "joint"):
+            try:
+                ablation.append(Cell("soda", planner, setup.speedup, make_schedule(
+                    "soda", spec, speedup=setup.speedup, profile=prof, planner=planner)))
+            except UserError as e:
+                echo(f"skipped ablation {planner}: {e}")
+    all_cells = cells + ablation
+    if not any(c.target == setup.speedup for c in cells) and len(setup.policies) > 1:
+        raise UserError(f"no policy reaches {setup.speedup:g}x FLOPs on {config.name}; lower --speedup")
+
+    groups = np.array_split(np.arange(setup.samples), setup.eval_seeds)
+    labels = seeds.labels_for(setup.samples, config.num_classes)
+    outs = {id(c): [] for c in all_cells}
+    secs = {id(c): [] for c in all_cells}
+    flops = {id(c): 0.0 for c in all_cells}
+    for j, idx in enumerate(groups):
+        noise = draw(seeds.evaluation(setup.seed, j, 0), len(idx), config)
+        seqs = lambda c, j=j: seeds.evaluation(setup.seed, j, 1 + c)  # noqa: E731
+        tick = progress(f"evaluation seed {j + 1}/{len(groups)} ({len(all_cells)} schedules)",
+                        len(all_cells)) if progress else None
+        for c in all_cells:
+            x, f, sec = runner.run(c.schedule, labels[idx], noise, seqs)
+            outs[id(c)].append(x)
+            secs[id(c)].append(sec)
+            flops[id(c)] += f
+            if tick is not None:
+                tick.update()
+        if tick is not None:
+            tick.close()
+
+    full_cell = cells[0]
+    full_x = np.concatenate(outs[id(full_cell)])
+    full_parts = [view(x) for x in outs[id(full_cell)]]
     kept: dict[str, np.ndarray] = {}
     main_schedules = {"full": full_schedule}  # what the --backend ort runtime timing replays
 
-    def measure(policy: str, target: float | None) -> dict | None:
-        if policy == "full":
-            x, flops, seconds = full_x, full_flops, full_seconds
-            wall = 1.0
-        else:
-            try:
-                sched = resolve_schedule(model, weights, sampler, policy, speedup=target, profile_file=prof, echo=echo)
-            except UserError as e:
-                echo(f"skipped {policy} at {target}x: {e}")
-                return None
-            # Wall speedup: full and this policy timed back to back on the first batch, so the
-            # drifting load of a shared machine cancels out.
-            wall = runner.time_first_batch(full_schedule) / runner.time_first_batch(sched)
-            x, flops, seconds = runner.run(sched, f"{policy} {target}x")
-        if target == setup.speedup and policy != "full":
-            main_schedules[policy] = sched
-        if setup.keep_samples > 0 and target == setup.speedup:
-            kept[policy] = x[:setup.keep_samples]
+    def row(c: Cell) -> dict:
+        x = np.concatenate(outs[id(c)])
+        is_full = c.policy == "full"
+        if not is_full:
+            per_seed = [float(metrics.psnr(view(a), b)) for a, b in zip(outs[id(c)], full_parts)]
+            psnr, ci = mean_ci95(per_seed)
+        flops_x = flops[id(full_cell)] / flops[id(c)]
         images = np.clip(x, -1, 1)
-        # Pixel models are judged on what a person sees (clipped to [-1, 1]); latents as they are.
-        pixels = config.in_channels in (1, 3)
-        view, ref = (images, np.clip(full_x, -1, 1)) if pixels else (x, full_x)
-        row = {
-            "policy": policy,
-            "target_speedup": None if policy == "full" else target,
-            "flops_speedup": round(full_flops / flops, 4),
-            "wall_speedup": round(wall, 4),
-            "psnr_db": None if policy == "full" else round(float(metrics.psnr(view, ref)), 4),
-            "cosine": round(float(metrics.cosine(view, ref)), 6),
-            "class_accuracy": None if classifier is None else round(float(classifier.accuracy(images, runner.labels)), 4),
+        r = {
+            "policy": c.policy,
+            "variant": c.variant,
+            "target_speedup": c.target,
+            "flops_speedup": round(flops_x, 4),
+            "in_window": True if is_full else bool(in_window(flops_x, c.target)),
+            "wall_speedup": round(wall_speedup(secs[id(full_cell)], secs[id(c)]), 4),
+            "psnr_db": None if is_full else round(psnr, 4),
+            "psnr_ci95": None if is_full or ci is None else [round(ci[0], 4), round(ci[1], 4)],
+            "psnr_per_seed": None if is_full else [round(v, 4) for v in per_seed],
+            "cosine": round(float(metrics.cosine(view(x), view(full_x))), 6),
+            "class_accuracy": None if classifier is None else round(float(classifier.accuracy(images, labels)), 4),
             "frechet": None if classifier is None else round(float(classifier.frechet(images)), 4),
-            "seconds": round(seconds, 3),
+            "pruned_share": None if is_full else pruned_share(c.schedule),
+            "seconds": round(sum(secs[id(c)]), 3),
         }
-        return row
+        if r["pruned_share"] is not None:
+            r["pruned_share"] = round(r["pruned_share"], 4)
+        if c.tuning is not None:
+            r["tuning"] = c.tuning
+        if setup.keep_samples > 0 and c.target in (None, setup.speedup) and id(c) in in_main:
+            kept[c.name] = x[:setup.keep_samples]
+        if c.target == setup.speedup and id(c) in in_main:
+            main_schedules[c.name] = c.schedule
+        return r
 
-    results = [r for p in setup.policies if (r := measure(p, setup.speedup)) is not None]
-    if len(results) == 1 and len(setup.policies) > 1:
-        raise UserError(f"no policy reaches {setup.speedup:g}x FLOPs on {config.name}; lower --speedup")
-    frontier = []
-    for target in setup.frontier:
-        for p in setup.policies:
-            if p == "full":
-                continue
-            same = next((r for r in results if r["policy"] == p and r["target_speedup"] == target), None)
-            row = same or measure(p, target)
-            if row is not None:
-                frontier.append(row)
+    in_main = {id(c) for c in cells}
+    rows = [(c, row(c)) for c in all_cells]
+    results = [r for c, r in rows if id(c) in in_main and c.target in (None, setup.speedup)]
+    frontier = [r for c, r in rows if id(c) in in_main and c.target is not None and c.target != setup.speedup]
     report = {
         "format": FORMAT,
         "model": config.name,
@@ -222,21 +360,31 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
         "sampler": sampler.to_dict(),
         "samples": setup.samples,
         "seed": setup.seed,
+        "eval_seeds": setup.eval_seeds,
         "backend": getattr(backend, "describe", lambda: setup.backend)(),
         "speedup": setup.speedup,
+        "tolerance": "every schedule aims at [target, 1.03 x target] FLOPs speedup; in_window says if it got there",
+        "wall_speedup": "median over the evaluation seeds (interleaved rounds) of full seconds / schedule seconds",
+        "psnr": "mean over evaluation seeds of the PSNR vs full of that seed's samples; psnr_ci95: 95% t-interval",
+        "tuning": None if not setup.tune else {
+            "samples": setup.tune_samples, "stream": "calibration (soda.seeds), disjoint from evaluation",
+            "spaces": {p: tuning.SPACES[p].grid for p in setup.policies if tuning.tunable(p)},
+            "refine": tuning.REFINE},
+        "planner": setup.planner,
         "profile": None if prof is None else {"samples": prof.samples, "seconds": prof.cost.get("seconds"),
                                               "weights": prof.weights},
         "results": results,
         "frontier": frontier,
     }
+    if ablation:
+        report["ablation"] = [r for c, r in rows if id(c) not in in_main]
     if setup.backend == "ort":
-        # The deploy runtime's own claims, measured in this run: stitched vs one monolithic ONNX,
-        # and wall vs FLOPs speedup over interleaved rounds (steadier than one back-to-back pair).
+        # The deploy runtime's own claim, measured in this run: stitched vs one monolithic ONNX.
         from soda.bench_runtime import runtime_report
 
         echo(f"runtime timing: {setup.timing_images} images x {setup.timing_repeats} interleaved rounds, "
              f"against one monolithic ONNX of the model ...")
-        report["runtime"] = runtime_report(model, backend, sampler, main_schedules, runner.labels[:setup.timing_images],
+        report["runtime"] = runtime_report(model, backend, sampler, main_schedules, labels[:setup.timing_images],
                                            setup.timing_repeats)
     if setup.keep_samples > 0:
         report["kept_samples"] = kept
@@ -244,18 +392,27 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table of the bench rows (None shown as '-')."""
-    cols = ("policy", "target_speedup", "flops_speedup", "wall_speedup", "psnr_db", "cosine", "class_accuracy", "frechet")
-    heads = ("policy", "target", "FLOPs x", "wall x", "PSNR dB", "cosine", "accuracy", "Frechet")
+    """A fixed-width table of the bench rows (None shown as '-'; '*' marks a FLOPs speedup outside
+    [target, 1.03 x target])."""
+    heads = ("policy", "variant", "target", "FLOPs x", "wall x", "PSNR dB", "95% CI", "cosine", "accuracy", "Frechet",
+             "pruned")
 
-    def cell(v):
+    def num(v, digits=4):
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+            return f"{v:.{digits}f}" if abs(v) < 10 else f"{v:.2f}"
         return str(v)
 
-    table = [heads] + [tuple(cell(r.get(c)) for c in cols) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+    def line(r):
+        ci = r.get("psnr_ci95")
+        flops = num(r.get("flops_speedup"), 3) + ("" if r.get("in_window", True) else "*")
+        share = r.get("pruned_share")
+        return (r["policy"], r.get("variant", "-"), num(r.get("target_speedup"), 2), flops, num(r.get("wall_speedup"), 2),
+                num(r.get("psnr_db"), 2), "-" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]", num(r.get("cosine")),
+                num(r.get("class_accuracy"), 2), num(r.get("frechet"), 2), "-" if share is None else f"{share:.0%}")
+
+    table = [heads] + [line(r) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(heads))]
+    return "\n".join("  ".join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
                      for row in table)

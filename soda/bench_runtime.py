@@ -104,13 +104,14 @@ def schedule_loop(backend, config, sampler_cfg: SamplerConfig, schedule: Schedul
 
 
 def rows_from(results: dict, reference: str, full: float) -> list[Row]:
-    """Wall speedup = median over rounds of (reference time / entry time) IN THE SAME ROUND: the
-    two ran within a minute of each other, so a change of load between rounds cancels out."""
+    """Wall speedup as `soda.timing.wall_speedup` defines it (also the bench's)."""
+    from soda.timing import wall_speedup
+
     ref_rounds = results[reference][0]
     rows = []
     for name, (rounds, _, flops) in results.items():
         fx = full / flops if flops else float("nan")
-        wx = statistics.median(r / t for r, t in zip(ref_rounds, rounds))
+        wx = wall_speedup(ref_rounds, rounds)
         rows.append(Row(name, statistics.median(rounds), [round(v, 3) for v in rounds], fx, wx, wx / fx))
     return rows
 

@@ -102,18 +102,30 @@ def schedule_picture(schedule, out: str | Path) -> None:
 
 
 def frontier_plot(rows: list[dict], out: str | Path, metric: str = "psnr_db", title: str = "") -> None:
-    """Fidelity vs FLOPs speedup, one line per policy (rows as bench writes them)."""
+    """Fidelity vs FLOPs speedup, one line per policy and variant (rows as bench writes them),
+    with the 95% interval as error bars where the rows carry one (`psnr_ci95`)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["flops_speedup"], r[metric]) for r in rows if r["policy"] == policy and r.get(metric) is not None)
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=policy)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = dict.fromkeys((r["policy"], r.get("variant", "-")) for r in rows)
+    colors = {}
+    for policy, variant in names:
+        pts = sorted((r["flops_speedup"], r[metric], r.get(metric.replace("_db", "") + "_ci95") or r.get("psnr_ci95"))
+                     for r in rows if r["policy"] == policy and r.get("variant", "-") == variant
+                     and r.get(metric) is not None)
+        if not pts:
+            continue
+        xs, ys, cis = zip(*pts)
+        lo = [y - c[0] if (c and metric == "psnr_db") else 0.0 for y, c in zip(ys, cis)]
+        hi = [c[1] - y if (c and metric == "psnr_db") else 0.0 for y, c in zip(ys, cis)]
+        label = policy if variant in ("-", None) else f"{policy} ({variant})"
+        color = colors.setdefault(policy, f"C{len(colors)}")
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o" if variant != "tuned" else "s", capsize=3, label=label,
+                    color=color, linestyle="--" if variant == "rule" else "-")
     ax.set_xlabel("FLOPs speedup (x)")
-    ax.set_ylabel({"psnr_db": "PSNR vs full (dB)", "cosine": "cosine vs full"}.get(metric, metric))
+    ax.set_ylabel({"psnr_db": "PSNR vs full (dB), mean and 95% interval",
+                   "cosine": "cosine vs full"}.get(metric, metric))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="best")
     if title:
         ax.set_title(title)
     _save(fig, out)

@@ -35,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 
+from soda import seeds
 from soda.errors import UserError
 from soda.schedule import kept_tokens, read_json, write_json_atomic
 
@@ -273,7 +274,8 @@ def profile(
     exact_attention: bool = True,
     attention_rows: int = 16,
 ) -> Profile:
-    """Sensitivity tables from `samples` full-compute generations with random labels and seeds.
+    """Sensitivity tables from `samples` full-compute generations with random labels and noise
+    from the calibration stream of `seed` (`soda.seeds`).
 
     Calibration samples are generated in batches of up to `batch_size` (CFG doubles the rows);
     `progress(s)` is called once per sampling step of every batch.
@@ -299,7 +301,8 @@ def profile(
     executor = Executor(backend, full_schedule(spec), FlopsModel.for_config(config), recorder=recorder)
     diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
     shape = (config.in_channels, config.input_size, config.input_size)
-    labels = np.random.default_rng(seed).integers(0, config.num_classes, samples)
+    # Calibration stream (soda.seeds): never the noise any bench evaluation draws, whatever --seed.
+    labels = np.random.default_rng(seeds.calibration(seed, seeds.PROFILE, 0)).integers(0, config.num_classes, samples)
 
     tracing = not tracemalloc.is_tracing()
     if tracing:
@@ -308,7 +311,7 @@ def profile(
     t0 = time.perf_counter()
     for b, start in enumerate(range(0, samples, batch_size)):
         ys = labels[start:start + batch_size]
-        z, rng = initial_noise(len(ys), shape, seed + 1 + b)
+        z, rng = initial_noise(len(ys), shape, seeds.calibration(seed, seeds.PROFILE, 1 + b))
         executor.reset()
         recorder.reset()
         sample_loop(executor, diffusion, z, ys, config.null_label, config.in_channels, rng, progress)

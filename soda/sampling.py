@@ -182,7 +182,8 @@ def sample_loop(
     return x
 
 
-def initial_noise(n: int, config_shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.random.Generator]:
-    """Initial latents from `seed`, and the generator that then draws DDPM's per-step noise."""
+def initial_noise(n: int, config_shape: tuple[int, int, int], seed) -> tuple[np.ndarray, np.random.Generator]:
+    """Initial latents from `seed` (an int or a `numpy.random.SeedSequence`, see `soda.seeds`), and
+    the generator that then draws DDPM's per-step noise."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n, *config_shape)).astype(np.float32), rng

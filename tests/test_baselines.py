@@ -253,21 +253,53 @@ def test_duca_random_is_deterministic_and_shared_by_rows():
 @pytest.mark.parametrize("cfg", [DIGITS, XL], ids=["dit-digits", "dit-xl-2"])
 @pytest.mark.parametrize("policy", ["fora", "toca", "duca"])
 def test_scaling_hits_targets(cfg, policy):
+    """Every rule lands in the bench's window [target, 1.03 target], except where FORA's whole
+    anchors cannot: then the most anchors reaching the target, flagged out of the window."""
     spec = spec_of(cfg)
     fm = FlopsModel.for_config(cfg)
     full = schedule_flops(full_schedule(spec), fm, 2)
     for target in (1.5, 2.0, 2.5, 3.0, 4.0):
         sched = make_schedule(policy, spec, speedup=target)
         achieved = full / schedule_flops(sched, fm, 2)
-        if policy == "fora" and (cfg.name, target) == ("dit-xl-2", 4.0):
-            # FORA only moves in whole anchors: 12 anchors give 4.14x, 13 give 3.83x.
+        if policy == "fora" and not sched.params["in_window"]:
+            # Whole anchors: e.g. 19 give 2.58x on digits and 20 give 2.46x. One more anchor must fall short.
             count = sched.params["anchor_count"]
-            assert count == 12 and abs(achieved - 4.14) < 0.01
+            more = fora.make(spec, speedup=1.0, flops=fm)  # any schedule, to reuse its builder below
+            more = full / schedule_flops(type(more)(**{**more.to_dict(), "steps": fora.steps_for(
+                spec, fora.even_anchors(spec.num_steps, count + 1))}), fm, 2)
+            assert achieved > 1.03 * target and more < target, (target, achieved, more)
             continue
-        assert abs(achieved / target - 1) <= 0.03, (policy, target, achieved)
+        assert target <= achieved <= 1.03 * target, (policy, target, achieved)
         assert sched.params["target_speedup"] == target
         assert sched.params["achieved_speedup"] == pytest.approx(achieved, rel=1e-5)
         assert sched.step_kind(0) == FULL
+        if policy == "fora":
+            assert sched.params["in_window"] and sched.step_kind(spec.num_steps - 1) == FULL  # official: last step full
+
+
+def test_fora_placement():
+    assert fora.placement(50, 19) == [0, 3, 5, 8, 11, 14, 16, 19, 22, 24, 27, 30, 33, 35, 38, 41, 44, 46, 49]
+    assert fora.placement(50, 19, end=False) == fora.even_anchors(50, 19)  # warp 1, not end-aligned: even
+    crowded = fora.placement(50, 19, warp=2.0)
+    assert crowded[:8] == list(range(8)) and crowded[-1] == 49 and len(set(crowded)) == 19
+    late = fora.placement(50, 10, warp=0.5, end=False)
+    assert late[0] == 0 and np.diff(late)[0] > np.diff(late)[-1]
+    assert fora.placement(10, 10, warp=3.0) == list(range(10))
+    with pytest.raises(UserError):
+        fora.placement(10, 11)
+
+
+@pytest.mark.parametrize("policy", ["toca", "duca"])
+def test_fixed_interval_solves_R_into_the_window(policy):
+    spec = spec_of(DIGITS)
+    for N, wt in ((4, 0.0), (7, 2.0)):
+        sched = make_schedule(policy, spec, speedup=2.5, N=N, step_weight=wt, layer_weight=0.8)
+        assert sched.params["N"] == N and sched.params["step_weight"] == wt and sched.params["layer_weight"] == 0.8
+        assert 2.5 <= sched.params["achieved_speedup"] <= 2.575
+    with pytest.raises(UserError, match="N=2 cannot land"):
+        make_schedule(policy, spec, speedup=4.0, N=2)
+    with pytest.raises(UserError, match="R is solved"):
+        make_schedule(policy, spec, speedup=2.5, R=0.1)
 
 
 @pytest.mark.parametrize("policy", ["fora", "toca", "duca"])
@@ -283,7 +315,7 @@ def test_scaling_needs_a_known_model(tiny_config):
     with pytest.raises(UserError, match="FLOPs model"):
         make_schedule("toca", spec, speedup=2.0)
     sched = make_schedule("toca", spec, speedup=2.0, flops=FlopsModel.for_config(tiny_config))
-    assert abs(sched.params["achieved_speedup"] / 2.0 - 1) <= 0.03
+    assert 2.0 <= sched.params["achieved_speedup"] <= 2.06
 
 
 # --- execution ---------------------------------------------------------------------------------------

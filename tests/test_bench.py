@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soda.bench import BenchSetup, FIELDS, Runner, bench, format_table, backend_for, parse_policies, parse_speedups
+from soda.bench import (BenchSetup, FIELDS, Runner, bench, format_table, backend_for, mean_ci95, parse_policies,
+                        parse_speedups)
 from soda.errors import UserError
 from soda.sampling import SamplerConfig
 
@@ -39,41 +40,58 @@ def test_runner_batches_equal_one_batch(tiny_model):
 
     sampler = SamplerConfig("ddim", 3, 4.0, None)
     sched = resolve_schedule(tiny_model, "w", sampler, "full")
-    a, fa, _ = Runner(backend_for("torch", tiny_model), tiny_model, sampler, BenchSetup(["full"], 1.0, 5, batch_size=5)).run(sched, "a")
-    b, fb, _ = Runner(backend_for("torch", tiny_model), tiny_model, sampler, BenchSetup(["full"], 1.0, 5, batch_size=2)).run(sched, "b")
+    labels = np.arange(5) % 10
+    noise = np.random.default_rng(0).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    a, fa, _ = Runner(backend_for("torch", tiny_model), tiny_model, sampler, 5).run(sched, labels, noise, lambda c: c)
+    b, fb, _ = Runner(backend_for("torch", tiny_model), tiny_model, sampler, 2).run(sched, labels, noise, lambda c: c)
     np.testing.assert_allclose(a, b, atol=1e-4)  # batch size changes matmul blocking only
     assert fa == pytest.approx(fb)
+
+
+def test_mean_ci95_hand_made():
+    mean, ci = mean_ci95([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.3027
+    assert mean == 2.0 and ci == pytest.approx([2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5], rel=1e-6)
+    assert mean_ci95([5.0]) == (5.0, None)
 
 
 def test_bench_report(tiny_model):
     pytest.importorskip("soda.metrics")
     sampler = SamplerConfig("ddim", 6, 4.0, None)
     said = []
-    setup = BenchSetup(["full", "soda"], 2.0, samples=4, frontier=[1.5, 2.0], profile_samples=4, batch_size=4,
-                       keep_samples=2)
+    setup = BenchSetup(["full", "fora", "soda"], 2.0, samples=6, frontier=[1.5, 2.0], profile_samples=4, batch_size=4,
+                       keep_samples=2, eval_seeds=3, tune_samples=2, ablation=True)
     report = bench(tiny_model, "w", sampler, setup, echo=said.append)
     kept = report.pop("kept_samples")
-    assert set(kept) == {"full", "soda"} and kept["soda"].shape[0] == 2
+    assert set(kept) == {"full", "fora rule", "fora tuned", "soda"} and kept["soda"].shape[0] == 2
     assert any("profiling 4 generations" in m for m in said)
-    rows = {r["policy"]: r for r in report["results"]}
-    assert set(rows) == {"full", "soda"}
-    for r in report["results"]:
+    rows = {(r["policy"], r["variant"]): r for r in report["results"]}
+    assert set(rows) == {("full", "-"), ("fora", "rule"), ("fora", "tuned"), ("soda", "-")}
+    for r in report["results"] + report["frontier"] + report["ablation"]:
         assert set(FIELDS) <= set(r)
-    assert rows["full"]["flops_speedup"] == 1.0 and rows["full"]["cosine"] == pytest.approx(1.0)
-    assert 2.0 <= rows["soda"]["flops_speedup"] <= 2.06
-    assert np.isfinite(rows["soda"]["psnr_db"]) and rows["soda"]["cosine"] <= 1.0
-    assert rows["full"]["class_accuracy"] is None  # not dit-digits
-    assert [r["target_speedup"] for r in report["frontier"]] == [1.5, 2.0]
-    assert report["frontier"][1] is rows["soda"]  # the main result is reused, not rerun
+    assert rows[("full", "-")]["flops_speedup"] == 1.0 and rows[("full", "-")]["cosine"] == pytest.approx(1.0)
+    soda = rows[("soda", "-")]
+    assert 2.0 <= soda["flops_speedup"] <= 2.06 and soda["in_window"]
+    lo, hi = soda["psnr_ci95"]
+    assert len(soda["psnr_per_seed"]) == 3 and lo <= soda["psnr_db"] <= hi
+    assert soda["psnr_db"] == pytest.approx(np.mean(soda["psnr_per_seed"]), abs=1e-3)
+    assert rows[("full", "-")]["class_accuracy"] is None  # not dit-digits
+    tuned = rows[("fora", "tuned")]["tuning"]
+    assert tuned["evaluated"] >= 2 and tuned["tried"] >= tuned["evaluated"]
+    assert {(r["policy"], r["variant"], r["target_speedup"]) for r in report["frontier"]} == {
+        ("fora", "rule", 1.5), ("fora", "tuned", 1.5), ("soda", "-", 1.5)}
+    assert [r["variant"] for r in report["ablation"]] == ["fixed", "dcs", "uas", "joint"]
+    assert report["ablation"][2]["psnr_db"] == soda["psnr_db"]  # uas is soda's default planner
     text = format_table(report["results"])
-    assert text.splitlines()[0].startswith("policy") and "soda" in text
+    assert text.splitlines()[0].split()[:2] == ["policy", "variant"] and "tuned" in text
     json.dumps(report)
 
 
 def test_cli_bench_bad_input(tmp_path):
     for args, match in [(["--policies", "full,fast"], "unknown policy fast"),
                         (["--speedup", "0.5"], "at least 1"),
-                        (["--backend", "ort"], "needs --engines")]:
+                        (["--backend", "ort"], "needs --engines"),
+                        (["--eval-seeds", "3"], "--eval-seeds must be between 1 and --samples (2)"),
+                        (["--tune-samples", "0"], "--tune-samples must be at least 1")]:
         r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "bench", "--random-init", "--samples", "2",
                             "--steps", "2", *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
         lines = [l for l in r.stderr.strip().splitlines() if not l.startswith("note:")]
@@ -83,8 +101,9 @@ def test_cli_bench_bad_input(tmp_path):
 def test_frontier_plot(tmp_path):
     from soda.plots import frontier_plot
 
-    rows = [{"policy": p, "flops_speedup": x, "psnr_db": y} for p, x, y in
-            [("full", 1.0, None), ("fora", 2.0, 30.0), ("fora", 3.0, 25.0), ("soda", 2.0, 35.0), ("soda", 3.0, 31.0)]]
+    rows = [{"policy": p, "variant": v, "flops_speedup": x, "psnr_db": y, "psnr_ci95": None if y is None else [y - 1, y + 1]}
+            for p, v, x, y in [("full", "-", 1.0, None), ("fora", "rule", 2.0, 30.0), ("fora", "rule", 3.0, 25.0),
+                               ("fora", "tuned", 2.0, 31.0), ("soda", "-", 2.0, 35.0), ("soda", "-", 3.0, 31.0)]]
     frontier_plot(rows, tmp_path / "f.png", title="t")
     assert (tmp_path / "f.png").stat().st_size > 1000
 
@@ -98,15 +117,15 @@ def test_bench_on_ort_reports_runtime_against_monolithic(tiny_model, tmp_path):
     spec = ScheduleSpec.for_model(tiny_model.config, "ddim", 6)
     export_model(tiny_model, "w", make_schedule("full", spec), sampler, tmp_path / "eng", progress=False, echo=lambda s: None)
     setup = BenchSetup(["full", "fora"], 2.0, samples=4, batch_size=4, backend="ort", engines_dir=str(tmp_path / "eng"),
-                       timing_images=1, timing_repeats=1)
+                       timing_images=1, timing_repeats=1, eval_seeds=2, tune=False)
     report = bench(tiny_model, "w", sampler, setup, echo=lambda s: None)
-    torch_report = bench(tiny_model, "w", sampler, BenchSetup(["full", "fora"], 2.0, samples=4, batch_size=4),
-                         echo=lambda s: None)
+    torch_report = bench(tiny_model, "w", sampler, BenchSetup(["full", "fora"], 2.0, samples=4, batch_size=4,
+                                                              eval_seeds=2, tune=False), echo=lambda s: None)
     # Same schedules, same noise: the deploy runtime's fidelity equals the reference's.
     assert report["results"][1]["psnr_db"] == pytest.approx(torch_report["results"][1]["psnr_db"], abs=0.05)
     rt = report["runtime"]
     names = [r["name"] for r in rt["rows"]]
-    assert names == ["monolithic full", "stitched full", "stitched fora"]
+    assert names == ["monolithic full", "stitched full", "stitched fora rule"]
     assert rt["monolithic_max_rel_diff"] < 1e-4  # the monolithic graph computes the same samples
     assert rt["stitched_over_monolithic"] > 0
     fora = rt["rows"][2]

@@ -50,8 +50,11 @@ def trajectory(model, sampler, samples, seed):
     backend = Tap(model)
     ex = Executor(backend, full_schedule(ScheduleSpec.for_model(cfg, "ddim", sampler.steps)),
                   FlopsModel.for_config(cfg), recorder=lambda s, l, name, d: D.__setitem__((s, l, name), d.copy()))
-    labels = np.random.default_rng(seed).integers(0, cfg.num_classes, samples)
-    z, rng = initial_noise(samples, (cfg.in_channels, cfg.input_size, cfg.input_size), seed + 1)
+    from soda import seeds
+
+    labels = np.random.default_rng(seeds.calibration(seed, seeds.PROFILE, 0)).integers(0, cfg.num_classes, samples)
+    z, rng = initial_noise(samples, (cfg.in_channels, cfg.input_size, cfg.input_size),
+                           seeds.calibration(seed, seeds.PROFILE, 1))
     sample_loop(ex, Diffusion(sampler), z, labels, cfg.null_label, cfg.in_channels, rng)
     return D, inputs, backend
 

@@ -216,3 +216,27 @@ def test_cli_schedule_file_for_another_step_count(digits_profile, tmp_path):
 
 def test_cli_unknown_policy(tmp_path):
     one_error_line(run_cli("sample", "--random-init", "--policy", "fast", cwd=tmp_path), "unknown policy 'fast'")
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5, 3.0])
+def test_joint_planner_never_predicts_worse_than_uas(cfg, target):
+    """Same objective, same budget: the exact joint DP's predicted error is at most the paper
+    rule's (the tiny model's costs are integers with a small gcd, so the DP is exact here)."""
+    prof = synthetic_profile(cfg, ep_factor=(0.8, 0.3))
+    uas = make_schedule("soda", spec_of(cfg), speedup=target, profile=prof)
+    joint = make_schedule("soda", spec_of(cfg), speedup=target, profile=prof, planner="joint")
+    assert joint.params["planner"] == "joint" and joint.params["beta"] is None
+    assert joint.params["predicted_error"] <= uas.params["predicted_error"] + 1e-9
+    assert target <= speedup_of(joint, cfg)
+
+
+def test_ablation_planners_prune_nothing(cfg):
+    prof = synthetic_profile(cfg)
+    for planner in ("dcs", "fixed"):
+        sched = make_schedule("soda", spec_of(cfg), speedup=2.0, profile=prof, planner=planner)
+        assert sched.prune_rates() == [] and speedup_of(sched, cfg) >= 2.0
+    fixed = make_schedule("soda", spec_of(cfg), speedup=2.0, profile=prof, planner="fixed")
+    n = fixed.params["num_anchors"]
+    assert fixed.params["anchors"] == sorted({(i * 20) // n for i in range(n)})
+    with pytest.raises(UserError, match="unknown planner"):
+        make_schedule("soda", spec_of(cfg), speedup=2.0, profile=prof, planner="magic")

@@ -25,7 +25,8 @@ SELECTORS = ("toca-attention", "duca-random")
 
 
 def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
-         R: float | None = None, selector: str = "toca-attention", seed: int = 0) -> Schedule:
+         R: float | None = None, selector: str = "toca-attention", seed: int = 0,
+         step_weight: float = STEP_WEIGHT, layer_weight: float = LAYER_WEIGHT) -> Schedule:
     from soda.policies import scaling
 
     if spec.sampler not in PUBLISHED:
@@ -35,18 +36,20 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     p = dict(PUBLISHED[spec.sampler])
 
     def build(n_: int, r_: float) -> Schedule:
-        steps = toca.build_steps(spec, n_, r_, STEP_WEIGHT, LAYER_WEIGHT, dual=True)
+        steps = toca.build_steps(spec, n_, r_, step_weight, layer_weight, dual=True)
         skip_steps = [s for s, step in enumerate(steps) if step == "skip"]
         sel = {"interval": n_, "staleness_weight": toca.STALENESS_WEIGHT, "bonus_ratio": BONUS_RATIO,
                "skip_steps": skip_steps}
         if selector == "duca-random":
             sel["seed"] = seed
-        return toca.to_schedule(spec, "duca", steps, n_, r_, STEP_WEIGHT, LAYER_WEIGHT, sel, selector)
+        return toca.to_schedule(spec, "duca", steps, n_, r_, step_weight, layer_weight, sel, selector)
 
     if speedup is None:
         return scaling.record(build(N if N is not None else p["N"], R if R is not None else p["R"]), spec, flops, None)
-    if N is not None or R is not None:
-        raise UserError("give either a target --speedup or DuCa's N and R, not both")
+    if R is not None:
+        raise UserError("give either a target --speedup or DuCa's R, not both (R is solved for the speedup)")
     toca._check_modules(spec)
-    cost = lambda fm, n_, r_: toca.fast_flops(spec, fm, n_, r_, STEP_WEIGHT, LAYER_WEIGHT, True)  # noqa: E731
+    cost = lambda fm, n_, r_: toca.fast_flops(spec, fm, n_, r_, step_weight, layer_weight, True)  # noqa: E731
+    if N is not None:  # a tuned setting: N (and the weights) fixed, R fills the budget
+        return scaling.fixed_interval(spec, "DuCa", build, cost, flops, speedup, N)
     return scaling.search_interval_ratio("DuCa", spec, build, cost, flops, speedup, p["N"], p["R"])

@@ -5,10 +5,16 @@ Official rule ('boost_infer_static'): a step computes everything when `step == S
 its cached attn and MLP outputs with the current adaLN gates. Published: N = 3 for DDIM-50
 (18 full steps), N = 4 for DDPM-250 (64 full steps).
 
-Scaled to a target FLOPs speedup, FORA keeps its nature (whole-step reuse) but its anchors are
-N_s steps spread as evenly as possible, s_i = floor(i*S/N_s) (step 0 always an anchor), with N_s
-the count whose speedup is nearest the target (round(S/speedup) up to the per-step overhead of
-embedding, modulation and final layer).
+Scaled to a target FLOPs speedup (the "rule" row of the bench), FORA keeps its nature (whole-step
+reuse) and the official rule's shape: N_s anchors spread evenly from step 0 to the final step
+S-1 (the official rule always computes the final step), with N_s the largest count whose speedup
+still reaches the target. Anchors are whole steps, so on a short schedule no count may land in
+the bench's window [target, 1.03 target]; then the nearest count above the target is used and
+the schedule says so (`params["in_window"]`).
+
+Tuned placement (`placement(S, count, warp, end)`): s_i = round((S-1) * (i/(N_s-1))^warp) when
+`end` (the final step an anchor), s_i = floor(S * (i/N_s)^warp) otherwise; warp > 1 crowds the
+anchors toward the noisy first steps, warp < 1 toward the last ones.
 """
 from __future__ import annotations
 
@@ -31,13 +37,35 @@ def even_anchors(S: int, count: int) -> list[int]:
     return sorted({(i * S) // count for i in range(count)})
 
 
+def placement(S: int, count: int, warp: float = 1.0, end: bool = True) -> list[int]:
+    """`count` distinct anchors, step 0 first, spread by `warp`, the last at S-1 when `end`."""
+    if not 1 <= count <= S:
+        raise UserError(f"FORA needs 1..{S} anchors, got {count}")
+    if warp <= 0:
+        raise UserError(f"FORA warp must be positive, got {warp}")
+    if count == 1:
+        return [0]
+    if end:
+        raw = [int(round((S - 1) * (i / (count - 1)) ** warp)) for i in range(count)]
+    else:
+        raw = [int((S * (i / count) ** warp) // 1) for i in range(count)]
+    out = []
+    for i, s in enumerate(raw):  # distinct and in range: push forward, then back from the end
+        out.append(max(s, out[-1] + 1) if out else 0)
+    for i in range(count - 1, 0, -1):
+        out[i] = min(out[i], S - (count - i))
+        out[i - 1] = min(out[i - 1], out[i] - 1)
+    return out
+
+
 def steps_for(spec: ScheduleSpec, anchors: list[int]) -> list:
     L, M = spec.num_layers, len(spec.modules)
     anchor_set = set(anchors)
     return [full_grid(L, M) if s in anchor_set else [[REUSE] * M for _ in range(L)] for s in range(spec.num_steps)]
 
 
-def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None) -> Schedule:
+def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
+         warp: float = 1.0, end: bool = True) -> Schedule:
     from soda.policies import scaling
     from soda.policies.full import base_schedule
 
@@ -53,14 +81,26 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     fm = scaling.require_flops_model(spec, flops)
 
     def build(count: int) -> Schedule:
-        anchors = even_anchors(S, count)
-        return base_schedule(spec, "fora", steps_for(spec, anchors), "none", {"anchor_count": count, "anchors": anchors})
+        anchors = placement(S, count, warp, end)
+        return base_schedule(spec, "fora", steps_for(spec, anchors), "none",
+                             {"anchor_count": count, "anchors": anchors, "warp": warp, "end": end})
 
     hi = scaling.speedup_of(build(1), spec, fm)
     if speedup > hi * (1 + scaling.TOLERANCE):
         raise scaling.out_of_reach("FORA", speedup, 1.0, hi)
-    # Speedup falls as anchors are added; the nearest count is next to round(S / speedup).
-    guess = max(1, min(S, round(S / speedup)))
-    counts = range(max(1, guess - 3), min(S, guess + 3) + 1)
-    best = min(counts, key=lambda c: (abs(scaling.speedup_of(build(c), spec, fm) - speedup), -c))
-    return scaling.record(build(best), spec, fm, speedup)
+    # Every count with the same number of anchors costs the same; speedup falls as anchors are added.
+    count = anchor_count(spec, fm, speedup)
+    schedule = scaling.record(build(count), spec, fm, speedup)
+    schedule.params["in_window"] = scaling.in_window(schedule.params["achieved_speedup"], speedup)
+    return schedule
+
+
+def anchor_count(spec: ScheduleSpec, fm, target: float) -> int:
+    """The most anchors whose speedup still reaches `target` (1 if even one anchor is too slow)."""
+    from soda.policies import scaling
+    from soda.policies.full import base_schedule
+
+    S = spec.num_steps
+    speed = lambda c: scaling.speedup_of(base_schedule(spec, "fora", steps_for(spec, even_anchors(S, c))), spec, fm)  # noqa: E731
+    ok = [c for c in range(1, S + 1) if speed(c) >= target * (1 - 1e-9)]
+    return max(ok) if ok else 1

@@ -18,7 +18,7 @@ from soda.flops import FlopsModel, schedule_flops
 from soda.policies import ScheduleSpec
 from soda.schedule import Schedule
 
-TOLERANCE = 0.03  # a setting within 3% of the target counts as a hit
+TOLERANCE = 0.03  # every policy lands in [target, (1 + TOLERANCE) * target]
 R_STEP = 0.001  # grid of ToCa/DuCa's fresh ratio R
 R_MAX = 8.0  # beyond this every partial MLP rate is clamped at 1 for the published weights
 INTERVALS = range(2, 17)  # ToCa/DuCa's N searched
@@ -72,48 +72,76 @@ def out_of_reach(policy: str, target: float, lo: float, hi: float) -> UserError:
                      f"(reachable: {lo:.2f}x to {hi:.2f}x)")
 
 
+def in_window(speedup: float, target: float) -> bool:
+    """The bench's tolerance, the same for every policy: target <= speedup <= (1 + TOLERANCE) target."""
+    return target * (1 - 1e-9) <= speedup <= target * (1 + TOLERANCE) * (1 + 1e-9)
+
+
+def ratio_for_target(spec: ScheduleSpec, cost: Callable[[FlopsModel, int, float], float], fm: FlopsModel,
+                     N: int, target: float) -> float | None:
+    """For interval N, the largest R on the 0.001 grid whose speedup still reaches `target`
+    (bisection: speedup falls as R grows), or None when no R puts N inside the window."""
+    from soda.policies.full import full_schedule
+
+    full = schedule_flops(full_schedule(spec), fm, 1)
+    speed = _memo(lambda j: full / cost(fm, N, j * R_STEP))
+    j_hi = int(round(R_MAX / R_STEP))
+    if speed(0) < target * (1 - 1e-9):
+        return None
+    if speed(j_hi) >= target:
+        j = j_hi
+    else:  # invariant: speed(lo) >= target > speed(hi)
+        lo, hi = 0, j_hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if speed(mid) >= target else (lo, mid)
+        j = lo
+    return round(j * R_STEP, 6) if in_window(speed(j), target) else None
+
+
 def search_interval_ratio(policy: str, spec: ScheduleSpec, build: Callable[[int, float], Schedule],
                           cost: Callable[[FlopsModel, int, float], float], flops: FlopsModel | None,
                           target: float, N_pub: int, R_pub: float) -> Schedule:
-    """ToCa/DuCa at a target speedup.
+    """ToCa/DuCa at a target speedup by the published rule, scaled.
 
     For each interval N in 2..16, bisection over R on a 0.001 grid (speedup falls as R grows)
-    finds the R whose speedup is nearest the target. Among the (N, R) within 3% of the target,
-    the one whose R is nearest the published R (ratio scale) wins, so the method keeps its
-    token-refresh share and moves its interval; then the smaller error. `cost(fm, N, R)` must
-    equal schedule_flops of build(N, R); the chosen schedule's speedup is recomputed from it.
+    finds the largest R whose speedup still reaches the target; among the (N, R) inside the
+    window [target, 1.03 target], the one whose R is nearest the published R (ratio scale) wins,
+    so the method keeps its token-refresh share and moves its interval. `cost(fm, N, R)` must
+    equal schedule_flops of build(N, R).
     """
     check_target(policy, target)
     fm = require_flops_model(spec, flops)
     from soda.policies.full import full_schedule
 
     full = schedule_flops(full_schedule(spec), fm, 1)
-    j_hi = int(round(R_MAX / R_STEP))
     candidates, lo_all, hi_all = [], math.inf, 0.0
     for N in INTERVALS:
         if N > max(spec.num_steps, 2):
             break
-        speed = _memo(lambda j, N=N: full / cost(fm, N, j * R_STEP))
-        fast, slow = speed(0), speed(j_hi)  # speedup at R = 0 (largest) and at R_MAX (smallest)
-        lo_all, hi_all = min(lo_all, slow), max(hi_all, fast)
-        if target >= fast:
-            j = 0
-        elif target <= slow:
-            j = j_hi
-        else:  # invariant: speed(lo) > target >= speed(hi)
-            lo, hi = 0, j_hi
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if speed(mid) > target else (lo, mid)
-            j = lo if abs(speed(lo) - target) <= abs(speed(hi) - target) else hi
-        err = abs(speed(j) / target - 1)
-        distance = abs(math.log(max(j * R_STEP, R_STEP / 2) / R_pub))
-        candidates.append((err > TOLERANCE, round(distance, 9), err, N, j))
-    best = min(candidates)
-    if best[0] and not lo_all * (1 - TOLERANCE) <= target <= hi_all * (1 + TOLERANCE):
+        lo_all = min(lo_all, full / cost(fm, N, R_MAX))
+        hi_all = max(hi_all, full / cost(fm, N, 0.0))
+        R = ratio_for_target(spec, cost, fm, N, target)
+        if R is not None:
+            candidates.append((round(abs(math.log(max(R, R_STEP / 2) / R_pub)), 9), N, R))
+    if not candidates:
         raise out_of_reach(policy, target, lo_all, hi_all)
-    N, j = best[3], best[4]
-    return record(build(N, round(j * R_STEP, 6)), spec, fm, target)
+    _, N, R = min(candidates)
+    return record(build(N, R), spec, fm, target)
+
+
+def fixed_interval(spec: ScheduleSpec, policy: str, build: Callable[[int, float], Schedule],
+                   cost: Callable[[FlopsModel, int, float], float], flops: FlopsModel | None, target: float,
+                   N: int) -> Schedule:
+    """ToCa/DuCa with interval N fixed (a tuned setting): R solved so the speedup is in the window."""
+    check_target(policy, target)
+    fm = require_flops_model(spec, flops)
+    if not isinstance(N, int) or N < 2:
+        raise UserError(f"{policy} interval N must be an integer >= 2, got {N}")
+    R = ratio_for_target(spec, cost, fm, N, target)
+    if R is None:
+        raise UserError(f"{policy} with N={N} cannot land in [{target:g}x, {target * (1 + TOLERANCE):.3g}x] FLOPs")
+    return record(build(N, R), spec, fm, target)
 
 
 def _memo(fn):

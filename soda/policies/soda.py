@@ -41,16 +41,24 @@ class Plan:
     """One candidate: anchors, beta and what the profile predicts for it."""
 
     anchors: list[int]
-    beta: float
-    lam: float  # normalised (see module docstring)
+    beta: float | None  # None: not the lambda/beta rule (joint DP, anchors only)
+    lam: float | None  # normalised (see module docstring)
     flops: float
     error: float
     actions: dict  # (s, l, m) -> rate index (pruned) ; absent = reuse
 
 
+PLANNERS = ("uas", "joint", "dcs", "fixed")
+
+
 def make(spec: ScheduleSpec, speedup: float | None = None, anchors: int | None = None, profile=None,
-         lam: float | None = None, rates=None, **_ignored):
-    """A SODA schedule for `spec` from a profile (a `soda.profile.Profile` or a path to one)."""
+         lam: float | None = None, rates=None, planner: str = "uas", **_ignored):
+    """A SODA schedule for `spec` from a profile (a `soda.profile.Profile` or a path to one).
+
+    `planner`: "uas" (the paper: DCS anchors, then lambda * E_c + beta rates), "joint" (one exact
+    DP over anchors and rates, `soda.dp_joint`), and for the ablation "dcs" (DCS anchors, no
+    pruning) and "fixed" (evenly spaced anchors, no pruning); the last two use the most anchors
+    whose speedup still reaches `speedup` (whole anchors: they may land above the window)."""
     from soda.models.config import ModelConfig
     from soda.profile import Profile
 
@@ -59,8 +67,12 @@ def make(spec: ScheduleSpec, speedup: float | None = None, anchors: int | None =
     if not isinstance(profile, Profile):
         profile = Profile.load(profile)
     profile.check_fits(spec.model, spec.model_hash, spec.sampler, spec.num_steps)
+    if planner not in PLANNERS:
+        raise UserError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
     if speedup is None and anchors is None:
         raise UserError("the soda policy needs --speedup X or --anchors N")
+    if planner != "uas" and (speedup is None or anchors is not None or lam is not None):
+        raise UserError(f"--planner {planner} takes --speedup only (no --anchors or --lam)")
     if speedup is not None and not (isinstance(speedup, (int, float)) and speedup >= 1.0):
         raise UserError(f"--speedup must be at least 1, got {speedup}")
     if list(profile.modules) != list(spec.modules) or profile.num_layers != spec.num_layers:
@@ -70,9 +82,16 @@ def make(spec: ScheduleSpec, speedup: float | None = None, anchors: int | None =
     if missing:
         raise UserError(f"rates {missing} were not profiled (the profile has {profile.rates})")
     fm = FlopsModel.for_config(ModelConfig.from_dict(profile.model_config))
-    planner = Planner(profile, rates, fm)
-    plan = planner.plan(speedup, anchors, lam)
-    return planner.schedule(spec, plan, speedup)
+    planner_ = Planner(profile, rates, fm)
+    if planner == "joint":
+        plan = planner_.plan_joint(speedup)
+    elif planner in ("dcs", "fixed"):
+        plan = planner_.plan_anchors_only(speedup, evenly=planner == "fixed")
+    else:
+        plan = planner_.plan(speedup, anchors, lam)
+    sched = planner_.schedule(spec, plan, speedup)
+    sched.params["planner"] = planner
+    return sched
 
 
 class Planner:
@@ -179,6 +198,39 @@ class Planner:
             return min(close, key=lambda p: (p.error, -p.flops))
         return max(plans, key=lambda p: (p.flops, -p.error))  # none within 3%: the closest to the target
 
+    def plan_joint(self, speedup: float) -> Plan:
+        """The exact joint DP (`soda.dp_joint.solve_joint`) at the budget full / speedup."""
+        from soda.dp_joint import solve_joint
+
+        S, L, M, K = self.S, self.L, self.M, self.K
+        cols = [self.kidx[k] for k in range(1, K + 1)]
+        reuse = np.full((S, L * M, K + 1), np.nan)
+        reuse[:, :, 1:] = self.ec[:, :, :, cols].reshape(S, L * M, K)
+        prune = np.full((S, L * M, len(self.rates), K + 1), np.nan)
+        prune[:, :, :, 1:] = self.ep[:, :, :, :, cols].reshape(S, L * M, len(self.rates), K)
+        prune_cost = np.tile(self.module_prune, (L, 1))  # [L*M, A], j = l*M + m
+        budget = self.full_flops / speedup - S * self.step_base
+        try:
+            jp = solve_joint(reuse, prune, L * float(self.module_full.sum()), prune_cost, budget)
+        except UserError as e:
+            raise UserError(f"speedup {speedup:g}x: {e}") from None
+        actions = {(s, j // M, j % M): a for (s, j), a in jp.actions.items()}
+        return Plan(jp.anchors, None, None, S * self.step_base + jp.flops, jp.error, actions)
+
+    def plan_anchors_only(self, speedup: float, evenly: bool = False) -> Plan:
+        """No pruning: the most anchors whose speedup still reaches `speedup`, placed by the DCS
+        DP or evenly (s_i = floor(i*S/N), the ablation's fixed interval)."""
+        budget = self.full_flops / speedup
+        counts = [n for n in range(1, self.S + 1) if self.reuse_flops(n) <= budget * (1 + 1e-9)
+                  and (evenly or self.table.feasible(n))]
+        if not counts:
+            raise UserError(f"speedup {speedup:g}x is not reachable with whole anchors")
+        n = max(counts)
+        anchors = sorted({(i * self.S) // n for i in range(n)}) if evenly else self.table.anchors(n)[0]
+        if max(np.diff(anchors + [self.S])) > self.K + 1:
+            raise UserError(f"{n} even anchors leave cache ages beyond the profile's {self.K}")
+        return self._fill(anchors, self.reuse_flops(len(anchors)), 0.0)
+
     def schedule(self, spec: ScheduleSpec, plan: Plan, speedup: float | None):
         from soda.policies.full import base_schedule
 
@@ -193,8 +245,8 @@ class Planner:
             "target_speedup": speedup,
             "num_anchors": len(plan.anchors),
             "anchors": plan.anchors,
-            "beta": round(float(plan.beta), 6),
-            "lam": float(plan.lam),
+            "beta": None if plan.beta is None else round(float(plan.beta), 6),
+            "lam": None if plan.lam is None else float(plan.lam),
             "lam_scale": self.ec_scale,
             "rates": [float(a) for a in self.rates],
             "predicted_error": round(float(plan.error), 6),

@@ -159,7 +159,8 @@ def published(spec: ScheduleSpec) -> dict:
 def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
          R: float | None = None, step_weight: float | None = None, layer_weight: float | None = None,
          layer_quirk: bool = False) -> Schedule:
-    """ToCa schedule: published setting for the sampler, or (N, R) searched to hit `speedup`."""
+    """ToCa schedule: published setting for the sampler, or (N, R) searched to hit `speedup` by the
+    scaling rule; with `speedup` and N (and optionally the weights), R alone is solved."""
     from soda.policies import scaling
 
     p = published(spec)
@@ -176,12 +177,14 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     if speedup is None:
         schedule = build(p["N"], p["R"])
         return scaling.record(schedule, spec, flops, None)
-    if N is not None or R is not None:
-        raise UserError("give either a target --speedup or ToCa's N and R, not both")
+    if R is not None:
+        raise UserError("give either a target --speedup or ToCa's R, not both (R is solved for the speedup)")
     if layer_quirk:
         raise UserError("layer_quirk reproduces the published setting only; it cannot be combined with --speedup")
     _check_modules(spec)
     cost = lambda fm, n_, r_: fast_flops(spec, fm, n_, r_, wt, wl, False)  # noqa: E731
+    if N is not None:  # a tuned setting: N (and the weights) fixed, R fills the budget
+        return scaling.fixed_interval(spec, "ToCa", build, cost, flops, speedup, N)
     return scaling.search_interval_ratio("ToCa", spec, build, cost, flops, speedup, p["N"], p["R"])
 
 
