@@ -215,7 +215,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     from soda import seeds
     from soda.flops import FlopsModel
     from soda.pipeline import load_or_profile, spec_for
-    from soda.policies import make_schedule
+    from soda.policies import baseline_schedule, make_schedule
     from soda.policies.scaling import in_window
     from soda.timing import wall_speedup
 
@@ -266,7 +266,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
                     echo(f"skipped soda at {target:g}x: {e}")
                 continue
             try:
-                cells.append(Cell(policy, "rule", target, make_schedule(policy, spec, speedup=target, flops=fm)))
+                cells.append(Cell(policy, "rule", target, baseline_schedule(policy, spec, config, speedup=target)))
             except UserError as e:
                 echo(f"skipped {policy} rule at {target:g}x: {e}")
             if setup.tune and tuning.tunable(policy):
