@@ -20,6 +20,15 @@ def model_options(f):
     return f
 
 
+def ray_options(f):
+    """--ray and --workers: spread the work over a Ray cluster (soda.distributed); absent, no Ray."""
+    f = click.option("--workers", type=int, default=None,
+                     help="Ray workers (default: one per GPU for --engines on a GPU cluster, else one per CPU).")(f)
+    f = click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS|local:K",
+                     help="Run on Ray: the running cluster (auto), one at ADDRESS, or K workers on this machine.")(f)
+    return f
+
+
 def sampler_options(f):
     f = click.option("--cfg-channels", type=click.Choice(["official", "all"]), default=None,
                      help="Guide the first 3 channels (official DiT quirk) or all eps channels. "
@@ -190,8 +199,9 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_
 @click.option("--rates", default="0.25,0.5,0.75", show_default=True, help="Recompute fractions a to measure.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Generations per batch (CFG doubles rows).")
 @click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True)
+@ray_options
 def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, samples, seed,
-                intervals, rates, batch_size, out):
+                intervals, rates, batch_size, out, ray_address, workers):
     """OFS: measure cache and prune sensitivity on full trajectories (-> JSON + heatmap PNG)."""
     from tqdm import tqdm
 
@@ -210,8 +220,13 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     total = steps * -(-samples // max(1, batch_size))
-    with tqdm(total=total, desc=f"profile {samples} generations", unit="step", file=sys.stderr) as bar:
-        prof = profile(model, sampler_cfg, samples, seed, ks, rs, lambda s: bar.update(), weights, batch_size)
+    from soda.shards import WorkerSpec, worker_pool
+
+    spec = WorkerSpec(model_name, ckpt, num_heads, random_init)
+    with worker_pool(spec, ray_address, workers, click.echo) as pool, \
+            tqdm(total=total, desc=f"profile {samples} generations", unit="step", file=sys.stderr) as bar:
+        prof = profile(model, sampler_cfg, samples, seed, ks, rs, lambda s: bar.update(), weights, batch_size,
+                       pool=pool)
     prof.save(out)
     png = schedule_path_png(out)
     sensitivity_heatmap(prof, png)
@@ -289,9 +304,10 @@ def schedule_cmd(profile_file, speedup, anchors, lam, planner, out):
               help="SODA's planner: the paper's lambda*E_c+beta rule, or the exact joint DP.")
 @click.option("--ablation", is_flag=True, help="Also SODA with fixed-interval / DCS-only / DCS+UAS / joint planners.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default="bench.json", show_default=True)
+@ray_options
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
               samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, eval_seeds,
-              tune, tune_samples, planner, ablation, json_out):
+              tune, tune_samples, planner, ablation, json_out, ray_address, workers):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
@@ -318,7 +334,11 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     bar = lambda desc, total: tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False)
-    report = bench(model, weights, sampler_cfg, setup, echo=click.echo, progress=bar)
+    from soda.shards import WorkerSpec, worker_pool
+
+    spec = WorkerSpec(model_name, ckpt, num_heads, random_init, engines_dir, backend)
+    with worker_pool(spec, ray_address, workers, click.echo) as pool:
+        report = bench(model, weights, sampler_cfg, setup, echo=click.echo, progress=bar, pool=pool)
     report["command"] = "python cli.py " + shlex.join(sys.argv[1:])
     write_json_atomic(json_out, report)
     click.echo(format_table(report["results"]))
@@ -411,6 +431,92 @@ def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_l
 
     run_command(engines_dir, labels, policy, schedule_file, speedup, seed, noise, save_latents, out, backend,
                 sampler, steps, cfg_scale, threads, device, echo=click.echo, toca_official_loop=toca_official_loop)
+
+
+# --- generate (issue 14) ---------------------------------------------------------------------
+@cli.command("generate")
+@model_options
+@sampler_options
+@click.option("--engines", "engines_dir", type=click.Path(file_okay=False), default=None,
+              help="Exported engines folder (runs on onnxruntime / TensorRT instead of torch).")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True, help="With --engines.")
+@click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
+@click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
+@click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
+@click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
+              help="Sensitivity profile for --policy soda.")
+@click.option("--num-samples", type=int, required=True, help="How many samples (e.g. 50000 for FID-50k).")
+@click.option("--shard-size", type=int, default=64, show_default=True, help="Samples per shard (one batch each).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--vae", type=click.Path(file_okay=False), default=None, help="Local diffusers AutoencoderKL folder "
+              "(latent models: the .npz holds decoded images).")
+@click.option("--out", type=click.Path(), required=True, help="Folder: manifest.json, shards/, samples.npz.")
+@ray_options
+def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, engines_dir,
+                 backend, policy, schedule_file, speedup, profile_file, num_samples, shard_size, seed, vae, out,
+                 ray_address, workers):
+    """Many samples, sharded and resumable (optionally on Ray) -> shards + ADM-layout samples.npz for FID."""
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from soda.shards import GenerateJob, WorkerSpec, check_ray_request, generate_to_folder
+
+    check_ray_request(ray_address, workers)
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    if Path(out).is_file():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if vae and not Path(vae).is_dir():
+        raise UserError(f"VAE folder not found: {vae}")
+    if engines_dir and (ckpt or random_init):
+        raise UserError("give --engines or --ckpt/--random-init, not both")
+    spec = WorkerSpec(model_name, ckpt, num_heads, random_init, engines_dir, backend if engines_dir else "torch",
+                      vae=vae)
+    if engines_dir:
+        from runtime.engines import open_engines
+
+        engines = open_engines(engines_dir)
+        config, weights, loaded = engines.config, engines.weights, None  # the local worker opens the engines
+        random_init = engines.random_init
+    else:
+        model, weights = load(model_name, ckpt, num_heads, random_init)
+        config = model.config
+        from soda.torch_backend import TorchBackend
+
+        loaded = (TorchBackend(model), config, model, weights)
+    pixels = config.in_channels in (1, 3)
+    if not pixels and not vae:
+        raise UserError(f"{config.name} makes {config.in_channels}-channel latents: give --vae DIR so the .npz "
+                        f"holds images")
+    if pixels and vae:
+        raise UserError(f"--vae is for latent models; {config.name} makes pixels")
+    if engines_dir:
+        from runtime.engines import resolve_schedule
+
+        given = lambda name, v: None if click.get_current_context().get_parameter_source(name).name == "DEFAULT" else v
+        sampler_cfg = engines.sampler_with(given("sampler", sampler), given("steps", steps), cfg_scale)
+        schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup)
+    else:
+        from soda.pipeline import resolve_schedule
+
+        sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
+        schedule = resolve_schedule(model, weights, sampler_cfg, policy_or_schedule(policy, schedule_file),
+                                    schedule_file, speedup, profile_file, echo=click.echo)
+    if random_init:
+        click.echo("note: RANDOM weights: the samples show the toolchain, not a real model", err=True)
+    job = GenerateJob(config.name, config.hash(), weights, spec.backend, sampler_cfg.to_dict(), schedule.to_dict(),
+                      num_samples, shard_size, seed, str(Path(vae).resolve()) if vae else None)
+
+    def progress(total, initial):
+        return tqdm(total=total, initial=initial, desc="generate", unit="shard", file=sys.stderr)
+
+    res = generate_to_folder(spec, loaded, job, out, ray_address, workers, echo=click.echo, progress=progress)
+    click.echo(f"{len(res['computed'])} shards generated, {res['skipped']} reused, in {res['seconds']:.1f} s "
+               f"by {len(res['workers'])} worker(s)")
+    click.echo(f"samples -> {res['npz']} (arr_0: uint8 {res['shape']}, arr_1: class labels)")
 
 
 # --- demo (issue 7) --------------------------------------------------------------------------

@@ -134,9 +134,10 @@ class Cell:
 class Runner:
     """Runs schedules on fixed noise and labels, in chunks of `batch_size`."""
 
-    def __init__(self, backend, model, sampler, batch_size: int, progress: Callable | None = None):
+    def __init__(self, backend, model, sampler, batch_size: int, progress: Callable | None = None, pool=None):
         self.backend, self.model, self.sampler, self.batch_size = backend, model, sampler, batch_size
         self.progress = progress
+        self.pool = pool  # soda.distributed.RayPool: the chunks run on Ray workers, timed there
 
     def run(self, schedule, labels: np.ndarray, noise: np.ndarray, seqs, desc: str | None = None):
         """(samples, FLOPs, seconds); `seqs(c)` seeds chunk c's DDPM noise."""
@@ -146,6 +147,15 @@ class Runner:
         bs = self.batch_size
         steps = self.sampler.steps * math.ceil(len(labels) / bs)
         tick = self.progress(desc, steps) if (self.progress and desc) else None
+        if self.pool is not None:
+            chunks = [(labels[a:a + bs], seqs(c), noise[a:a + bs]) for c, a in enumerate(range(0, len(labels), bs))]
+            try:
+                parts = self.pool.generate(self.sampler.to_dict(), schedule.to_dict(), chunks,
+                                           tick and (lambda i: tick.update(self.sampler.steps)))
+            finally:
+                if tick is not None:
+                    tick.close()
+            return np.concatenate([x for x, _, _ in parts]), sum(f for _, f, _ in parts), sum(t for _, _, t in parts)
         try:
             for c, start in enumerate(range(0, len(labels), bs)):
                 sl = slice(start, start + bs)
@@ -210,8 +220,12 @@ def pruned_share(schedule) -> float | None:
 
 
 def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = print,
-          progress: Callable | None = None) -> dict:
-    """All policies at `setup.speedup` (plus the frontier speedups) -> the bench report dict."""
+          progress: Callable | None = None, pool=None) -> dict:
+    """All policies at `setup.speedup` (plus the frontier speedups) -> the bench report dict.
+
+    With a `pool` (`soda.distributed.RayPool`) each `batch_size` chunk runs on a Ray worker
+    (samples and scores are bit-identical); the wall speedups then come from the workers' own
+    timings of each round, so they are fair only on a cluster of like machines."""
     from soda import seeds
     from soda.flops import FlopsModel
     from soda.pipeline import load_or_profile, spec_for
@@ -223,7 +237,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     config = model.config
     metrics, classifier = _scores(config.name, echo)
     backend = backend_for(setup.backend, model, setup.engines_dir)
-    runner = Runner(backend, model, sampler, setup.batch_size, progress)
+    runner = Runner(backend, model, sampler, setup.batch_size, progress, pool)
     spec, fm = spec_for(model, sampler), FlopsModel.for_config(config)
     targets = list(dict.fromkeys([setup.speedup, *setup.frontier]))
     prof = None

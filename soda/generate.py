@@ -60,11 +60,14 @@ def generate(
     seed: int = 0,
     noise: np.ndarray | None = None,
     progress=None,
+    rng=None,
 ) -> tuple[np.ndarray, RunStats]:
-    """Final samples [n, C, H, W] (before any VAE) and what it cost."""
+    """Final samples [n, C, H, W] (before any VAE) and what it cost. `rng` (default: the
+    generator after `seed`'s initial noise) draws DDPM's per-step noise."""
     diffusion = Diffusion(sampler, learn_sigma=config.learn_sigma)
     shape = (config.in_channels, config.input_size, config.input_size)
-    z, rng = initial_noise(len(labels), shape, seed)
+    z, seed_rng = initial_noise(len(labels), shape, seed)
+    rng = seed_rng if rng is None else rng
     if noise is not None:
         z = noise
     executor = Executor(backend, schedule, FlopsModel.for_config(config))

@@ -46,18 +46,26 @@ def grid_image(tiles: np.ndarray, captions: list[str] | None = None, scale: int 
     return canvas
 
 
-def decode_vae(latents: np.ndarray, vae_dir: str) -> np.ndarray:
+def load_vae(vae_dir: str):
+    """A local diffusers AutoencoderKL folder, loaded (once per worker in `cli.py generate`)."""
     try:
-        import torch
         from diffusers.models import AutoencoderKL
     except ImportError:
         raise UserError("--vae needs the optional 'diffusers' package: pip install -e '.[vae]'") from None
     if not Path(vae_dir).is_dir():
         raise UserError(f"VAE folder not found: {vae_dir}")
     try:
-        vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+        return AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a diffusers AutoencoderKL from {vae_dir}: {e}") from None
+
+
+def decode_vae(latents: np.ndarray, vae) -> np.ndarray:
+    """Latents -> pixels in [-1, 1]; `vae` is a folder or a loaded AutoencoderKL."""
+    if isinstance(vae, (str, Path)):
+        vae = load_vae(str(vae))
+    import torch
+
     with torch.inference_mode():
         return vae.decode(torch.from_numpy(latents) / 0.18215).sample.numpy()
 

@@ -261,6 +261,42 @@ def _cos_distance(dot: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray) -> np.nda
     return np.where(den > 0, 1.0 - dot / np.where(den > 0, den, 1.0), 0.0)
 
 
+def calibrate_batch(
+    model,
+    sampler_cfg,
+    labels: np.ndarray,
+    noise_seed,
+    intervals=DEFAULT_INTERVALS,
+    rates=DEFAULT_RATES,
+    exact_attention: bool = True,
+    attention_rows: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """One calibration batch: a full-compute generation of `labels` from `noise_seed`'s noise (an
+    int or SeedSequence), and the recorder's sums over it (`sum_c`, `sum_p`, `rows`, `rows_p`).
+    Batches are independent, so they may run anywhere (`profile(..., pool=...)`); their sums add up."""
+    from soda.executor import Executor
+    from soda.flops import FlopsModel
+    from soda.policies import ScheduleSpec
+    from soda.policies.full import full_schedule
+    from soda.sampling import Diffusion, initial_noise, sample_loop
+    from soda.torch_backend import TorchBackend
+
+    config = model.config
+    modules = tuple(model.blocks[0].modules_order)
+    S = sampler_cfg.steps
+    spec = ScheduleSpec.for_model(config, sampler_cfg.kind, S, modules)
+    backend = InputTap(TorchBackend(model))
+    recorder = SensitivityRecorder(S, config.depth, modules, intervals, rates, backend if exact_attention else None,
+                                   attention_rows)
+    executor = Executor(backend, full_schedule(spec), FlopsModel.for_config(config), recorder=recorder)
+    diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
+    shape = (config.in_channels, config.input_size, config.input_size)
+    z, rng = initial_noise(len(labels), shape, noise_seed)
+    sample_loop(executor, diffusion, z, labels, config.null_label, config.in_channels, rng, progress)
+    return {"sum_c": recorder.sum_c, "sum_p": recorder.sum_p, "rows": recorder.rows, "rows_p": recorder.rows_p}
+
+
 def profile(
     model,
     sampler_cfg,
@@ -273,20 +309,16 @@ def profile(
     batch_size: int = 64,
     exact_attention: bool = True,
     attention_rows: int = 16,
+    pool=None,
 ) -> Profile:
     """Sensitivity tables from `samples` full-compute generations with random labels and noise
     from the calibration stream of `seed` (`soda.seeds`).
 
     Calibration samples are generated in batches of up to `batch_size` (CFG doubles the rows);
-    `progress(s)` is called once per sampling step of every batch.
+    `progress(s)` is called once per sampling step of every batch. With a `pool`
+    (`soda.distributed.RayPool`) each batch runs on a worker; the sums are added in batch
+    order, so the tables are bit-identical to a run in this process.
     """
-    from soda.executor import Executor
-    from soda.flops import FlopsModel
-    from soda.policies import ScheduleSpec
-    from soda.policies.full import full_schedule
-    from soda.sampling import Diffusion, initial_noise, sample_loop
-    from soda.torch_backend import TorchBackend
-
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     intervals = tuple(sorted(set(int(k) for k in intervals)))
@@ -294,27 +326,29 @@ def profile(
     config = model.config
     modules = tuple(model.blocks[0].modules_order)
     S = sampler_cfg.steps
-    spec = ScheduleSpec.for_model(config, sampler_cfg.kind, S, modules)
-    backend = InputTap(TorchBackend(model))
-    recorder = SensitivityRecorder(S, config.depth, modules, intervals, rates, backend if exact_attention else None,
-                                   attention_rows)
-    executor = Executor(backend, full_schedule(spec), FlopsModel.for_config(config), recorder=recorder)
-    diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
-    shape = (config.in_channels, config.input_size, config.input_size)
     # Calibration stream (soda.seeds): never the noise any bench evaluation draws, whatever --seed.
     labels = np.random.default_rng(seeds.calibration(seed, seeds.PROFILE, 0)).integers(0, config.num_classes, samples)
+    batches = [(labels[start:start + batch_size], seeds.calibration(seed, seeds.PROFILE, 1 + b))
+               for b, start in enumerate(range(0, samples, batch_size))]
+    options = {"intervals": intervals, "rates": rates, "exact_attention": exact_attention,
+               "attention_rows": attention_rows}
 
     tracing = not tracemalloc.is_tracing()
     if tracing:
         tracemalloc.start()
     tracemalloc.reset_peak()
     t0 = time.perf_counter()
-    for b, start in enumerate(range(0, samples, batch_size)):
-        ys = labels[start:start + batch_size]
-        z, rng = initial_noise(len(ys), shape, seeds.calibration(seed, seeds.PROFILE, 1 + b))
-        executor.reset()
-        recorder.reset()
-        sample_loop(executor, diffusion, z, ys, config.null_label, config.in_channels, rng, progress)
+    if pool is None:
+        parts = (calibrate_batch(model, sampler_cfg, ys, noise_seed, progress=progress, **options)
+                 for ys, noise_seed in batches)
+    else:
+        parts = pool.calibrate(sampler_cfg.to_dict(), batches, options, progress)
+    recorder = SensitivityRecorder(S, config.depth, modules, intervals, rates)
+    for part in parts:  # in batch order: the same additions, in the same order, as one recorder
+        recorder.sum_c += part["sum_c"]
+        recorder.sum_p += part["sum_p"]
+        recorder.rows += part["rows"]
+        recorder.rows_p += part["rows_p"]
     seconds = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     if tracing:
@@ -329,6 +363,8 @@ def profile(
         "exact_attention": exact_attention,
         "attention_rows": attention_rows if exact_attention else None,
     }
+    if pool is not None:
+        cost["ray_workers"] = pool.size  # memory figures above are this process's only
     return Profile(
         model=config.name, model_hash=config.hash(), model_config=config.to_dict(), weights=weights,
         sampler=sampler_cfg.to_dict(), num_steps=S, num_layers=config.depth, modules=list(modules),

@@ -1,0 +1,163 @@
+"""`--ray`: a local 2-node Ray cluster (one CPU per node), shared by this module's tests.
+
+Generation on actors on both nodes is bit-identical to a run in this process; a worker killed in
+the middle of a run costs nothing (every sample comes back exactly once); profiling and bench give
+the same numbers through Ray as without it."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the --ray tests need Ray: pip install -e '.[test]'")
+
+from soda.shards import GenerateJob, ShardStore, WorkerSpec, generate_to_folder, load_backend, run_job  # noqa: E402
+
+STEPS = 5
+quiet = lambda *a: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a second node, one CPU each, no dashboard; shut down after the module."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.sampling import SamplerConfig
+
+    spec = WorkerSpec("dit-digits")
+    loaded = load_backend(spec)
+    _, config, model, weights = loaded
+    sampler = SamplerConfig("ddpm", STEPS, 2.0, None)
+    schedule = make_schedule("toca", ScheduleSpec.for_model(config, "ddpm", STEPS, ("attn", "mlp")))
+
+    def job(num_samples=8, shard_size=2, seed=3) -> GenerateJob:
+        return GenerateJob(config.name, config.hash(), weights, "torch", sampler.to_dict(), schedule.to_dict(),
+                           num_samples, shard_size, seed)
+
+    return spec, loaded, job
+
+
+def shards_of(out, job) -> list[dict]:
+    store = ShardStore(out, job)
+    return [store.load_shard(k) for k in range(job.num_shards)]
+
+
+@pytest.fixture(scope="module")
+def local_run(digits, tmp_path_factory):
+    spec, loaded, job = digits
+    out = tmp_path_factory.mktemp("local")
+    generate_to_folder(spec, loaded, job(), out, echo=quiet)
+    return out
+
+
+def test_two_nodes_bit_identical_to_one_process(cluster, digits, local_run, tmp_path):
+    spec, loaded, job = digits
+    res = generate_to_folder(spec, None, job(), tmp_path, ray_address=cluster.address, echo=quiet)
+    assert sorted(res["computed"]) == list(range(job().num_shards))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    nodes = {e["worker"].split()[1] for e in manifest["shards"].values()}
+    assert len(nodes) == 2, manifest["shards"]  # actors on both nodes did work
+    assert {n["NodeID"][:12] for n in ray.nodes() if n["Alive"]} == nodes
+    for mine, theirs in zip(shards_of(local_run, job()), shards_of(tmp_path, job())):
+        np.testing.assert_array_equal(theirs["samples"], mine["samples"])  # bit for bit
+        np.testing.assert_array_equal(theirs["labels"], mine["labels"])
+    with np.load(local_run / "samples.npz") as a, np.load(tmp_path / "samples.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_a_killed_worker_loses_nothing_and_writes_nothing_twice(cluster, digits, local_run, tmp_path, monkeypatch):
+    from soda.distributed import RayPool
+
+    spec, _, job = digits
+    writes = Counter()
+    original = ShardStore.write_shard
+
+    def counting(self, result):
+        writes[result["k"]] += 1
+        return original(self, result)
+
+    monkeypatch.setattr(ShardStore, "write_shard", counting)
+    killed = []
+    with RayPool(spec, cluster.address, echo=quiet) as pool:
+        first_actors = list(pool.actors)
+
+        def kill_a_busy_worker(k):
+            if not killed and pool.in_flight:  # the other actor is in the middle of a shard
+                actor, item = next(iter(pool.in_flight.values()))
+                ray.kill(actor, no_restart=True)
+                killed.append((actor, item))
+
+        store = ShardStore(tmp_path, job())
+        res = run_job(store, pool.shards(job().to_dict()), on_shard=kill_a_busy_worker)
+        assert killed, "no shard was in flight to kill"
+        dead, lost_shard = killed[0]
+        assert dead not in pool.actors and len(pool.actors) == 2  # replaced
+        assert any(a not in first_actors for a in pool.actors)
+    assert sorted(res["computed"]) == list(range(job().num_shards))
+    assert set(writes.values()) == {1} and len(writes) == job().num_shards
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["done"] == job().num_shards
+    for mine, theirs in zip(shards_of(local_run, job()), shards_of(tmp_path, job())):
+        np.testing.assert_array_equal(theirs["samples"], mine["samples"])
+    with np.load(tmp_path / "samples.npz") as z:
+        assert len(z["arr_0"]) == job().num_samples
+    idx = np.concatenate([s["indices"] for s in shards_of(tmp_path, job())])
+    np.testing.assert_array_equal(idx, np.arange(job().num_samples))  # every sample exactly once
+
+
+def test_profile_on_ray_equals_profile_here(cluster, digits):
+    from soda.distributed import RayPool
+    from soda.profile import profile
+    from soda.sampling import SamplerConfig
+
+    spec, (_, _, model, weights), _ = digits
+    sampler = SamplerConfig("ddim", STEPS, 2.0, None)
+    here = profile(model, sampler, samples=4, seed=2, batch_size=2, weights=weights, intervals=(1, 2))
+    ticks = []
+    with RayPool(spec, cluster.address, echo=quiet) as pool:
+        there = profile(model, sampler, samples=4, seed=2, batch_size=2, weights=weights, intervals=(1, 2),
+                        pool=pool, progress=ticks.append)
+    assert len(ticks) == 2 * STEPS
+    assert there.E_c == here.E_c and there.E_p == here.E_p
+    assert there.cost["ray_workers"] == 2
+
+
+def test_bench_on_ray_equals_bench_here(cluster, digits):
+    from soda.bench import BenchSetup, bench
+    from soda.distributed import RayPool
+    from soda.sampling import SamplerConfig
+
+    spec, (_, _, model, weights), _ = digits
+    sampler = SamplerConfig("ddim", STEPS, 2.0, None)
+    setup = BenchSetup(["full", "fora"], 1.5, samples=4, seed=1, batch_size=2)
+    here = bench(model, weights, sampler, setup, echo=quiet)
+    with RayPool(spec, cluster.address, echo=quiet) as pool:
+        there = bench(model, weights, sampler, setup, echo=quiet, pool=pool)
+    keys = ("policy", "flops_speedup", "psnr_db", "cosine", "class_accuracy", "frechet")
+    assert [{k: r[k] for k in keys} for r in there["results"]] == [{k: r[k] for k in keys} for r in here["results"]]
+
+
+def test_cli_generate_with_ray_address(cluster, tmp_path, monkeypatch, capsys):
+    from tests.test_generate_shards import cli_in_process
+
+    code, out, err = cli_in_process(["generate", "--num-samples", "3", "--shard-size", "2", "--steps", "3",
+                                     "--out", str(tmp_path / "g"), "--ray", cluster.address, "--workers", "1"],
+                                    monkeypatch, capsys)
+    assert code == 0, err
+    assert "ray: 1 workers" in out and "2 shards generated" in out
+    assert ray.is_initialized()  # the command used the test's connection and left it open
