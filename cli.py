@@ -504,7 +504,7 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
 
         sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
         schedule = resolve_schedule(model, weights, sampler_cfg, policy_or_schedule(policy, schedule_file),
-                                    schedule_file, speedup, profile_file, echo=click.echo)
+                                    schedule_file, speedup, profile_file, echo=click.echo, progress=progress_bar)
     if random_init:
         click.echo("note: RANDOM weights: the samples show the toolchain, not a real model", err=True)
     job = GenerateJob(config.name, config.hash(), weights, spec.backend, sampler_cfg.to_dict(), schedule.to_dict(),

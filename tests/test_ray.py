@@ -161,3 +161,20 @@ def test_cli_generate_with_ray_address(cluster, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert "ray: 1 workers" in out and "2 shards generated" in out
     assert ray.is_initialized()  # the command used the test's connection and left it open
+
+
+def test_cli_profile_and_bench_with_ray(cluster, tmp_path, monkeypatch, capsys):
+    from tests.test_generate_shards import cli_in_process
+
+    out = tmp_path / "p.json"
+    code, stdout, err = cli_in_process(["profile", "--samples", "2", "--batch-size", "1", "--steps", "3",
+                                        "--intervals", "1,2", "--out", str(out), "--ray", cluster.address],
+                                       monkeypatch, capsys)
+    assert code == 0, err
+    assert "ray: 2 workers (1 CPU each) on 2 node(s)" in stdout
+    assert json.loads(out.read_text())["cost"]["ray_workers"] == 2
+    code, stdout, err = cli_in_process(["bench", "--policies", "full,fora", "--speedup", "1.5", "--samples", "2",
+                                        "--batch-size", "1", "--steps", "3", "--json", str(tmp_path / "b.json"),
+                                        "--ray", cluster.address, "--workers", "1"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "ray: 1 workers" in stdout and json.loads((tmp_path / "b.json").read_text())["results"][1]["policy"] == "fora"
