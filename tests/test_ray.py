@@ -144,11 +144,11 @@ def test_bench_on_ray_equals_bench_here(cluster, digits):
 
     spec, (_, _, model, weights), _ = digits
     sampler = SamplerConfig("ddim", STEPS, 2.0, None)
-    setup = BenchSetup(["full", "fora"], 1.5, samples=4, seed=1, batch_size=2)
+    setup = BenchSetup(["full", "fora"], 1.5, samples=4, seed=1, batch_size=1, eval_seeds=2, tune=False)
     here = bench(model, weights, sampler, setup, echo=quiet)
     with RayPool(spec, cluster.address, echo=quiet) as pool:
         there = bench(model, weights, sampler, setup, echo=quiet, pool=pool)
-    keys = ("policy", "flops_speedup", "psnr_db", "cosine", "class_accuracy", "frechet")
+    keys = ("policy", "variant", "flops_speedup", "psnr_db", "psnr_per_seed", "cosine", "class_accuracy", "frechet")
     assert [{k: r[k] for k in keys} for r in there["results"]] == [{k: r[k] for k in keys} for r in here["results"]]
 
 
@@ -174,7 +174,7 @@ def test_cli_profile_and_bench_with_ray(cluster, tmp_path, monkeypatch, capsys):
     assert "ray: 2 workers (1 CPU each) on 2 node(s)" in stdout
     assert json.loads(out.read_text())["cost"]["ray_workers"] == 2
     code, stdout, err = cli_in_process(["bench", "--policies", "full,fora", "--speedup", "1.5", "--samples", "2",
-                                        "--batch-size", "1", "--steps", "3", "--json", str(tmp_path / "b.json"),
+                                        "--batch-size", "1", "--steps", "3", "--no-tune", "--json", str(tmp_path / "b.json"),
                                         "--ray", cluster.address, "--workers", "1"], monkeypatch, capsys)
     assert code == 0, err
     assert "ray: 1 workers" in stdout and json.loads((tmp_path / "b.json").read_text())["results"][1]["policy"] == "fora"
