@@ -63,9 +63,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def check_out_suffix(path: str | None, flag: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> None:
-    """Refuse an output name we cannot write before doing the work, not after."""
+    """Refuse an output we cannot write (wrong suffix, unwritable place) before the work, not after."""
+    from soda.outputs import check_writable
+
     if path and not path.lower().endswith(suffixes):
         raise UserError(f"{flag} {path}: use one of {', '.join(suffixes)}")
+    if path:
+        check_writable(path, flag)
+
+
+def check_out_folder(path: str, flag: str = "--out") -> None:
+    from soda.outputs import check_writable
+
+    check_writable(path, flag, folder=True)
 
 
 def policy_or_schedule(policy: str | None, schedule_file: str | None) -> str:
@@ -148,8 +158,10 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     click.echo(f"{len(ys)} samples, {sampler}-{steps}, policy {schedule.policy}: {stats.seconds:.2f} s "
                f"({stats.seconds / steps * 1000:.0f} ms/step), FLOPs speedup {speed:.2f}x")
     if save_latents:
-        Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
-        np.save(save_latents, x)
+        from soda.outputs import atomic_output
+
+        with atomic_output(save_latents) as tmp:
+            np.save(tmp, x)
         click.echo(f"latents -> {save_latents}")
     save_samples_png(x, ys, out, config, vae=vae, random_init=random_init)
     click.echo(f"image -> {out}")
@@ -178,6 +190,8 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, threads=threads)
     digits_config(model_name)  # refuse a non-digits model before the progress bar starts
     log_file = log_file or str(Path(out).with_suffix(".log.jsonl"))
+    check_out_suffix(out, "--out", (".safetensors",))
+    check_out_suffix(log_file, "--log", (".jsonl", ".json", ".log", ".txt"))
     with tqdm(total=steps, desc=f"train {model_name}", unit="step", file=sys.stderr) as bar:
         def progress(step, last):
             bar.update()
@@ -265,6 +279,7 @@ def schedule_cmd(profile_file, speedup, anchors, lam, planner, out):
 
     if speedup is None and anchors is None:
         raise UserError("give --speedup X or --anchors N")
+    check_out_suffix(out, "--out", (".json",))
     prof = Profile.load(profile_file)
     spec = ScheduleSpec.for_model(ModelConfig.from_dict(prof.model_config), prof.sampler["kind"], prof.num_steps,
                                   tuple(prof.modules))
@@ -389,6 +404,7 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
     from soda.pipeline import resolve_schedule
 
     policy = policy_or_schedule(policy, schedule_file)
+    check_out_folder(out or str(Path("engines") / model_name))
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo,
@@ -545,6 +561,7 @@ def demo(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cf
         raise UserError(f"--profile-samples must be at least 1, got {profile_samples}")
     if not 1 <= speedup < float("inf"):
         raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
+    check_out_folder(out)
     out_dir = Path(out)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / n).is_file() for n in ("report.md", "profile.json")):
         raise UserError(f"refusing to write into {out}: it holds other files (no report.md); choose another --out")
@@ -561,7 +578,19 @@ def demo(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cf
 
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so temporary files and folders
+    are removed by the `finally` blocks that own them. Only SIGKILL can leave one behind."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
+    _interrupt_on_sigterm()
     try:
         cli(standalone_mode=False)
     except UserError as e:
@@ -573,6 +602,14 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:  # a full disk, a read-only folder: the file system's word, in one line
+        from soda.outputs import FILE_SYSTEM_ERRNOS
+
+        if e.errno not in FILE_SYSTEM_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

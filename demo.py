@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from soda.errors import UserError
+from soda.outputs import atomic_output
 
 
 @dataclass
@@ -78,8 +79,10 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
     echo(f"  step kinds: {schedule.count_kinds()}")
 
     stages.start("export: ONNX subgraphs + one weights file")
-    res = export_model(model, weights, schedule, sampler, out / "engines", progress=progress is not None, echo=echo)
-    for line in summary(res)[-3:]:
+    res = export_model(model, weights, schedule, sampler, out / "engines", progress=progress is not None, echo=echo,
+                       replace=True)
+    echo(f"  {len(res.rows)} ONNX graphs sharing one weights file")
+    for line in summary(res)[len(res.rows) + 2:]:  # the totals, not the per-graph table
         echo("  " + line)
 
     stages.start(f"run + bench on onnxruntime: {', '.join(cfg.policies)} x {cfg.samples} samples")
@@ -95,11 +98,19 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
     frontier_plot(report["results"] + report["frontier"], out / "frontier.png",
                   title=f"{model.config.name}, {sampler.kind}-{sampler.steps}, onnxruntime")
 
+    from soda.bench import format_table
+    from soda.bench_runtime import runtime_lines
+
+    echo(format_table(report["results"]))
+    if report.get("runtime"):
+        echo("\n".join(runtime_lines(report["runtime"])))
+
     stages.start("report: sample grid and report.md")
     _sample_grid(kept, model.config, report["results"], out / "samples.png")
     timings = stages.close()
     path = out / "report.md"
-    path.write_text(_report_md(model.config, weights, sampler, cfg, prof, schedule, res, report, timings))
+    with atomic_output(path) as tmp:
+        tmp.write_text(_report_md(model.config, weights, sampler, cfg, prof, schedule, res, report, timings))
     return path
 
 
@@ -138,8 +149,9 @@ def _sample_grid(kept: dict[str, np.ndarray], config, rows: list[dict], path: Pa
         tiles = latent_preview(tiles)
     captions = [f"{p} {r['flops_speedup']:.2f}x" if i == 0 else "" for p, r in zip(names, rows) for i in range(n)]
     scale = max(1, 48 // tiles.shape[-1])
-    grid_image(to_uint8(np.clip(tiles, -1, 1)), captions, scale=scale, cols=n,
-               title="one row per policy, same noise and labels").save(path)
+    with atomic_output(path) as tmp:
+        grid_image(to_uint8(np.clip(tiles, -1, 1)), captions, scale=scale, cols=n,
+                   title="one row per policy, same noise and labels").save(tmp)
 
 
 def _fmt(v, digits=3) -> str:

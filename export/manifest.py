@@ -208,7 +208,7 @@ def describe_files(folder: Path, names: list[str]) -> dict:
 
 
 def write_manifest(folder: Path, data: dict) -> None:
-    """Atomic write (temporary file + rename): a crash never leaves half a manifest."""
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(folder / MANIFEST)
+    """Atomic write (unique temporary file + rename): a crash never leaves half a manifest."""
+    from soda.outputs import write_json_atomic
+
+    write_json_atomic(folder / MANIFEST, data)

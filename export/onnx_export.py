@@ -79,9 +79,13 @@ def needed_modules(schedule: Schedule) -> set[tuple[int, str]]:
 
 def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: str | Path, opset: int = 17,
                  exporter: str = "legacy", trt_precision: str | None = None, force: bool = False,
-                 progress: bool = True, echo=print) -> ExportResult:
+                 progress: bool = True, echo=print, replace: bool = False) -> ExportResult:
     """Export `model` for `schedule` into `out` (see module doc). trt_precision: None (ONNX only),
-    "fp16", "bf16" or "fp32" to also build TensorRT engines where TensorRT and a GPU exist."""
+    "fp16", "bf16" or "fp32" to also build TensorRT engines where TensorRT and a GPU exist.
+
+    A folder holding a *different* export (another schedule, checkpoint, sampler, ...) is refused,
+    saying what differs, unless `force` (always re-export) or `replace` (re-export when it differs,
+    reuse when it is the same; for folders a pipeline owns, like the demo's)."""
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     t0 = time.perf_counter()
@@ -92,7 +96,8 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
         opset = max(opset, 18)  # the dynamo exporter emits opset >= 18
     key_data = {"format": FORMAT, "model_hash": config.hash(), "weights": weights_id, "schedule_hash": schedule.hash(),
                 "sampler": sampler_cfg.to_dict(), "opset": opset, "tools": tool_versions(exporter)}
-    reused = _try_reuse(out, reuse_key(key_data), force, echo)
+    seen = _current_key(out)
+    reused = None if force else _try_reuse(out, reuse_key(key_data), schedule, replace, echo)
     if reused is not None:
         if trt_precision:
             _add_trt(out, reused.data, trt_precision, echo)
@@ -118,6 +123,10 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
         data["export_seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, data)
         load_manifest(tmp)  # what the runtime will do: prove the folder validates before publishing it
+        now = _current_key(out)
+        if not (force or replace) and now not in (seen, reuse_key(key_data)):
+            raise UserError(f"another export wrote {out} while this one ran ({'; '.join(_differences(now, key_data))}); "
+                            "not replacing it: re-run with --force to replace it, or choose another --out")
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,8 +135,30 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
     return res
 
 
-def _try_reuse(out: Path, key: dict, force: bool, echo):
-    if force or not (out / MANIFEST).is_file():
+def _current_key(out: Path) -> dict | None:
+    """What the export in `out` was made from (its reuse key), or None when there is none."""
+    import json
+
+    try:
+        return reuse_key(json.loads((out / MANIFEST).read_text()))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    names = {"format": "format", "model_hash": "model", "weights": "weights", "schedule_hash": "schedule",
+             "sampler": "sampler", "opset": "opset", "tools": "tool versions"}
+    return [f"{names.get(k, k)} {_brief(old.get(k))} -> {_brief(new.get(k))}" for k in new if old.get(k) != new.get(k)]
+
+
+def _brief(v) -> str:
+    if isinstance(v, dict):
+        return ",".join(f"{k}={w}" for k, w in v.items())
+    return str(v)[:16] if isinstance(v, str) and len(str(v)) > 24 else str(v)
+
+
+def _try_reuse(out: Path, key: dict, schedule: Schedule, replace: bool, echo):
+    if not (out / MANIFEST).is_file():
         return None
     try:
         m = load_manifest(out)
@@ -135,7 +166,17 @@ def _try_reuse(out: Path, key: dict, force: bool, echo):
         echo(f"note: the existing export is not usable ({e}); exporting again")
         return None
     if not m.same_inputs(key):
-        return None
+        if replace:
+            return None
+        what = _differences(reuse_key(m.data), key)
+        if m.schedule_hash != key["schedule_hash"]:
+            try:
+                old_policy = Schedule.load(m.schedule_path).policy
+            except UserError:
+                old_policy = "?"
+            what = [f"schedule {old_policy} -> {schedule.policy}"] + [w for w in what if not w.startswith("schedule ")]
+        raise UserError(f"{out} holds another export ({'; '.join(what)}); --force replaces it, or choose another --out")
+
     echo(f"reuse: {out} already holds this export (same weights, model, schedule, sampler, opset, tools); "
          "nothing to do (--force re-exports)")
     return m

@@ -79,9 +79,10 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
             continue
         t = time.perf_counter()
         serialized = _build_one(trt, builder, logger, folder / art["file"], profiles, precision, cache_file)
-        tmp = plan.with_suffix(".tmp")
-        tmp.write_bytes(serialized)
-        tmp.replace(plan)
+        from soda.outputs import atomic_output
+
+        with atomic_output(plan) as tmp:
+            tmp.write_bytes(serialized)
         engines[name] = {**entry, "sha256": file_sha256(plan), "build_seconds": round(time.perf_counter() - t, 2)}
         echo(f"TensorRT {name}: {len(profiles)} profile(s), {engines[name]['build_seconds']} s")
     return {"gpu": gpu, "version": trt.__version__, "precision": precision, "max_batch": max_batch,

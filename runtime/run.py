@@ -1,7 +1,6 @@
 """The body of `cli.py run`: engines folder + policy or schedule -> samples, numpy + ORT/TRT only."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -65,8 +64,10 @@ def run_command(
     echo(f"{len(ys)} samples, {sampler_cfg.kind}-{n_steps}, policy {schedule.policy}, {impl.describe()}: "
          f"{stats.seconds:.2f} s ({stats.seconds / n_steps * 1000:.0f} ms/step), FLOPs speedup {speed:.2f}x")
     if save_latents:
-        Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
-        np.save(save_latents, x)
+        from soda.outputs import atomic_output
+
+        with atomic_output(save_latents) as tmp:
+            np.save(tmp, x)
         echo(f"latents -> {save_latents}")
     if out:
         from soda.pictures import save_samples_png

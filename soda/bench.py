@@ -240,6 +240,11 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     runner = Runner(backend, model, sampler, setup.batch_size, progress, pool)
     spec, fm = spec_for(model, sampler), FlopsModel.for_config(config)
     targets = list(dict.fromkeys([setup.speedup, *setup.frontier]))
+    # Every policy must reach the main --speedup (the README promises an error): said before any
+    # profiling or sampling. Frontier points a policy cannot reach are only skipped.
+    for policy in setup.policies:
+        if policy not in ("full", "soda"):
+            baseline_schedule(policy, spec, config, speedup=setup.speedup)
     prof = None
     if "soda" in setup.policies or setup.ablation:
         prof = load_or_profile(model, weights, sampler, setup.profile_file, echo, setup.profile_samples,
@@ -277,11 +282,15 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
                     cells.append(Cell("soda", "-", target, make_schedule(
                         "soda", spec, speedup=target, profile=prof, planner=setup.planner)))
                 except UserError as e:
+                    if target == setup.speedup:
+                        raise
                     echo(f"skipped soda at {target:g}x: {e}")
                 continue
             try:
                 cells.append(Cell(policy, "rule", target, baseline_schedule(policy, spec, config, speedup=target)))
             except UserError as e:
+                if target == setup.speedup:
+                    raise
                 echo(f"skipped {policy} rule at {target:g}x: {e}")
             if setup.tune and tuning.tunable(policy):
                 build = lambda p=policy, t=target, **kw: make_schedule(p, spec, speedup=t, flops=fm, **kw)  # noqa: E731
@@ -399,7 +408,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
         echo(f"runtime timing: {setup.timing_images} images x {setup.timing_repeats} interleaved rounds, "
              f"against one monolithic ONNX of the model ...")
         report["runtime"] = runtime_report(model, backend, sampler, main_schedules, labels[:setup.timing_images],
-                                           setup.timing_repeats)
+                                           setup.timing_repeats, progress=progress)
     if setup.keep_samples > 0:
         report["kept_samples"] = kept
     return report

@@ -78,16 +78,26 @@ class Report:
         return out
 
 
-def interleaved(loops: dict[str, Loop], repeats: int, echo: Callable[[str], None] = lambda s: None) -> dict:
-    """{name: (seconds per round, samples, flops)}: every round runs every loop once."""
+def interleaved(loops: dict[str, Loop], repeats: int, echo: Callable[[str], None] = lambda s: None,
+                progress: Callable | None = None) -> dict:
+    """{name: (seconds per round, samples, flops)}: every round runs every loop once.
+    `progress(desc, total)`: a progress bar with one tick per timed run."""
     times: dict[str, list[float]] = {k: [] for k in loops}
     last: dict[str, tuple[np.ndarray, float]] = {}
-    for r in range(repeats):
-        for name, loop in loops.items():
-            t0 = time.perf_counter()
-            last[name] = loop()
-            times[name].append(time.perf_counter() - t0)
-            echo(f"  round {r + 1}/{repeats} {name}: {times[name][-1]:.2f} s")
+    bar = progress(f"timing {len(loops)} entries x {repeats} rounds", repeats * len(loops)) if progress else None
+    try:
+        for r in range(repeats):
+            for name, loop in loops.items():
+                t0 = time.perf_counter()
+                last[name] = loop()
+                times[name].append(time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update()
+                else:
+                    echo(f"  round {r + 1}/{repeats} {name}: {times[name][-1]:.2f} s")
+    finally:
+        if bar is not None:
+            bar.close()
     return {k: (times[k], *last[k]) for k in loops}
 
 
@@ -140,7 +150,7 @@ def monolithic_session(model, folder: Path, threads: int | None = None):
 
 def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[str, Schedule], labels: np.ndarray,
                    repeats: int = 3, threads: int | None = None, echo: Callable[[str], None] = lambda s: None,
-                   mono=None) -> dict:
+                   mono=None, progress: Callable | None = None) -> dict:
     """Measured in one run on `backend` (an OrtBackend): stitched full compute against one
     monolithic ONNX of `model` (`mono`, a session, or exported here), and each schedule's wall
     speedup against its FLOPs speedup, in interleaved rounds. `schedules` must include "full"."""
@@ -151,7 +161,7 @@ def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[s
         loops.update({f"stitched {n}": schedule_loop(backend, config, sampler_cfg, s, labels) for n, s in schedules.items()})
         for loop in list(loops.values())[:2]:
             loop()  # warm-up: first-run allocations and kernel selection
-        results = interleaved(loops, repeats, echo)
+        results = interleaved(loops, repeats, echo, progress)
     rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, len(labels), tuple(schedules["full"].modules)))
     mono_x, stitched_x = results["monolithic full"][1], results["stitched full"][1]
     return {

@@ -7,3 +7,7 @@ its traceback.
 
 class UserError(Exception):
     """A mistake in the user's input (file, flag, shape); the message says what and how to fix it."""
+
+
+class NonFiniteError(UserError):
+    """NaN or inf appeared while sampling (damaged weights, absurd noise); says where first."""

@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from soda.errors import NonFiniteError
 from soda.flops import FlopsModel
 from soda.schedule import FULL, REUSE, Schedule, kept_tokens, parse_action
 from soda.selectors import TokenSelector, make_selector
@@ -59,9 +60,19 @@ class Executor:
         self.selector.reset()
 
     def __call__(self, s: int, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        cache, last = dict(self.cache), self.last_tokens  # shallow: entries are replaced, never edited
+        out = self._step(s, x, t, y)
+        if not np.isfinite(out).all():  # one cheap check per step; locating the cause only on failure
+            self.cache, self.last_tokens = cache, last
+            raise NonFiniteError(f"NaN or inf in the model output at step {s} of {self.schedule.num_steps}, "
+                                 f"first in {self._locate(s, x, t, y)}; check the checkpoint and the noise")
+        return out
+
+    def _step(self, s: int, x: np.ndarray, t: np.ndarray, y: np.ndarray, check: Callable | None = None) -> np.ndarray:
         b = self.backend
         B = x.shape[0]
         tokens, c = b.embed(x, t, y)
+        check and check("embed", tokens, c)
         self.flops_done += self.flops.embed(B)
         if self.schedule.is_skip(s):
             if self.last_tokens is None:
@@ -70,14 +81,36 @@ class Executor:
         else:
             for l in range(b.num_layers):
                 mods = b.modulation(l, c)
+                check and check(f"layer {l} modulation", *(v for m in b.modules for v in mods[m]))
                 self.flops_done += self.flops.modulation(B)
                 for m, name in enumerate(b.modules):
                     shift, scale, gate = mods[name]
                     D = self._module_output(s, l, m, name, tokens, shift, scale)
+                    check and check(f"layer {l} {name}", D)
                     tokens = tokens + gate[:, None, :] * D
+                    check and check(f"layer {l} {name} (residual sum)", tokens)
             self.last_tokens = tokens
         self.flops_done += self.flops.final(B)
         return b.final(tokens, c)
+
+    def _locate(self, s: int, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> str:
+        """Where a step's non-finite output first appears: rerun the step from the same caches,
+        checking every intermediate (only after a failure, so sampling pays one check per step)."""
+        if not np.isfinite(x).all():
+            return "the input latents"
+
+        class Found(Exception):
+            pass
+
+        def check(where, *arrays):
+            if not all(np.isfinite(a).all() for a in arrays):
+                raise Found(where)
+
+        try:
+            self._step(s, x, t, y, check)
+        except Found as f:
+            return str(f)
+        return "the final layer"
 
     def _module_output(self, s, l, m, name, tokens, shift, scale) -> np.ndarray:
         kind, rate = parse_action(self.schedule.action(s, l, m))

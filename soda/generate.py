@@ -46,7 +46,9 @@ def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
     want = (n, config.in_channels, config.input_size, config.input_size)
     if z.shape != want:
         raise UserError(f"noise in {path} has shape {list(z.shape)}, expected {list(want)} (one per label)")
-    if not np.issubdtype(z.dtype, np.number) or not np.isfinite(z).all():
+    if not (np.issubdtype(z.dtype, np.floating) or np.issubdtype(z.dtype, np.integer)):
+        raise UserError(f"noise in {path} must be real numbers, not {z.dtype}")
+    if not np.isfinite(z).all():
         raise UserError(f"noise in {path} must be finite numbers")
     return z.astype(np.float32)
 

@@ -82,5 +82,7 @@ def save_samples_png(samples: np.ndarray, labels: np.ndarray, out: str | Path, c
     scale = max(1, 64 // images.shape[-1])
     title = f"{config.name} {kind}" + (" RANDOM WEIGHTS" if random_init else "")
     img = grid_image(to_uint8(images), [f"class {int(v)}" for v in labels], scale=scale, title=title)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    img.save(out)
+    from soda.outputs import atomic_output
+
+    with atomic_output(out) as tmp:
+        img.save(tmp)

@@ -26,9 +26,13 @@ def _integer_axes(ax) -> None:
 
 
 def _save(fig, out: str | Path) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    from soda.outputs import atomic_output
+
+    try:
+        with atomic_output(out) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
 
 
 def sensitivity_heatmap(profile, out: str | Path, age: int = 1) -> None:

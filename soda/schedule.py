@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from soda.errors import UserError
+from soda.outputs import write_json_atomic  # noqa: F401  (lives in soda.outputs; importable from here too)
 
 FORMAT = 1
 FULL, REUSE, SKIP = "full", "reuse", "skip"
@@ -156,12 +157,3 @@ def read_json(path: str | Path, what: str) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e})") from None
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-    tmp.replace(path)

@@ -31,6 +31,7 @@ def _cli(*args, cwd=ROOT):
     (["bench", "--policies", ""], "--policies is empty"),
     (["bench", "--engines", "somewhere"], "--engines is for --backend ort"),
     (["bench", "--speedup", "nan"], "at least 1 and finite"),
+    (["bench", "--speedup", "1000"], "cannot reach a 1000x FLOPs speedup"),  # before any profiling or sampling
     (["bench", "--plot", "plot.txt"], "--plot plot.txt: use one of"),
     (["train", "--steps", "2", "--lr", "nan"], "--lr must be positive"),
 ])
@@ -57,3 +58,75 @@ def test_demo_checks_before_writing(tmp_path):
     (tmp_path / "mine" / "thesis.tex").write_text("x")
     r = _cli("demo", "--out", str(tmp_path / "mine"))
     assert r.returncode == 2 and "holds other files" in r.stderr
+
+
+def _cli_here(args, monkeypatch, capsys, cwd):
+    """`cli.main` in this process (cheaper than a fresh interpreter on a shared machine)."""
+    import cli
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["cli.py", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "--out", "f/x.png"], ["sample", "--save-latents", "f/x.npy"], ["profile", "--out", "f/p.json"],
+    ["schedule", "--profile", "p.json", "--speedup", "2", "--out", "f/s.json"], ["bench", "--json", "f/b.json"],
+    ["bench", "--plot", "f/sub/b.png"], ["export", "--out", "f/eng"], ["run", "--engines", "x", "--out", "f/r.png"],
+    ["train", "--out", "f/w.safetensors"], ["train", "--log", "f/w.jsonl"], ["demo", "--out", "f/d"],
+])
+def test_unwritable_output_is_refused_before_the_work(args, tmp_path, monkeypatch, capsys):
+    """An output under a path whose parent is a file: one line up front, not an OSError after minutes."""
+    (tmp_path / "f").write_text("a file")
+    r = _cli_here(args, monkeypatch, capsys, tmp_path)
+    lines = [l for l in r.stderr.strip().splitlines() if not l.startswith("note:")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and "f is a file, not a folder" in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_disk_full_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, capsys):
+    """ENOSPC half way through writing the latents: `error: FILE: No space left on device`, exit 2;
+    the earlier file is intact and no temporary file is left."""
+    import errno
+
+    import numpy as np
+
+    def full_disk(path, arr, *a, **kw):
+        with open(path, "wb") as f:
+            f.write(b"\x93NUMPY half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    (tmp_path / "l.npy").write_bytes(b"old")
+    monkeypatch.setattr(np, "save", full_disk)
+    r = _cli_here(["sample", "--steps", "2", "--labels", "1", "--save-latents", "l.npy", "--out", "s.png"],
+                  monkeypatch, capsys, tmp_path)
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error")]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].endswith("No space left on device"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.npy"] and (tmp_path / "l.npy").read_bytes() == b"old"
+
+
+def test_sigterm_during_export_leaves_no_temporary_folder(tmp_path):
+    """kill (SIGTERM) unwinds like Ctrl-C: the hidden `.NAME.tmp-PID` folder is removed at once."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "export", "--model", "dit-digits", "--steps", "3",
+                             "--out", str(tmp_path / "eng")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".eng.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the export finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "aborted" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -170,3 +170,31 @@ def test_a_schedule_file_reports_its_own_policy(run_here, tmp_path):
                  str(tmp_path / "s.png"))
     assert r.returncode == 0, r.stderr
     assert "policy fora:" in r.stdout and "policy full" not in r.stdout
+
+
+def test_noise_that_overflows_is_an_error_at_its_step(run_here, tmp_path):
+    """Noise scaled by 1e30 is finite float32, but the model output is not: exit 2, not NaN images."""
+    np.save(tmp_path / "z.npy", (1e30 * np.random.default_rng(0).standard_normal((1, 4, 8, 8))).astype(np.float32))
+    r = run_here("--labels", "1", "--steps", "3", "--noise", str(tmp_path / "z.npy"), "--out", str(tmp_path / "s.png"))
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]  # the rest is the progress bar
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert "NaN or inf in the model output at step 0 of 3, first in layer 0 attn" in errors[0]
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_complex_noise_is_refused_not_cast(run_here, tmp_path):
+    np.save(tmp_path / "z.npy", np.ones((1, 4, 8, 8), np.complex64))
+    assert "must be real numbers, not complex64" in one_line_error(
+        run_here("--labels", "1", "--steps", "2", "--noise", str(tmp_path / "z.npy")))
+
+
+def test_checkpoint_with_a_nan_weight_is_refused_by_name(ckpt, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpt))
+    state["blocks.1.mlp.fc2.bias"][3] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    r = sample_in_process(tmp_path / "nan.safetensors", "--steps", "2", "--out", str(tmp_path / "s.png"),
+                          monkeypatch=monkeypatch, capsys=capsys)
+    assert "tensor blocks.1.mlp.fc2.bias holds NaN or inf values" in one_line_error(r)
+    assert not (tmp_path / "s.png").exists()

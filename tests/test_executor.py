@@ -63,3 +63,47 @@ def test_prune_recomputes_exactly_the_selected_tokens(tiny_model, tiny_config):
     changed = np.any(fresh != stale, axis=2)  # [B, N]
     N = tiny_config.num_tokens
     assert (changed.sum(axis=1) == N // 2).all()
+
+
+class PoisonAt:
+    """The torch backend, but one (layer, module) returns NaN from a given step on."""
+
+    def __init__(self, backend, step, layer, module):
+        self.backend, self.where, self.step = backend, (layer, module), step
+        self.modules, self.num_layers = backend.modules, backend.num_layers
+        self.current = 0
+
+    def embed(self, x, t, y):
+        return self.backend.embed(x, t, y)
+
+    def modulation(self, layer, c):
+        return self.backend.modulation(layer, c)
+
+    def module(self, layer, name, tokens, shift, scale):
+        D, received = self.backend.module(layer, name, tokens, shift, scale)
+        if (layer, name) == self.where and self.current >= self.step:
+            D = D.copy()
+            D[0, 0, 0] = np.nan
+        return D, received
+
+    def final(self, tokens, c):
+        return self.backend.final(tokens, c)
+
+
+def test_non_finite_output_says_at_which_step_and_module(tiny_model, tiny_config):
+    import pytest
+
+    from soda.errors import NonFiniteError
+
+    spec = ScheduleSpec.for_model(tiny_config, "ddim", 3)
+    backend = PoisonAt(TorchBackend(tiny_model), step=2, layer=1, module="mlp")
+    ex = Executor(backend, make_schedule("full", spec), FlopsModel.for_config(tiny_config))
+    x, t, y = _inputs(tiny_config)
+    for s in range(2):
+        backend.current = s
+        assert np.isfinite(ex(s, x, t, y)).all()
+    backend.current = 2
+    with pytest.raises(NonFiniteError, match=r"at step 2 of 3, first in layer 1 mlp;"):
+        ex(2, x, t, y)
+    with pytest.raises(NonFiniteError, match=r"first in the input latents"):
+        ex(2, x * np.float32(np.inf), t, y)

@@ -191,10 +191,43 @@ def test_interrupted_export_leaves_previous_artefacts(exported, tiny_model, tiny
     monkeypatch.setattr(ox, "export_graph", failing)
     full = make_schedule("full", ScheduleSpec.for_model(tiny_config, "ddim", STEPS))
     with pytest.raises(KeyboardInterrupt):
-        _export(tiny_model, out, schedule=full)
+        _export(tiny_model, out, schedule=full, replace=True)
     assert (out / "manifest.json").read_text() == before
     load_manifest(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]  # no temporary folder left behind
+
+
+def test_another_schedule_in_the_same_folder_is_refused_without_force(exported, tiny_model, tiny_config, tmp_path):
+    out = _copy(exported, tmp_path)
+    before = (out / "manifest.json").read_text()
+    fora = make_schedule("fora", ScheduleSpec.for_model(tiny_config, "ddim", STEPS))
+    with pytest.raises(UserError, match=r"holds another export \(schedule test -> fora\); --force replaces it"):
+        _export(tiny_model, out, schedule=fora)
+    assert (out / "manifest.json").read_text() == before
+    res, _ = _export(tiny_model, out, schedule=fora, force=True)
+    assert not res.reused and load_manifest(out).schedule_hash == fora.hash()
+
+
+def test_a_concurrent_export_that_finished_first_is_not_overwritten(exported, tiny_model, tiny_config, tmp_path,
+                                                                    monkeypatch):
+    """Two exports into one empty folder: the one that publishes second refuses instead of replacing."""
+    import export.onnx_export as ox
+
+    out = tmp_path / "eng"
+    real, calls = ox._current_key, {"n": 0}
+
+    def other_writer_lands_meanwhile(folder):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the check before publishing: the other export (mixed schedule) has landed
+            shutil.copytree(exported[0], folder)
+        return real(folder)
+
+    monkeypatch.setattr(ox, "_current_key", other_writer_lands_meanwhile)
+    fora = make_schedule("fora", ScheduleSpec.for_model(tiny_config, "ddim", STEPS))
+    with pytest.raises(UserError, match=r"another export wrote .* while this one ran \(schedule"):
+        _export(tiny_model, out, schedule=fora)
+    assert load_manifest(out).schedule_hash == Schedule.load(exported[0] / "schedule.json").hash()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
 
 
 def test_stale_temporary_folder_of_a_killed_export_is_removed(exported, tiny_model, tmp_path):

@@ -241,6 +241,7 @@ def _save(ema: torch.nn.Module, init: dict[str, torch.Tensor], out: Path, config
     state = {k: v.contiguous() for k, v in debias_ema(raw, init, cfg.ema_decay, step).items()}
     meta = {"format": str(FORMAT), "model": json.dumps(config.to_dict()), "train": json.dumps(asdict(cfg)),
             "step": str(step), "ema": "bias-corrected", "train_seconds": f"{seconds:.1f}", "last_loss": json.dumps(last)}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(out)
+    from soda.outputs import atomic_output
+
+    with atomic_output(out) as tmp:
+        save_file(state, str(tmp), metadata=meta)

@@ -66,6 +66,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def check_finite(state: dict[str, torch.Tensor], path) -> None:
+    """A NaN or inf weight would sample, export and run to all-NaN images: refuse it by name."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{path}: tensor {_few(bad)} holds NaN or inf values (a damaged checkpoint)")
+
+
 def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = "dit") -> ModelConfig:
     """Architecture from tensor shapes: depth, width, patch, input size, channels, classes, sigma."""
     try:
@@ -123,6 +130,7 @@ def load_model(
         else:
             raise UserError(f"model {name!r} needs --ckpt FILE (or --random-init to try the toolchain without weights)")
     state = read_state_dict(ckpt)
+    check_finite(state, ckpt)
     if name == "dit":
         config = infer_config(state, num_heads)
     else:
