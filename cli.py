@@ -368,10 +368,10 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 
         click.echo("\n".join(runtime_lines(report["runtime"])))
     if plot:
-        from soda.plots import frontier_plot
+        from soda.plots import frontier_plot, random_note
 
         frontier_plot(report["results"] + report["frontier"], plot,
-                      title=f"{model.config.name} {sampler}-{steps}, {samples} samples")
+                      title=f"{model.config.name} {sampler}-{steps}, {samples} samples" + random_note(weights))
         click.echo(f"frontier plot -> {plot}")
     click.echo(f"results -> {json_out}")
     click.echo(f"reproduce: {report['command']}")

@@ -57,7 +57,7 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
     from export.onnx_export import export_model, summary
     from soda.bench import BenchSetup, bench
     from soda.pipeline import load_or_profile, resolve_schedule
-    from soda.plots import frontier_plot, schedule_picture, sensitivity_heatmap
+    from soda.plots import frontier_plot, random_note, schedule_picture, sensitivity_heatmap
 
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
     kept = report.pop("kept_samples")
     write_json_atomic(out / "bench.json", report)
     frontier_plot(report["results"] + report["frontier"], out / "frontier.png",
-                  title=f"{model.config.name}, {sampler.kind}-{sampler.steps}, onnxruntime")
+                  title=f"{model.config.name}, {sampler.kind}-{sampler.steps}, onnxruntime" + random_note(weights))
 
     from soda.bench import format_table
     from soda.bench_runtime import runtime_lines
@@ -106,7 +106,7 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
         echo("\n".join(runtime_lines(report["runtime"])))
 
     stages.start("report: sample grid and report.md")
-    _sample_grid(kept, model.config, report["results"], out / "samples.png")
+    _sample_grid(kept, model.config, report["results"], out / "samples.png", weights.startswith("random-init"))
     timings = stages.close()
     path = out / "report.md"
     with atomic_output(path) as tmp:
@@ -134,7 +134,7 @@ def _reusable_profile(path: Path, model, weights: str, sampler, samples: int, ec
     return prof
 
 
-def _sample_grid(kept: dict[str, np.ndarray], config, rows: list[dict], path: Path) -> None:
+def _sample_grid(kept: dict[str, np.ndarray], config, rows: list[dict], path: Path, random_init: bool = False) -> None:
     """One row per policy, same noise and labels in every row."""
     from soda.pictures import grid_image, latent_preview, to_uint8
 
@@ -151,7 +151,8 @@ def _sample_grid(kept: dict[str, np.ndarray], config, rows: list[dict], path: Pa
     scale = max(1, 48 // tiles.shape[-1])
     with atomic_output(path) as tmp:
         grid_image(to_uint8(np.clip(tiles, -1, 1)), captions, scale=scale, cols=n,
-                   title="one row per policy, same noise and labels").save(tmp)
+                   title="one row per policy, same noise and labels" + (" - RANDOM WEIGHTS" if random_init else "")
+                   ).save(tmp)
 
 
 def _fmt(v, digits=3) -> str:

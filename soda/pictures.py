@@ -31,7 +31,11 @@ def grid_image(tiles: np.ndarray, captions: list[str] | None = None, scale: int 
     th, tw = h * scale, w * scale
     cap = 12 if captions else 0
     top = 14 if title else 0
-    canvas = Image.new("RGB", (cols * (tw + 4) + 4, top + rows * (th + cap + 4) + 4), "white")
+    # As wide as the title (and every caption) needs: a 2-image grid must not cut "RANDOM WEIGHTS" off.
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = int(measure.textlength(title)) if title else 0
+    cell_w = int(max([tw] + [measure.textlength(text) for text in captions or []]))
+    canvas = Image.new("RGB", (max(cols * (cell_w + 4) + 4, text_w + 8), top + rows * (th + cap + 4) + 4), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((4, 1), title, fill="black")
@@ -39,7 +43,7 @@ def grid_image(tiles: np.ndarray, captions: list[str] | None = None, scale: int 
         r, q = divmod(i, cols)
         tile = Image.fromarray(tiles[i].squeeze(-1) if c == 1 else tiles[i]).convert("RGB")
         tile = tile.resize((tw, th), Image.NEAREST)
-        x0, y0 = 4 + q * (tw + 4), top + 4 + r * (th + cap + 4)
+        x0, y0 = 4 + q * (cell_w + 4), top + 4 + r * (th + cap + 4)
         canvas.paste(tile, (x0, y0))
         if captions:
             draw.text((x0, y0 + th), captions[i], fill="black")

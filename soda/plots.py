@@ -25,6 +25,11 @@ def _integer_axes(ax) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def random_note(weights: str | None) -> str:
+    """What every picture made from random weights adds to its title."""
+    return " - RANDOM WEIGHTS" if str(weights or "").startswith("random-init") else ""
+
+
 def _save(fig, out: str | Path) -> None:
     from soda.outputs import atomic_output
 
@@ -55,7 +60,7 @@ def sensitivity_heatmap(profile, out: str | Path, age: int = 1) -> None:
         ax.set_ylabel("step (0 = noisiest)")
     fig.colorbar(img, ax=axes[0].tolist(), label="1 - cos(D(s-k), D(s))")
     fig.suptitle(f"{profile.model} {profile.sampler.get('kind')}-{profile.num_steps}, "
-                 f"{profile.samples} calibration generations")
+                 f"{profile.samples} calibration generations" + random_note(profile.weights))
     _save(fig, out)
 
 
@@ -99,7 +104,8 @@ def schedule_picture(schedule, out: str | Path) -> None:
         ax.set_ylabel("step (0 = noisiest)")
     kinds = schedule.count_kinds()
     fig.suptitle(f"{schedule.policy} on {schedule.model} {schedule.sampler}-{S}: "
-                 f"{kinds['full']} full, {kinds['partial']} partial, {kinds['skip']} skip steps")
+                 f"{kinds['full']} full, {kinds['partial']} partial, {kinds['skip']} skip steps"
+                 + random_note((schedule.params.get("profile") or {}).get("weights")))
     fig.legend(handles=[Patch(color=c, label=lab) for lab, c in zip(labels, colours)],
                loc="center left", bbox_to_anchor=(0.92, 0.5), frameon=False)
     _save(fig, out)

@@ -135,14 +135,30 @@ class Schedule:
     def from_dict(cls, d: dict) -> "Schedule":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise UserError(f"not a schedule of format {FORMAT} (got format {d.get('format') if isinstance(d, dict) else None})")
+        from dataclasses import MISSING, fields
+
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        extra, missing = sorted(set(d) - known), sorted(required - set(d))
+        if extra or missing:
+            said = [f"unexpected {', '.join(extra)}"] if extra else []
+            said += [f"missing {', '.join(missing)}"] if missing else []
+            raise UserError(f"not a schedule ({'; '.join(said)})")
         try:
             return cls(**d).validate()
-        except TypeError as e:
+        except (TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"malformed schedule: {e}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Schedule":
-        return cls.from_dict(read_json(path, "schedule"))
+        data = read_json(path, "schedule")
+        if isinstance(data, dict) and "E_c" in data:
+            raise UserError(f"{path} is a sensitivity profile, not a schedule; make a schedule from it with "
+                            f"`cli.py schedule --profile {path} --speedup X`, or pass it as --profile")
+        try:
+            return cls.from_dict(data)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
 
 
 def full_grid(num_layers: int, num_modules: int) -> list[list[str]]:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from soda.errors import UserError
@@ -148,6 +149,15 @@ def test_garbage_file(tmp_path):
         load_model("dit-digits", path)
 
 
+def test_random_bytes_are_not_a_checkpoint_not_a_refused_pickle(tmp_path):
+    """Random bytes used to read "needs arbitrary code to unpickle": wrong, and alarming."""
+    path = tmp_path / "rand.pt"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(UserError, match=r"cannot read checkpoint .*: not a PyTorch checkpoint \(") as e:
+        load_model("dit-digits", path)
+    assert "arbitrary code" not in str(e.value) and "\n" not in str(e.value)
+
+
 class RunsCode:
     """Unpickling this would run code (create a marker file): it must be refused, not run."""
 
@@ -162,7 +172,7 @@ def test_pickle_that_needs_code_execution_is_refused(state, tmp_path):
     marker = tmp_path / MARKER
     path = tmp_path / "evil.pt"
     torch.save({"ema": state, "payload": RunsCode(str(marker))}, path)
-    with pytest.raises(UserError, match="refusing") as e:
+    with pytest.raises(UserError, match=r"refusing .*needs arbitrary code to unpickle \(getattr\)") as e:
         load_model("dit-digits", path)
     assert not marker.exists()
     assert "\n" not in str(e.value)

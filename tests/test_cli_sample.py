@@ -198,3 +198,14 @@ def test_checkpoint_with_a_nan_weight_is_refused_by_name(ckpt, tmp_path, monkeyp
                           monkeypatch=monkeypatch, capsys=capsys)
     assert "tensor blocks.1.mlp.fc2.bias holds NaN or inf values" in one_line_error(r)
     assert not (tmp_path / "s.png").exists()
+
+
+def test_a_profile_given_as_schedule_says_what_it_is(run_here, tmp_path):
+    import json
+
+    (tmp_path / "p.json").write_text(json.dumps({"format": 1, "model": "dit", "model_config": {}, "E_c": [], "E_p": []}))
+    line = one_line_error(run_here("--steps", "2", "--schedule", str(tmp_path / "p.json")))
+    assert "is a sensitivity profile, not a schedule" in line and "cli.py schedule --profile" in line
+    (tmp_path / "s.json").write_text(json.dumps({"format": 1, "policy": "x", "colour": "red"}))
+    line = one_line_error(run_here("--steps", "2", "--schedule", str(tmp_path / "s.json")))
+    assert "not a schedule (unexpected colour; missing model, model_hash" in line and "__init__" not in line

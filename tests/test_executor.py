@@ -42,9 +42,19 @@ def test_reuse_and_prune_follow_the_cache(tiny_model, tiny_config):
     fm = FlopsModel.for_config(tiny_config)
     ex = Executor(TorchBackend(tiny_model), sched, fm)
     x, t, y = _inputs(tiny_config)
-    outs = [ex(s, x, t, y) for s in range(4)]
-    # Step 1 reuses attention: its cache must be the step-0 output, untouched.
-    assert all(np.isfinite(o).all() for o in outs)
+    outs, caches = [], []
+    for s in range(4):
+        outs.append(ex(s, x + 0.1 * s, t, y))  # different inputs per step: a recompute would show
+        caches.append({k: v.copy() for k, v in ex.cache.items()})
+    # Step 1 reuses attention in every layer: its cache is the step-0 output, untouched, while the
+    # pruned MLP's cache changed.
+    for l in range(tiny_config.depth):
+        np.testing.assert_array_equal(caches[1][(l, 0)], caches[0][(l, 0)])
+        assert not np.array_equal(caches[1][(l, 1)], caches[0][(l, 1)])
+    # Step 2 skips (caches untouched); step 3 prunes attention at 0.25: a quarter of each row's
+    # tokens change in its cache, the rest stay as step 0 left them.
+    changed = np.any(caches[3][(0, 0)] != caches[1][(0, 0)], axis=2)
+    assert (changed.sum(axis=1) == tiny_config.num_tokens // 4).all()
     # Skip step: the final layer sees the same tokens as step 1, with the same t -> same output.
     np.testing.assert_array_equal(outs[2], outs[1])
     assert ex.flops_done == schedule_flops(sched, fm, 4)

@@ -40,3 +40,28 @@ def test_check_writable(tmp_path):
     with pytest.raises(UserError, match="is a folder; give a file name"):
         check_writable(tmp_path, "--out")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["f"]  # the probe file is gone
+
+
+def test_random_weights_title_fits_a_two_image_grid(tmp_path):
+    """The title used to be cut off at the grid's width ("RANDOM WEI..." on 2 images)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from soda.models.config import get_config
+    from soda.pictures import save_samples_png
+
+    save_samples_png(np.zeros((2, 1, 16, 16), np.float32), np.array([1, 2]), tmp_path / "s.png",
+                     get_config("dit-digits"), random_init=True)
+    title = "dit-digits pixels RANDOM WEIGHTS"
+    with Image.open(tmp_path / "s.png") as im:
+        band = np.asarray(im.convert("L"))[:14]
+    need = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)
+    ink = np.nonzero((band < 128).any(axis=0))[0]
+    assert band.shape[1] >= need + 8 and ink.max() < band.shape[1] - 2  # the last letter ends inside the image
+
+
+def test_every_picture_of_random_weights_says_so():
+    from soda.plots import random_note
+
+    assert random_note("random-init-0") == " - RANDOM WEIGHTS"
+    assert random_note("3f2a" * 16) == "" and random_note(None) == ""

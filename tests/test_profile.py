@@ -111,7 +111,17 @@ def test_identity_and_cost(prof, tiny_model):
     cfg = tiny_model.config
     assert prof.model_hash == cfg.hash() and prof.weights == "test" and prof.num_steps == 4
     assert prof.cost["seconds"] > 0 and prof.cost["generations"] == 3 and prof.cost["batch_rows"] == 6
-    assert prof.cost["max_rss_mb"] > 0 and prof.cost["peak_traced_mb"] >= 0
+    assert prof.cost["max_rss_mb"] > 0 and prof.cost["peak_traced_mb"] > 0
+
+
+def test_peak_memory_is_measured_and_grows_with_the_batch(prof, tiny_model, sampler):
+    """The traced peak is a measurement, not a constant: 8x the rows per batch hold more memory.
+    (Both measured after the fixture's run: a first run in a process also traces one-time allocations.)"""
+    import tracemalloc
+
+    small, big = (profile(tiny_model, sampler, samples=n, seed=0, intervals=INTERVALS, rates=RATES) for n in (3, 24))
+    assert big.cost["batch_rows"] == 48 and big.cost["peak_traced_mb"] > 2 * small.cost["peak_traced_mb"] > 0
+    assert not tracemalloc.is_tracing()  # the profiler stops the tracing it started
 
 
 def test_save_load_roundtrip(prof, tmp_path):

@@ -21,6 +21,8 @@ import pytest
 from soda.errors import UserError
 from soda.sampling import SamplerConfig
 
+from conftest import strengthen
+
 ROOT = Path(__file__).resolve().parent.parent
 REL_TOL = 1e-4
 STEPS = 10
@@ -29,19 +31,6 @@ BASELINES = ("full", "fora", "toca", "duca")
 
 def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(got.astype(np.float64) - ref)) / np.max(np.abs(ref)))
-
-
-def strengthen(model, std: float = 1.0, seed: int = 1):
-    """Random adaLN and final-layer weights of std `std`, so every module shows in the output."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    params = [*(b.adaLN_modulation[-1].weight for b in model.blocks), model.final_layer.adaLN_modulation[-1].weight,
-              model.final_layer.linear.weight]
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 class Recording:
@@ -93,13 +82,8 @@ def tiny_sampler():
 
 
 @pytest.fixture(scope="module")
-def strong_tiny(tiny_config):
-    import torch
-
-    from soda.models.dit import DiT
-
-    torch.manual_seed(0)
-    return strengthen(DiT(tiny_config))
+def strong_tiny(strong_tiny_model):
+    return strong_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +121,12 @@ def _parity(engines, ort_backend, torch_backend, sampler_cfg, schedule, labels=(
     return max(_rel_err(got, ref), per_step)
 
 
-@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
-@pytest.mark.parametrize("policy", [*BASELINES, "soda"])
+# The exported SODA schedule is for ddim (schedules are per sampler): no soda-ddpm case.
+@pytest.mark.parametrize("policy, kind", [(p, k) for p in BASELINES for k in ("ddim", "ddpm")] + [("soda", "ddim")])
 def test_tiny_runtime_equals_torch_reference(tiny_backends, tiny_sampler, policy, kind):
     from runtime.engines import resolve_schedule
 
     engines, ort_b, torch_b = tiny_backends
-    if policy == "soda" and kind == "ddpm":
-        pytest.skip("the exported SODA schedule is for ddim (schedules are per sampler)")
     sampler_cfg = engines.sampler_with(kind=kind)
     schedule = resolve_schedule(engines, sampler_cfg, policy)
     if policy != "full":
@@ -380,8 +362,8 @@ def test_digits_cli_run_equals_cli_sample(digits_engines, policy, tmp_path):
 def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
     try:
         import tensorrt  # noqa: F401
-    except ImportError:
-        pytest.skip("TensorRT is not installed here (no GPU on this machine); runtime/trt_backend.py is untested")
+    except ImportError as e:
+        pytest.skip(f"the tensorrt package is not installed here ({e}); runtime/trt_backend.py is untested")
     from export.trt import gpu_name
 
     if gpu_name() is None:
@@ -405,7 +387,7 @@ def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
 
 
 # --- the benchmark's measuring function (numbers themselves: docs/runtime.md) -----------------
-def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends):
+def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends, monkeypatch):
     from soda.bench_runtime import measure_schedules
     from runtime.engines import resolve_schedule
     from soda.flops import FlopsModel, schedule_flops
@@ -413,9 +395,31 @@ def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends):
     engines, ort_b, _ = tiny_backends
     sc = engines.sampler
     schedules = {p: resolve_schedule(engines, sc, p) for p in ("full", "fora")}
-    rows = {r.name: r for r in measure_schedules(ort_b, engines.config, sc, schedules, np.array([1, 7]), repeats=2)}
+    # A fake clock: per round, full takes 3, 30, 6 s and FORA 1, 10, 3 s (load changing between
+    # rounds). Wall speedup is the median of per-round ratios (3, 3, 2) = 3; a ratio of medians
+    # would give 6 / 3 = 2, and the load change would leak in.
+    import types
+
+    import soda.bench_runtime as br
+
+    clock, costs = {"t": 0.0}, {"full": [3.0, 30.0, 6.0], "fora": [1.0, 10.0, 3.0]}
+    real = br.schedule_loop
+
+    def fake_loop(backend, config, sampler_cfg, schedule, labels, seed=0):
+        loop = real(backend, config, sampler_cfg, schedule, labels, seed)
+
+        def run():
+            out = loop()
+            clock["t"] += costs[schedule.policy].pop(0)
+            return out
+        return run
+
+    monkeypatch.setattr(br, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
+    monkeypatch.setattr(br, "schedule_loop", fake_loop)
+    rows = {r.name: r for r in measure_schedules(ort_b, engines.config, sc, schedules, np.array([1, 7]), repeats=3)}
     fm = FlopsModel.for_config(engines.config)
     want = schedule_flops(schedules["full"], fm, 4) / schedule_flops(schedules["fora"], fm, 4)
     assert rows["fora"].flops_speedup == pytest.approx(want) and want > 1.5
-    assert rows["full"].wall_speedup == 1.0 and len(rows["fora"].rounds) == 2
-    assert rows["fora"].efficiency == pytest.approx(rows["fora"].wall_speedup / rows["fora"].flops_speedup)
+    assert rows["fora"].rounds == [1.0, 10.0, 3.0] and rows["fora"].seconds == 3.0 and rows["full"].seconds == 6.0
+    assert rows["fora"].wall_speedup == pytest.approx(3.0) and rows["full"].wall_speedup == pytest.approx(1.0)
+    assert rows["fora"].efficiency == pytest.approx(3.0 / want)

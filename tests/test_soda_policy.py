@@ -159,7 +159,6 @@ def test_resolve_schedule_builds_baselines(tiny_model, policy):
     from soda.pipeline import resolve_schedule
     from soda.sampling import SamplerConfig
 
-    pytest.importorskip(f"soda.policies.{policy}")
     sampler = SamplerConfig("ddim", 50, 4.0, None)
     published = resolve_schedule(tiny_model, "w", sampler, policy)
     assert published.policy == policy and published.count_kinds()["full"] < 50

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,10 +50,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-        if "Weights only load failed" in str(e) or "weights_only" in str(e):
-            raise UserError(f"refusing {path}: it needs arbitrary code to unpickle (weights_only=True)") from None
-        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+        msg = str(e)
+        needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+        if needs:  # a real pickle that would run code to load (weights_only=True refuses it)
+            raise UserError(f"refusing {path}: it needs arbitrary code to unpickle ({needs.group(1)}); "
+                            "only plain tensors are loaded") from None
+        said = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
+        detail = said.group(1).strip() if said else (msg.strip().splitlines() or ["unpickling failed"])[0]
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({detail})") from None
     except Exception as e:  # garbage bytes surface as IndexError, KeyError, ... from the unpickler
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
