@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +67,19 @@ def strong_tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return strengthen(DiT(tiny_config))
+
+
+def cli_in_process(args: list[str], monkeypatch, capsys, cwd=None) -> subprocess.CompletedProcess:
+    """`cli.main` with `args`, in this process (cheaper than a fresh interpreter on a shared machine)."""
+    import cli
+
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["cli.py", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)

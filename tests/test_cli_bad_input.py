@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_in_process
+
 ROOT = Path(__file__).resolve().parent.parent
 S8 = ["--model", "dit-s-8", "--random-init", "--steps", "2"]
 
@@ -60,21 +62,6 @@ def test_demo_checks_before_writing(tmp_path):
     assert r.returncode == 2 and "holds other files" in r.stderr
 
 
-def _cli_here(args, monkeypatch, capsys, cwd):
-    """`cli.main` in this process (cheaper than a fresh interpreter on a shared machine)."""
-    import cli
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["cli.py", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
-
-
 @pytest.mark.parametrize("args", [
     ["sample", "--out", "f/x.png"], ["sample", "--save-latents", "f/x.npy"], ["profile", "--out", "f/p.json"],
     ["schedule", "--profile", "p.json", "--speedup", "2", "--out", "f/s.json"], ["bench", "--json", "f/b.json"],
@@ -84,7 +71,7 @@ def _cli_here(args, monkeypatch, capsys, cwd):
 def test_unwritable_output_is_refused_before_the_work(args, tmp_path, monkeypatch, capsys):
     """An output under a path whose parent is a file: one line up front, not an OSError after minutes."""
     (tmp_path / "f").write_text("a file")
-    r = _cli_here(args, monkeypatch, capsys, tmp_path)
+    r = cli_in_process(args, monkeypatch, capsys, tmp_path)
     lines = [l for l in r.stderr.strip().splitlines() if not l.startswith("note:")]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: ") and "f is a file, not a folder" in lines[0], lines[0]
@@ -105,7 +92,7 @@ def test_disk_full_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, ca
 
     (tmp_path / "l.npy").write_bytes(b"old")
     monkeypatch.setattr(np, "save", full_disk)
-    r = _cli_here(["sample", "--steps", "2", "--labels", "1", "--save-latents", "l.npy", "--out", "s.png"],
+    r = cli_in_process(["sample", "--steps", "2", "--labels", "1", "--save-latents", "l.npy", "--out", "s.png"],
                   monkeypatch, capsys, tmp_path)
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error")]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].endswith("No space left on device"), r.stderr

@@ -41,17 +41,10 @@ def sample(ckpt: Path, *args: str) -> subprocess.CompletedProcess:
 
 def sample_in_process(ckpt: Path, *args: str, monkeypatch, capsys) -> subprocess.CompletedProcess:
     """The same `cli.main` without a fresh interpreter (cheaper on a shared machine)."""
-    import cli
+    from conftest import cli_in_process
 
-    argv = ["cli.py", "sample", "--model", "dit", "--ckpt", str(ckpt), "--num-heads", "3", *args]
-    monkeypatch.setattr(sys, "argv", argv)
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, out, err)
+    return cli_in_process(["sample", "--model", "dit", "--ckpt", str(ckpt), "--num-heads", "3", *args], monkeypatch,
+                          capsys)
 
 
 @pytest.fixture
