@@ -128,6 +128,10 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
             raise UserError(f"another export wrote {out} while this one ran ({'; '.join(_differences(now, key_data))}); "
                             "not replacing it: re-run with --force to replace it, or choose another --out")
         _swap_into_place(tmp, out)
+    except OSError as e:
+        if e.errno is not None and not e.filename:  # e.g. a full disk while writing weights.bin: say where
+            raise OSError(e.errno, e.strerror, str(out)) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = _result_from_manifest(out, data, False, time.perf_counter() - t0)

@@ -72,7 +72,8 @@ class Executor:
         b = self.backend
         B = x.shape[0]
         tokens, c = b.embed(x, t, y)
-        check and check("embed", tokens, c)
+        if check:
+            check("embed", tokens, c)
         self.flops_done += self.flops.embed(B)
         if self.schedule.is_skip(s):
             if self.last_tokens is None:
@@ -81,14 +82,16 @@ class Executor:
         else:
             for l in range(b.num_layers):
                 mods = b.modulation(l, c)
-                check and check(f"layer {l} modulation", *(v for m in b.modules for v in mods[m]))
+                if check:
+                    check(f"layer {l} modulation", *(v for m in b.modules for v in mods[m]))
                 self.flops_done += self.flops.modulation(B)
                 for m, name in enumerate(b.modules):
                     shift, scale, gate = mods[name]
                     D = self._module_output(s, l, m, name, tokens, shift, scale)
-                    check and check(f"layer {l} {name}", D)
                     tokens = tokens + gate[:, None, :] * D
-                    check and check(f"layer {l} {name} (residual sum)", tokens)
+                    if check:
+                        check(f"layer {l} {name}", D)
+                        check(f"layer {l} {name} (residual sum)", tokens)
             self.last_tokens = tokens
         self.flops_done += self.flops.final(B)
         return b.final(tokens, c)

@@ -239,6 +239,21 @@ def test_a_concurrent_export_that_finished_first_is_not_overwritten(exported, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]
 
 
+def test_full_disk_names_the_folder_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    import errno
+
+    from export.weights_store import WeightsStore
+
+    def full(self, dtype, data):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a write() to a full disk raises
+
+    monkeypatch.setattr(WeightsStore, "_put", full)
+    with pytest.raises(OSError) as e:
+        _export(tiny_model, tmp_path / "eng")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "eng")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_temporary_folder_of_a_killed_export_is_removed(exported, tiny_model, tmp_path):
     out = _copy(exported, tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
