@@ -40,6 +40,7 @@ FORMAT = 1
 KIND = "soda-generate"
 MANIFEST = "manifest.json"
 NPZ = "samples.npz"
+PREVIEW = "preview.png"
 SHARDS = "shards"
 
 
@@ -239,7 +240,8 @@ class ShardWorker:
 
 # --- the output folder ---------------------------------------------------------------------------
 class ShardStore:
-    """OUT/: manifest.json, shards/NNNNN.npz, samples.npz. Only the driver writes here."""
+    """OUT/: manifest.json, schedule.json, shards/NNNNN.npz, samples.npz, preview.png. Only the driver
+    writes here."""
 
     def __init__(self, out: str | Path, job: GenerateJob):
         self.out, self.job = Path(out), job
@@ -342,6 +344,21 @@ class ShardStore:
         _atomic(path, write)
         self.npz = {"file": NPZ, "arr_0": list(shape), "arr_1": [self.job.num_samples], "sha256": file_sha256(path)}
         self._write_manifest()
+        self.write_preview(labels)
+        return path
+
+    def write_preview(self, labels: np.ndarray, n: int = 100) -> Path:
+        """OUT/preview.png: the first n images with their class, to look at before computing FID."""
+        from soda.pictures import grid_image
+
+        images = np.concatenate([self.load_shard(k)["images"] for k in range(min(self.job.num_shards,
+                                                                                 -(-n // self.job.shard_size)))])[:n]
+        scale = max(1, 64 // images.shape[1])
+        title = f"{self.job.model} {self.job.schedule.get('policy', '')}, samples 0..{len(images) - 1} of " \
+                f"{self.job.num_samples}" + (" RANDOM WEIGHTS" if str(self.job.weights).startswith("random-init") else "")
+        path = self.out / PREVIEW
+        _atomic(path, lambda f: grid_image(images, [f"class {int(v)}" for v in labels[:n]], scale=scale,
+                                           title=title).save(f, format="PNG"))
         return path
 
 
@@ -372,18 +389,18 @@ def run_job(store: ShardStore, results: Callable[[list[int]], Iterator[dict]], p
     todo = store.todo()
     skipped = store.job.num_shards - len(todo)
     t0 = time.perf_counter()
-    computed = []
+    computed, workers = [], set()
     for result in results(todo):
         store.write_shard(result)
         computed.append(result["k"])
+        workers.add(result["worker"])
         if progress is not None:
             progress(result)
         if on_shard is not None:
             on_shard(result["k"])
     npz = store.write_npz()
     return {"computed": computed, "skipped": skipped, "seconds": time.perf_counter() - t0, "npz": npz,
-            "shape": store.npz["arr_0"],
-            "workers": sorted({e["worker"] for e in store.shards.values()})}
+            "shape": store.npz["arr_0"], "workers": sorted(workers)}
 
 
 def local_results(worker: ShardWorker, job: GenerateJob) -> Callable[[list[int]], Iterator[dict]]:
@@ -456,7 +473,7 @@ def generate_to_folder(spec: WorkerSpec, loaded, job: GenerateJob, out: str | Pa
     npz = store.out / NPZ
     if not todo and store.npz:
         return {"computed": [], "skipped": job.num_shards, "seconds": 0.0, "npz": npz, "shape": store.npz["arr_0"],
-                "workers": sorted({e["worker"] for e in store.shards.values()})}
+                "workers": []}
     with worker_pool(spec, ray_address if todo else None, workers if todo else None, echo) as pool:
         results = pool.shards(job.to_dict()) if pool else local_results(ShardWorker(spec, loaded), job)
         bar = progress(job.num_shards, job.num_shards - len(todo)) if progress else None
