@@ -483,8 +483,7 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
-    if Path(out).is_file():
-        raise UserError(f"--out {out} is a file; give a folder")
+    check_out_folder(out)
     if vae and not Path(vae).is_dir():
         raise UserError(f"VAE folder not found: {vae}")
     if engines_dir and (ckpt or random_init):

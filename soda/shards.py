@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
@@ -275,7 +274,7 @@ class ShardStore:
                             f"choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SHARDS).mkdir(exist_ok=True)
-        from soda.schedule import write_json_atomic
+        from soda.outputs import write_json_atomic
 
         write_json_atomic(self.out / "schedule.json", self.job.schedule)
         self._write_manifest()
@@ -304,7 +303,7 @@ class ShardStore:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        from soda.schedule import write_json_atomic
+        from soda.outputs import write_json_atomic
 
         m = {"format": FORMAT, "kind": KIND, "job": self.job.identity(), "job_hash": self.job.hash(),
              "num_shards": self.job.num_shards, "done": len(self.shards),
@@ -362,23 +361,14 @@ class ShardStore:
         return path
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def _atomic(path: Path, write: Callable) -> None:
-    """write(f) into a uniquely named temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """write(f) into a unique temporary file beside `path`, renamed over it on success (`soda.outputs`)."""
+    from soda.outputs import atomic_output
+
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # --- running a job -------------------------------------------------------------------------------

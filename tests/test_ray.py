@@ -13,9 +13,15 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the --ray tests need Ray: pip install -e '.[test]'")
 
+from conftest import cli_in_process  # noqa: E402
 from soda.shards import GenerateJob, ShardStore, WorkerSpec, generate_to_folder, load_backend, run_job  # noqa: E402
 
 STEPS = 5
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    r = cli_in_process(args, monkeypatch, capsys)
+    return r.returncode, r.stdout, r.stderr
 quiet = lambda *a: None  # noqa: E731
 
 
@@ -153,9 +159,7 @@ def test_bench_on_ray_equals_bench_here(cluster, digits):
 
 
 def test_cli_generate_with_ray_address(cluster, tmp_path, monkeypatch, capsys):
-    from tests.test_generate_shards import cli_in_process
-
-    code, out, err = cli_in_process(["generate", "--num-samples", "3", "--shard-size", "2", "--steps", "3",
+    code, out, err = run_cli(["generate", "--num-samples", "3", "--shard-size", "2", "--steps", "3",
                                      "--out", str(tmp_path / "g"), "--ray", cluster.address, "--workers", "1"],
                                     monkeypatch, capsys)
     assert code == 0, err
@@ -164,16 +168,14 @@ def test_cli_generate_with_ray_address(cluster, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_profile_and_bench_with_ray(cluster, tmp_path, monkeypatch, capsys):
-    from tests.test_generate_shards import cli_in_process
-
     out = tmp_path / "p.json"
-    code, stdout, err = cli_in_process(["profile", "--samples", "2", "--batch-size", "1", "--steps", "3",
+    code, stdout, err = run_cli(["profile", "--samples", "2", "--batch-size", "1", "--steps", "3",
                                         "--intervals", "1,2", "--out", str(out), "--ray", cluster.address],
                                        monkeypatch, capsys)
     assert code == 0, err
     assert "ray: 2 workers (1 CPU each) on 2 node(s)" in stdout
     assert json.loads(out.read_text())["cost"]["ray_workers"] == 2
-    code, stdout, err = cli_in_process(["bench", "--policies", "full,fora", "--speedup", "1.5", "--samples", "2",
+    code, stdout, err = run_cli(["bench", "--policies", "full,fora", "--speedup", "1.5", "--samples", "2",
                                         "--batch-size", "1", "--steps", "3", "--no-tune", "--json", str(tmp_path / "b.json"),
                                         "--ray", cluster.address, "--workers", "1"], monkeypatch, capsys)
     assert code == 0, err
