@@ -73,15 +73,15 @@ def measure(model_name: str, rows: int, threads: int, repeats: int) -> list[tupl
     tok = {n: rng.standard_normal((rows, n, D)).astype(np.float32) for n in (N, N // 4)}
     vec = rng.standard_normal((rows, D)).astype(np.float32)
     with torch.no_grad():
-        for m in block.modules_order:
+        for m in cfg.modules:
             outs = ["D", "received"] if m == "attn" else ["D"]
             args = (torch.from_numpy(tok[N]), torch.from_numpy(vec), torch.from_numpy(vec))
             dyn_axes = {"tokens": {0: "B", 1: "n"}, "shift": {0: "B"}, "scale": {0: "B"}, "D": {0: "B", 1: "n"}}
-            dyn = _session(_export(ModuleGraph(block, m), args, ["tokens", "shift", "scale"], outs, dyn_axes), threads)
+            dyn = _session(_export(ModuleGraph(model, 0, m), args, ["tokens", "shift", "scale"], outs, dyn_axes), threads)
             for n in (N, N // 4):
                 feeds = {"tokens": tok[n], "shift": vec, "scale": vec}
                 sargs = (torch.from_numpy(tok[n]), torch.from_numpy(vec), torch.from_numpy(vec))
-                static = _session(_export(ModuleGraph(block, m), sargs, ["tokens", "shift", "scale"], outs, None), threads)
+                static = _session(_export(ModuleGraph(model, 0, m), sargs, ["tokens", "shift", "scale"], outs, None), threads)
                 a, b = _time(lambda: dyn.run(None, feeds), lambda: static.run(None, feeds), repeats=repeats)
                 res += [(f"(a) {m} n={n}: dynamic-n graph", a), (f"(a) {m} n={n}: static-shape graph", b)]
         # (b) the fixed cost of a call: one Identity on a 1-element tensor
@@ -97,14 +97,15 @@ def measure(model_name: str, rows: int, threads: int, repeats: int) -> list[tupl
         args = (torch.from_numpy(tok[N]), torch.from_numpy(c))
         whole = _session(_export(_Block(block), args, ["tokens", "c"], ["out"],
                                  {"tokens": {0: "B", 1: "n"}, "c": {0: "B"}, "out": {0: "B", 1: "n"}}), threads)
-        order = block.modules_order
+        order = cfg.modules
         mod_names = [f"{k}_{m}" for m in order for k in ("shift", "scale", "gate")]
-        modg = _session(_export(ModulationGraph(block), (torch.from_numpy(c),), ["c"], mod_names, {"c": {0: "B"}}), threads)
+        modg = _session(_export(ModulationGraph(model, 0, ("c",)), (torch.from_numpy(c),), ["c"], mod_names, {"c": {0: "B"}}),
+                        threads)
         mods = {}
         for m in order:
             outs = ["D", "received"] if m == "attn" else ["D"]
             a3 = (torch.from_numpy(tok[N]), torch.from_numpy(vec), torch.from_numpy(vec))
-            mods[m] = _session(_export(ModuleGraph(block, m), a3, ["tokens", "shift", "scale"], outs,
+            mods[m] = _session(_export(ModuleGraph(model, 0, m), a3, ["tokens", "shift", "scale"], outs,
                                        {"tokens": {0: "B", 1: "n"}, "shift": {0: "B"}, "scale": {0: "B"}}), threads)
 
         def stitched():

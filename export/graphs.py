@@ -1,8 +1,10 @@
-"""The subgraphs the runtime calls, as small torch modules over the model adapter.
+"""The subgraphs the runtime calls, as small torch modules over the model adapter's protocol.
 
 One graph per (layer, module) with a dynamic token axis "n" serves full compute AND every
 prune rate (pruning gathers tokens before the module); reuse needs no graph; the residual
-`x + gate * D` is done by the runtime. Names and shapes here ARE the runtime interface.
+`x + gate * D` is done by the runtime. A "condition" graph (architectures with per-generation
+work, e.g. PixArt's caption K/V) runs once per generation. Names and shapes here ARE the
+runtime interface; they come from the architecture's `soda.models.interface.Interface`.
 """
 from __future__ import annotations
 
@@ -11,51 +13,71 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from soda.models.dit import Modulation
-
 F32, I64 = "float32", "int64"
 
 
-class EmbedGraph(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+class ConditionGraph(nn.Module):
+    """Per generation: conditioning -> the prepared context entries, in interface order."""
 
-    def forward(self, x, t, y):
-        return self.model.embed(x, t, y)
+    def __init__(self, model, names: tuple[str, ...], outputs: tuple[str, ...]):
+        super().__init__()
+        self.model, self.names, self.outputs = model, names, outputs
+
+    def forward(self, *cond):
+        ctx = self.model.prepare(dict(zip(self.names, cond)))
+        return tuple(ctx[k] for k in self.outputs)
+
+
+class EmbedGraph(nn.Module):
+    def __init__(self, model, context_names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.context_names = model, context_names
+
+    def forward(self, x, t, *context):
+        tokens, step = self.model.step_embed(x, t, dict(zip(self.context_names, context)))
+        return (tokens, *step)
 
 
 class ModulationGraph(nn.Module):
-    def __init__(self, block):
+    def __init__(self, model, layer: int, step_names: tuple[str, ...]):
         super().__init__()
-        self.block = block
+        self.model, self.layer, self.step_names = model, layer, step_names
+        self.specs = model.config.interface.modules
 
-    def forward(self, c):
-        mods = self.block.modulation(c)
-        return tuple(v for name in self.block.modules_order for v in (mods[name].shift, mods[name].scale, mods[name].gate))
+    def forward(self, *step):
+        mods = self.model.layer_modulation(self.layer, tuple(step))
+        out = []
+        for spec in self.specs:
+            args, gate = mods[spec.name]
+            out += list(args) + ([gate] if spec.gated else [])
+        return tuple(out)
 
 
 class ModuleGraph(nn.Module):
     """Pre-gate output D of one module on the tokens given (all N, or the k gathered ones)."""
 
-    def __init__(self, block, name: str):
+    def __init__(self, model, layer: int, name: str):
         super().__init__()
-        self.block, self.name = block, name
+        self.model, self.layer, self.name = model, layer, name
+        self.spec = model.config.interface.spec(name)
 
-    def forward(self, tokens, shift, scale):
-        mod = Modulation(shift, scale, None)
-        if self.name == "attn":
-            return self.block.run_module("attn", tokens, mod, return_received=True)
-        return self.block.run_module(self.name, tokens, mod)
+    def forward(self, tokens, *inputs):
+        n_args = len(self.spec.args)
+        args, ctx = inputs[:n_args], dict(zip(self.spec.context, inputs[n_args:]))
+        D, received = self.model.module_forward(self.layer, self.name, tokens, tuple(args), ctx)
+        return (D, received) if self.spec.emits_received else D
 
 
 class FinalGraph(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, step_names: tuple[str, ...], final_names: tuple[str, ...]):
         super().__init__()
-        self.model = model
+        self.model, self.step_names, self.final_names = model, step_names, final_names
 
-    def forward(self, tokens, c):
-        return self.model.final(tokens, c)
+    def forward(self, tokens, *final_step):
+        # Only the step entries the final layer reads are inputs; the others are not needed.
+        given = dict(zip(self.final_names, final_step))
+        step = tuple(given.get(n) for n in self.step_names)
+        return self.model.step_final(tokens, step)
 
 
 @dataclass
@@ -71,12 +93,16 @@ class GraphSpec:
     def file(self) -> str:
         return f"{self.name}.onnx"
 
-    def example(self, B: int, n: int, gen: torch.Generator, num_classes: int) -> tuple:
-        """Random inputs of the declared shapes with B rows and n tokens."""
+    def example(self, B: int, n: int, gen: torch.Generator, num_classes: int, L: int | None = None) -> tuple:
+        """Random inputs of the declared shapes with B rows, n tokens and L caption tokens; a
+        "mask" input gets a different valid length per row (at least one token)."""
         out = []
         for name, shape, dtype in self.inputs:
-            dims = [B if d == "B" else n if d == "n" else d for d in shape]
-            if dtype == I64:
+            dims = [B if d == "B" else n if d == "n" else (L or 1) if d == "L" else d for d in shape]
+            if name == "mask":
+                lengths = torch.randint(1, dims[1] + 1, (dims[0],), generator=gen)
+                out.append((torch.arange(dims[1])[None] < lengths[:, None]).to(torch.float32))
+            elif dtype == I64:
                 hi = 1000 if name == "t" else num_classes + 1  # y may be the null label
                 out.append(torch.randint(0, hi, dims, generator=gen))
             else:
@@ -87,25 +113,53 @@ class GraphSpec:
         return {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for name, shape, _ in self.inputs + self.outputs}
 
 
+def _cond_shape(cfg, name: str) -> tuple[list, str]:
+    """Shape and dtype of a conditioning input the sampler supplies."""
+    if name == "y":
+        return ["B"], I64
+    if name == "caption":
+        return ["B", "L", cfg.caption_channels], F32
+    if name == "mask":
+        return ["B", "L"], F32
+    raise KeyError(f"no graph shape for conditioning input {name!r}")
+
+
+def _context_shape(cfg, name: str) -> list:
+    """Per-generation context entries the condition graph emits (per-layer K/V: [B, L, D])."""
+    return ["B", "L", cfg.hidden_size]
+
+
 def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> list[GraphSpec]:
-    """Every subgraph the runtime needs, in export order: embed, per layer modulation and
-    modules, final. `needed_modules` limits the (layer, module) graphs (default: all)."""
+    """Every subgraph the runtime needs, in export order: condition (if the architecture has
+    per-generation work), embed, per layer modulation and modules, final. `needed_modules`
+    limits the (layer, module) graphs (default: all)."""
     cfg = model.config
+    iface = cfg.interface
     C, H, D, N = cfg.in_channels, cfg.input_size, cfg.hidden_size, cfg.num_tokens
-    order = tuple(model.blocks[0].modules_order)
-    specs = [GraphSpec("embed", EmbedGraph(model), [("x", ["B", C, H, H], F32), ("t", ["B"], I64), ("y", ["B"], I64)],
-                       [("tokens", ["B", N, D], F32), ("c", ["B", D], F32)])]
-    for l, block in enumerate(model.blocks):
-        specs.append(GraphSpec(f"modulation.{l}", ModulationGraph(block), [("c", ["B", D], F32)],
-                               [(f"{k}_{m}", ["B", D], F32) for m in order for k in ("shift", "scale", "gate")]))
-        for m in order:
-            if needed_modules is not None and (l, m) not in needed_modules:
+    specs = []
+    cond_io = {name: _cond_shape(cfg, name) for name in iface.cond}
+    if iface.prepared:
+        outs = iface.condition_outputs(cfg.depth)
+        specs.append(GraphSpec("condition", ConditionGraph(model, iface.cond, outs),
+                               [(n, *cond_io[n]) for n in iface.cond],
+                               [(o, _context_shape(cfg, o), F32) for o in outs]))
+    step_io = [(n, ["B", 6 * D if n == "t0" else D], F32) for n in iface.step]
+    specs.append(GraphSpec("embed", EmbedGraph(model, iface.embed_context),
+                           [("x", ["B", C, H, H], F32), ("t", ["B"], I64)] + [(n, *cond_io[n]) for n in iface.embed_context],
+                           [("tokens", ["B", N, D], F32)] + step_io))
+    for l in range(cfg.depth):
+        specs.append(GraphSpec(f"modulation.{l}", ModulationGraph(model, l, iface.step), step_io,
+                               [(o, ["B", D], F32) for o in iface.modulation_outputs()]))
+        for m in iface.modules:
+            if needed_modules is not None and (l, m.name) not in needed_modules:
                 continue
-            outs = [("D", ["B", "n", D], F32)] + ([("received", ["B", "n"], F32)] if m == "attn" else [])
-            specs.append(GraphSpec(f"{m}.{l}", ModuleGraph(block, m),
-                                   [("tokens", ["B", "n", D], F32), ("shift", ["B", D], F32), ("scale", ["B", D], F32)], outs))
-    specs.append(GraphSpec("final", FinalGraph(model), [("tokens", ["B", N, D], F32), ("c", ["B", D], F32)],
-                           [("out", ["B", cfg.out_channels, H, H], F32)]))
+            ins = [("tokens", ["B", "n", D], F32)] + [(a, ["B", D], F32) for a in m.args]
+            ins += [(c, cond_io[c][0] if c in cond_io else _context_shape(cfg, c), F32) for c in m.context]
+            outs = [("D", ["B", "n", D], F32)] + ([("received", ["B", "n"], F32)] if m.emits_received else [])
+            specs.append(GraphSpec(f"{m.name}.{l}", ModuleGraph(model, l, m.name), ins, outs))
+    final_in = [s for s in step_io if s[0] in iface.final_step]
+    specs.append(GraphSpec("final", FinalGraph(model, iface.step, iface.final_step),
+                           [("tokens", ["B", N, D], F32)] + final_in, [("out", ["B", cfg.out_channels, H, H], F32)]))
     # Wrappers start in training mode like any nn.Module, and torch.onnx.export restores the mode
     # it found *recursively*: a training-mode wrapper would leave the shared model in training mode,
     # where DiT's label dropout makes every later PyTorch call random (docs/export.md, "Parity").

@@ -232,7 +232,7 @@ def raw_fp32_bytes(model) -> int:
 def export_graph(spec: GraphSpec, config, opset: int, exporter: str, gen: torch.Generator) -> onnx.ModelProto:
     """One subgraph as an in-memory ModelProto with weights inline (moved out by WeightsStore)."""
     N = config.num_tokens
-    args = spec.example(PARITY_BATCH, N, gen, config.num_classes)
+    args = spec.example(PARITY_BATCH, N, gen, config.num_classes, config.caption_len)
     names_in, names_out = [n for n, _, _ in spec.inputs], [n for n, _, _ in spec.outputs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -242,7 +242,8 @@ def export_graph(spec: GraphSpec, config, opset: int, exporter: str, gen: torch.
                               dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
                               dynamo=False)
             return onnx.load_from_string(buf.getvalue())
-        dims = {"B": torch.export.Dim("B", min=1, max=4096), "n": torch.export.Dim("n", min=1, max=max(N, 2))}
+        dims = {"B": torch.export.Dim("B", min=1, max=4096), "n": torch.export.Dim("n", min=1, max=max(N, 2)),
+                "L": torch.export.Dim("L", min=1, max=4096)}
         dynamic = {n: {i: dims[d] for i, d in enumerate(s) if isinstance(d, str)} for n, s, _ in spec.inputs}
         prog = torch.onnx.export(spec.module, args, input_names=names_in, output_names=names_out,
                                  dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False)
@@ -251,15 +252,23 @@ def export_graph(spec: GraphSpec, config, opset: int, exporter: str, gen: torch.
 
 def _reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -> list[np.ndarray]:
     """The same computation through TorchBackend (the executor's reference backend)."""
+    iface = backend.interface
     kind, _, layer = spec.name.partition(".")
+    if kind == "condition":
+        ctx = backend.prepare(dict(zip(iface.cond, args)))
+        return [ctx[name] for name, _, _ in spec.outputs]
     if kind == "embed":
-        return list(backend.embed(*args))
+        tokens, step = backend.embed(args[0], args[1], dict(zip(iface.embed_context, args[2:])))
+        return [tokens, *step]
     if kind == "final":
-        return [backend.final(*args)]
+        given = dict(zip(iface.final_step, args[1:]))
+        return [backend.final(args[0], tuple(given.get(n) for n in iface.step))]
     if kind == "modulation":
-        mods = backend.modulation(int(layer), args[0])
-        return [v for m in backend.modules for v in mods[m]]
-    D, received = backend.module(int(layer), kind, *args)
+        mods = backend.modulation(int(layer), tuple(args))
+        return [v for m in iface.modules for v in (*mods[m.name][0], *((mods[m.name][1],) if m.gated else ()))]
+    m = iface.spec(kind)
+    D, received = backend.module(int(layer), kind, args[0], *args[1:1 + len(m.args)],
+                                 context=dict(zip(m.context, args[1 + len(m.args):])))
     return [D] + ([received] if received is not None else [])
 
 
@@ -276,7 +285,9 @@ def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, cou
     token_ns = sorted({*counts, max(1, config.num_tokens // 4)}) if has_n else [config.num_tokens]
     worst = 0.0
     for n in token_ns:
-        args = [a.numpy() for a in spec.example(PARITY_BATCH, n, gen, config.num_classes)]
+        # Caption graphs are checked at a caption length other than the traced one (dynamic L).
+        args = [a.numpy() for a in spec.example(PARITY_BATCH, n, gen, config.num_classes,
+                                                 max(1, (config.caption_len or 2) // 2))]
         got = sess.run(None, {name: a for (name, _, _), a in zip(spec.inputs, args)})
         want = _reference(spec, backend, args)
         err = _max_err(spec, n, got, want)

@@ -66,10 +66,11 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     counts = manifest["token_counts"]
+    max_caption = manifest["model"].get("caption_len") or 1
     engines = {}
     for name, art in manifest["artefacts"].items():
         plan = out / f"{name}.{precision}.plan"
-        profiles = _profiles(art, counts, max_batch)
+        profiles = _profiles(art, counts, max_batch, max_caption)
         key = {"onnx_sha256": art["sha256"], "precision": precision, "profiles": profiles}
         entry = {"file": str(plan.relative_to(folder)), "precision": precision, "profiles": profiles,
                  "onnx_sha256": art["sha256"]}
@@ -89,16 +90,17 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
             "timing_cache": str(cache_file.relative_to(folder)), "engines": engines}
 
 
-def _profiles(art: dict, counts: list[int], max_batch: int) -> list[dict]:
+def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1) -> list[dict]:
     """One profile per token count for graphs with a token axis, else one profile.
-    Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch)."""
+    Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch, a caption axis L
+    from 1 to the model's caption length)."""
     has_n = any("n" in t["shape"] for t in art["inputs"])
     out = []
     for n in (counts if has_n else [None]):
         shapes = {}
         for t in art["inputs"]:
-            lo = [1 if d == "B" else n if d == "n" else d for d in t["shape"]]
-            opt = [max_batch if d == "B" else n if d == "n" else d for d in t["shape"]]
+            lo = [1 if d in ("B", "L") else n if d == "n" else d for d in t["shape"]]
+            opt = [max_batch if d == "B" else max_caption if d == "L" else n if d == "n" else d for d in t["shape"]]
             shapes[t["name"]] = [lo, opt, opt]
         out.append({"n": n, "shapes": shapes})
     return out

@@ -14,19 +14,8 @@ from soda.models.config import ModelConfig
 from soda.sampling import SamplerConfig
 from soda.schedule import Schedule
 
-# The artefact interface (export helper writes, runtime reads): graph -> (inputs, outputs).
-TOKEN_INPUTS = ("tokens", "shift", "scale")
-EMBED_IO = (("x", "t", "y"), ("tokens", "c"))
-FINAL_IO = (("tokens", "c"), ("out",))
-
-
-def module_outputs(name: str) -> tuple[str, ...]:
-    """Attention also returns the attention each token received (ToCa's score)."""
-    return ("D", "received") if name == "attn" else ("D",)
-
-
-def modulation_outputs(modules: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(f"{kind}_{m}" for m in modules for kind in ("shift", "scale", "gate"))
+# The artefact interface (export writes, runtime reads) is the architecture's declaration,
+# soda.models.interface.Interface: graph names and their input/output names come from it.
 
 
 @dataclass(frozen=True)
@@ -48,8 +37,17 @@ class Engines:
     def random_init(self) -> bool:
         return str(self.weights).startswith("random-init")
 
+    @property
+    def interface(self):
+        return self.config.interface
+
+    @property
+    def specs(self):
+        return tuple(self.interface.spec(m) for m in self.modules)
+
     def graph_names(self) -> list[str]:
-        names = ["embed"]
+        names = ["condition"] if self.interface.prepared else []
+        names.append("embed")
         for l in range(self.config.depth):
             names.append(f"modulation.{l}")
             names += [f"{m}.{l}" for m in self.modules]
@@ -60,14 +58,18 @@ class Engines:
 
     def io(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (inputs, outputs) the runtime feeds and reads for graph `name`."""
+        iface = self.interface
+        if name == "condition":
+            return iface.cond, iface.condition_outputs(self.config.depth)
         if name == "embed":
-            return EMBED_IO
+            return ("x", "t", *iface.embed_context), ("tokens", *iface.step)
         if name == "final":
-            return FINAL_IO
+            return ("tokens", *iface.final_step), ("out",)
         kind = name.split(".")[0]
         if kind == "modulation":
-            return ("c",), modulation_outputs(self.modules)
-        return TOKEN_INPUTS, module_outputs(kind)
+            return iface.step, iface.modulation_outputs()
+        spec = iface.spec(kind)
+        return spec.inputs, spec.outputs
 
     def sampler_with(self, kind: str | None = None, steps: int | None = None,
                      cfg_scale: float | None = None) -> SamplerConfig:
@@ -158,26 +160,60 @@ class GraphBackend:
     """The executor's Backend protocol over exported graphs; subclasses only say how to run one.
 
     `_run(name, inputs)` feeds the graph's inputs in manifest order and returns its outputs
-    (numpy arrays) in manifest order.
+    (numpy arrays) in manifest order. Which inputs each graph takes comes from the
+    architecture's interface; nothing here names a model.
     """
 
+    engines: Engines
     modules: tuple[str, ...]
     num_layers: int
 
     def _run(self, name: str, inputs: tuple) -> list:
         raise NotImplementedError
 
-    def embed(self, x, t, y):
-        tokens, c = self._run("embed", (x, t, y))[:2]
-        return tokens, c
+    def _setup_interface(self) -> None:
+        self.interface = self.engines.interface
+        self.specs = self.engines.specs
+        self._spec = {s.name: s for s in self.specs}
 
-    def modulation(self, layer, c):
-        outs = self._run(f"modulation.{layer}", (c,))
-        return {m: tuple(outs[3 * i:3 * i + 3]) for i, m in enumerate(self.modules)}
+    def prepare(self, cond):
+        iface = self.interface
+        if not iface.prepared:
+            return dict(cond)
+        outs = self._run("condition", tuple(_feed(n, cond[n]) for n in iface.cond))
+        return {**cond, **dict(zip(iface.condition_outputs(self.num_layers), outs))}
 
-    def module(self, layer, name, tokens, shift, scale):
-        outs = self._run(f"{name}.{layer}", (tokens, shift, scale))
+    def embed(self, x, t, context):
+        iface = self.interface
+        outs = self._run("embed", (x, t, *(_feed(n, context[n]) for n in iface.embed_context)))
+        return outs[0], tuple(outs[1:1 + len(iface.step)])
+
+    def modulation(self, layer, step):
+        outs = self._run(f"modulation.{layer}", tuple(step))
+        mods, i = {}, 0
+        for spec in self.specs:
+            args = tuple(outs[i:i + len(spec.args)])
+            i += len(spec.args)
+            gate = None
+            if spec.gated:
+                gate, i = outs[i], i + 1
+            mods[spec.name] = (args, gate)
+        return mods
+
+    def module(self, layer, name, tokens, *args, context=None):
+        spec = self._spec[name]
+        ctx = tuple(_feed(n, v) for n, v in zip(spec.context, spec.context_for(context, layer)))
+        outs = self._run(f"{name}.{layer}", (tokens, *args, *ctx))
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
-    def final(self, tokens, c):
-        return self._run("final", (tokens, c))[0]
+    def final(self, tokens, step):
+        iface = self.interface
+        given = dict(zip(iface.step, step))
+        return self._run("final", (tokens, *(given[n] for n in iface.final_step)))[0]
+
+
+def _feed(name: str, value):
+    """Conditioning arrays in the graphs' dtypes (masks are float32 there)."""
+    import numpy as np
+
+    return value.astype(np.float32, copy=False) if name == "mask" else value

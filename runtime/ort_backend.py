@@ -73,6 +73,7 @@ class OrtBackend(GraphBackend):
         self.engines = engines
         self.modules = engines.modules
         self.num_layers = engines.config.depth
+        self._setup_interface()
         so = session_options(threads)
         providers = choose_providers(device)
         self.sessions = {}

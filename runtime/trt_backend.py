@@ -129,6 +129,7 @@ class TrtBackend(GraphBackend):
         self.engines = engines
         self.modules = engines.modules
         self.num_layers = engines.config.depth
+        self._setup_interface()
         self.stream = int(_check(cudart.cudaStreamCreate()))  # TensorRT takes the handle as an int
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._io = {name: engines.io(name) for name in engines.graph_names()}

@@ -218,7 +218,7 @@ def monolithic_loop(session, config, sampler_cfg: SamplerConfig, labels: np.ndar
     shape = (config.in_channels, config.input_size, config.input_size)
 
     def model_fn(s, x, t, y):
-        return session.run(["out"], {"x": x, "t": t, "y": y})[0]
+        return session.run(["out"], {"x": x, "t": t, **y})[0]
 
     def loop():
         z, rng = initial_noise(len(labels), shape, seed)
@@ -237,7 +237,7 @@ def paired_steps(executor, session, config, sampler_cfg: SamplerConfig, labels: 
     ratios = []
 
     def model_fn(s, x, t, y):
-        feeds = {"x": x, "t": t, "y": y}
+        feeds = {"x": x, "t": t, **y}
         calls = [lambda: executor(s, x, t, y), lambda: session.run(["out"], feeds)[0]]
         if s % 2:
             calls.reverse()

@@ -1,9 +1,10 @@
 """The one stitching loop: run a Schedule step by step over a backend that computes modules.
 
 The PyTorch reference (`soda.torch_backend`) and the deploy runtime (`runtime/`) differ only
-in the backend: how `embed`, `modulation`, `module` and `final` are computed. Everything else
--- the per-token caches, the residual `x + gate * D`, token selection, skip steps and FLOPs
-accounting -- lives here once, in numpy.
+in the backend: how `prepare`, `embed`, `modulation`, `module` and `final` are computed.
+Everything else -- the per-token caches, the residual `x + gate * D` (or `x + D` for an
+ungated module), token selection, skip steps and FLOPs accounting -- lives here once, in
+numpy, and reads only the modules' declarations (`soda.models.interface.ModuleSpec`).
 """
 from __future__ import annotations
 
@@ -13,25 +14,37 @@ import numpy as np
 
 from soda.errors import NonFiniteError
 from soda.flops import FlopsModel
+from soda.models.interface import ModuleSpec
 from soda.schedule import FULL, REUSE, Schedule, kept_tokens, parse_action
 from soda.selectors import TokenSelector, make_selector
 
 
 class Backend(Protocol):
-    modules: tuple[str, ...]
+    """How modules are computed (torch adapter, ORT sessions, TensorRT engines), in numpy.
+
+    The three conditioning lifetimes (see `soda.models.interface`): `prepare` once per
+    generation, `embed` once per step, `modulation` once per layer and step. Their results
+    are opaque to the loop (dicts / tuples of batch-leading arrays) and handed back as they are.
+    """
+
+    specs: tuple[ModuleSpec, ...]  # the block's modules in order
+    modules: tuple[str, ...]  # their names
     num_layers: int
 
-    def embed(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Latents, timesteps, labels -> tokens [B, N, D], conditioning [B, D]."""
+    def prepare(self, cond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per generation: conditioning (labels, caption + mask) -> context for embed/modules."""
 
-    def modulation(self, layer: int, c: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per module: (shift, scale, gate), each [B, D]."""
+    def embed(self, x: np.ndarray, t: np.ndarray, context: dict) -> tuple[np.ndarray, tuple]:
+        """Per step: latents, timesteps -> tokens [B, N, D] and the step's conditioning."""
 
-    def module(self, layer: int, name: str, tokens: np.ndarray, shift: np.ndarray,
-               scale: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Pre-gate output D for `tokens` [B, n, D], and attention received [B, n] (attn only)."""
+    def modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, np.ndarray | None]]:
+        """Per layer: {module: (args for `module`, gate [B, D] or None when ungated)}."""
 
-    def final(self, tokens: np.ndarray, c: np.ndarray) -> np.ndarray:
+    def module(self, layer: int, name: str, tokens: np.ndarray, *args: np.ndarray,
+               context: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pre-gate output D for `tokens` [B, n, D], and attention received [B, n] (self-attn)."""
+
+    def final(self, tokens: np.ndarray, step: tuple) -> np.ndarray:
         """Tokens -> model output [B, C_out, H, W]."""
 
 
@@ -39,7 +52,11 @@ Recorder = Callable[[int, int, str, np.ndarray], None]  # (step, layer, module, 
 
 
 class Executor:
-    """Callable as the `model_fn` of `soda.sampling.sample_loop`: (s, x, t, y) -> model output."""
+    """Callable as the `model_fn` of `soda.sampling.sample_loop`: (s, x, t, cond) -> model output.
+
+    Step 0 starts a generation: the caches are refilled by its full compute and the
+    per-generation context is prepared from `cond` then, once.
+    """
 
     def __init__(self, backend: Backend, schedule: Schedule, flops: FlopsModel,
                  selector: TokenSelector | None = None, recorder: Recorder | None = None):
@@ -48,6 +65,7 @@ class Executor:
         self.backend = backend
         self.schedule = schedule
         self.flops = flops
+        self.gated = tuple(spec.gated for spec in backend.specs)
         self.selector = selector or make_selector(schedule.selector, schedule.params)
         self.recorder = recorder
         self.reset()
@@ -56,24 +74,30 @@ class Executor:
         """Forget caches and counters; call between independent generations."""
         self.cache: dict[tuple[int, int], np.ndarray] = {}
         self.last_tokens: np.ndarray | None = None
+        self.context: dict | None = None
         self.flops_done = 0.0
         self.selector.reset()
 
-    def __call__(self, s: int, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def __call__(self, s: int, x: np.ndarray, t: np.ndarray, cond) -> np.ndarray:
         cache, last = dict(self.cache), self.last_tokens  # shallow: entries are replaced, never edited
-        out = self._step(s, x, t, y)
+        out = self._step(s, x, t, cond)
         if not np.isfinite(out).all():  # one cheap check per step; locating the cause only on failure
             self.cache, self.last_tokens = cache, last
             raise NonFiniteError(f"NaN or inf in the model output at step {s} of {self.schedule.num_steps}, "
-                                 f"first in {self._locate(s, x, t, y)}; check the checkpoint and the noise")
+                                 f"first in {self._locate(s, x, t, cond)}; check the checkpoint and the noise")
         return out
 
-    def _step(self, s: int, x: np.ndarray, t: np.ndarray, y: np.ndarray, check: Callable | None = None) -> np.ndarray:
+    def _step(self, s: int, x: np.ndarray, t: np.ndarray, cond, check: Callable | None = None) -> np.ndarray:
         b = self.backend
         B = x.shape[0]
-        tokens, c = b.embed(x, t, y)
+        if s == 0 or self.context is None:
+            self.context = b.prepare(cond if isinstance(cond, dict) else {"y": cond})
+            self.flops_done += self.flops.condition(B)
+            if check:
+                check("prepare", *self.context.values())
+        tokens, step = b.embed(x, t, self.context)
         if check:
-            check("embed", tokens, c)
+            check("embed", tokens, *step)
         self.flops_done += self.flops.embed(B)
         if self.schedule.is_skip(s):
             if self.last_tokens is None:
@@ -81,22 +105,23 @@ class Executor:
             tokens = self.last_tokens
         else:
             for l in range(b.num_layers):
-                mods = b.modulation(l, c)
+                mods = b.modulation(l, step)
                 if check:
-                    check(f"layer {l} modulation", *(v for m in b.modules for v in mods[m]))
+                    check(f"layer {l} modulation",
+                          *(v for m in b.modules for v in (*mods[m][0], mods[m][1]) if v is not None))
                 self.flops_done += self.flops.modulation(B)
                 for m, name in enumerate(b.modules):
-                    shift, scale, gate = mods[name]
-                    D = self._module_output(s, l, m, name, tokens, shift, scale)
-                    tokens = tokens + gate[:, None, :] * D
+                    args, gate = mods[name]
+                    D = self._module_output(s, l, m, name, tokens, args)
+                    tokens = tokens + gate[:, None, :] * D if self.gated[m] else tokens + D
                     if check:
                         check(f"layer {l} {name}", D)
                         check(f"layer {l} {name} (residual sum)", tokens)
             self.last_tokens = tokens
         self.flops_done += self.flops.final(B)
-        return b.final(tokens, c)
+        return b.final(tokens, step)
 
-    def _locate(self, s: int, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> str:
+    def _locate(self, s: int, x: np.ndarray, t: np.ndarray, cond) -> str:
         """Where a step's non-finite output first appears: rerun the step from the same caches,
         checking every intermediate (only after a failure, so sampling pays one check per step)."""
         if not np.isfinite(x).all():
@@ -110,18 +135,18 @@ class Executor:
                 raise Found(where)
 
         try:
-            self._step(s, x, t, y, check)
+            self._step(s, x, t, cond, check)
         except Found as f:
             return str(f)
         return "the final layer"
 
-    def _module_output(self, s, l, m, name, tokens, shift, scale) -> np.ndarray:
+    def _module_output(self, s, l, m, name, tokens, args) -> np.ndarray:
         kind, rate = parse_action(self.schedule.action(s, l, m))
         B, N, _ = tokens.shape
         if kind == REUSE:
             return self.cache[(l, m)]
         if kind == FULL:
-            D, received = self.backend.module(l, name, tokens, shift, scale)
+            D, received = self.backend.module(l, name, tokens, *args, context=self.context)
             self.flops_done += self.flops.module(name, B, N)
             self.cache[(l, m)] = D
             self.selector.observe(s, l, name, None, D, received)
@@ -133,7 +158,7 @@ class Executor:
         idx = self.selector.select(s, l, name, k, tokens, cache)  # [B, k]
         rows = np.arange(B)[:, None]  # fancy indexing: 6-18x faster than take/put_along_axis here (docs/runtime.md)
         part = tokens[rows, idx]
-        D_part, received = self.backend.module(l, name, part, shift, scale)
+        D_part, received = self.backend.module(l, name, part, *args, context=self.context)
         self.flops_done += self.flops.module(name, B, k)
         cache = cache.copy()
         cache[rows, idx] = D_part

@@ -3,13 +3,19 @@
 Element-wise work (norms, activations, softmax, residual adds, gathers) is left out: it is
 under 2% of a DiT block at every size we ship, and leaving it out keeps the count exact and
 backend-independent. Attention on n tokens costs its projections (linear in n) plus QK^T and
-AV (quadratic in n), so pruned attention saves more than its token fraction.
+AV (quadratic in n), so pruned attention saves more than its token fraction. Cross-attention
+to a caption of L tokens costs its query and output projections plus n * L for QK^T and AV;
+its keys and values are computed once per generation (the `condition` term).
+
+Modules are costed by the kind their adapter declares (`soda.models.interface`); the parts
+outside the modules come from the architecture's per-row table. Nothing here names a model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from soda.models.config import ModelConfig
+from soda.models.interface import CROSS_ATTN, MLP, SELF_ATTN
 
 
 @dataclass(frozen=True)
@@ -17,36 +23,44 @@ class FlopsModel:
     hidden: int
     mlp_hidden: int
     num_tokens: int
-    patch_in: int  # C * p * p
-    patch_out: int  # C_out * p * p
-    freq_dim: int = 256
+    kinds: tuple[tuple[str, str], ...]  # (module name, kind) in block order
+    embed_row: float  # per step and batch row
+    modulation_row: float  # per layer, step and batch row
+    final_row: float  # per step and batch row
+    condition_row: float = 0.0  # per generation and batch row
+    context_len: int = 0  # caption tokens cross-attention attends to
 
     @classmethod
     def for_config(cls, cfg: ModelConfig) -> "FlopsModel":
-        p2 = cfg.patch_size**2
-        return cls(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), cfg.num_tokens,
-                   cfg.in_channels * p2, cfg.out_channels * p2)
+        from soda.models.interface import per_row_flops
+
+        rows = per_row_flops(cfg)
+        kinds = tuple((m.name, m.kind) for m in cfg.interface.modules)
+        return cls(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), cfg.num_tokens, kinds, rows["embed"],
+                   rows["modulation"], rows["final"], rows["condition"], cfg.caption_len or 0)
+
+    def condition(self, B: int) -> float:
+        return float(B * self.condition_row)
 
     def embed(self, B: int) -> float:
-        H = self.hidden
-        patch = 2 * B * self.num_tokens * self.patch_in * H
-        t_mlp = 2 * B * (self.freq_dim * H + H * H)
-        return float(patch + t_mlp)
+        return float(B * self.embed_row)
 
     def modulation(self, B: int) -> float:
-        return float(2 * B * self.hidden * 6 * self.hidden)
+        return float(B * self.modulation_row)
 
     def module(self, name: str, B: int, n: int) -> float:
         H = self.hidden
-        if name == "attn":
+        kind = dict(self.kinds)[name]
+        if kind == SELF_ATTN:
             return float(2 * B * n * H * 3 * H + 2 * 2 * B * n * n * H + 2 * B * n * H * H)
-        if name == "mlp":
+        if kind == CROSS_ATTN:
+            return float(2 * 2 * B * n * H * H + 2 * 2 * B * n * self.context_len * H)
+        if kind == MLP:
             return float(2 * 2 * B * n * H * self.mlp_hidden)
-        raise KeyError(name)
+        raise KeyError(kind)
 
     def final(self, B: int) -> float:
-        H = self.hidden
-        return float(2 * B * H * 2 * H + 2 * B * self.num_tokens * H * self.patch_out)
+        return float(B * self.final_row)
 
 
 def schedule_flops(schedule, fm: FlopsModel, batch: int) -> float:
@@ -56,7 +70,7 @@ def schedule_flops(schedule, fm: FlopsModel, batch: int) -> float:
     """
     from soda.schedule import kept_tokens, parse_action
 
-    total = 0.0
+    total = fm.condition(batch)
     for s in range(schedule.num_steps):
         total += fm.embed(batch) + fm.final(batch)
         if schedule.is_skip(s):

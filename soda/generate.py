@@ -12,7 +12,7 @@ from soda.errors import UserError
 from soda.executor import Backend, Executor
 from soda.flops import FlopsModel
 from soda.models.config import ModelConfig
-from soda.sampling import Diffusion, SamplerConfig, initial_noise, sample_loop
+from soda.sampling import Conditioning, SamplerConfig, initial_noise, make_diffusion, sample_loop
 from soda.schedule import Schedule
 
 
@@ -58,32 +58,34 @@ def generate(
     config: ModelConfig,
     sampler: SamplerConfig,
     schedule: Schedule,
-    labels: np.ndarray,
+    labels: np.ndarray | Conditioning,
     seed: int = 0,
     noise: np.ndarray | None = None,
     progress=None,
     rng=None,
 ) -> tuple[np.ndarray, RunStats]:
-    """Final samples [n, C, H, W] (before any VAE) and what it cost. `rng` (default: the
-    generator after `seed`'s initial noise) draws DDPM's per-step noise."""
-    diffusion = Diffusion(sampler, learn_sigma=config.learn_sigma)
+    """Final samples [n, C, H, W] (before any VAE) and what it cost. `labels`: class labels, or a
+    `Conditioning` (captions) for a text-conditioned model. `rng` (default: the generator after
+    `seed`'s initial noise) draws DDPM's per-step noise."""
+    cond = labels if isinstance(labels, Conditioning) else Conditioning.from_labels(labels, config.null_label)
+    diffusion = make_diffusion(sampler, config.learn_sigma)
     shape = (config.in_channels, config.input_size, config.input_size)
-    z, seed_rng = initial_noise(len(labels), shape, seed)
+    z, seed_rng = initial_noise(len(cond), shape, seed)
     rng = seed_rng if rng is None else rng
     if noise is not None:
         z = noise
     executor = Executor(backend, schedule, FlopsModel.for_config(config))
     t0 = time.perf_counter()
-    x = sample_loop(executor, diffusion, z, labels, config.null_label, config.in_channels, rng, progress)
+    x = sample_loop(executor, diffusion, z, cond, None, config.in_channels, rng, progress)
     return x, RunStats(executor.flops_done, time.perf_counter() - t0)
 
 
-def full_flops(config: ModelConfig, sampler: SamplerConfig, batch: int, modules=("attn", "mlp")) -> float:
+def full_flops(config: ModelConfig, sampler: SamplerConfig, batch: int, modules=None) -> float:
     """FLOPs of full compute for one generation batch of `batch` images (CFG doubles the rows)."""
     from soda.flops import schedule_flops
     from soda.policies import ScheduleSpec
     from soda.policies.full import full_schedule
 
-    spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, modules)
+    spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, modules or config.modules)
     rows = batch * (2 if sampler.uses_cfg else 1)
     return schedule_flops(full_schedule(spec), FlopsModel.for_config(config), rows)

@@ -19,7 +19,7 @@ PROFILE_BATCH = 64  # generations per profiling batch (CFG doubles the rows)
 
 
 def spec_for(model, sampler) -> ScheduleSpec:
-    return ScheduleSpec.for_model(model.config, sampler.kind, sampler.steps, tuple(model.blocks[0].modules_order))
+    return ScheduleSpec.for_model(model.config, sampler.kind, sampler.steps)
 
 
 def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Callable = print,

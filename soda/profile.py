@@ -155,7 +155,8 @@ class SensitivityRecorder:
                  inputs: "InputTap | None" = None, attention_rows: int = 16):
         from soda.selectors.feature_mean import FeatureMeanSelector
 
-        self.inputs = inputs  # when given, pruned attention is recomputed on the kept tokens
+        self.inputs = inputs  # when given, pruned token-mixing modules are recomputed on the kept tokens
+        self.token_mixing = {s.name for s in inputs.specs if s.token_mixing} if inputs is not None else set()
         self.attention_rows = attention_rows
         self.modules = tuple(modules)
         self.intervals = tuple(intervals)
@@ -179,7 +180,7 @@ class SensitivityRecorder:
         ff = np.einsum("bnc,bnc->bn", D, D, dtype=np.float64)  # [B, N]
         ff_sum = ff.sum(axis=1)
         B, N, _ = D.shape
-        exact = self.inputs is not None and name != "mlp"
+        exact = self.inputs is not None and name in self.token_mixing
         rows = np.unique(np.linspace(0, B - 1, min(B, self.attention_rows)).round().astype(np.int64)) if exact \
             else np.arange(B)
         ages = []  # (j, D_old, ss, sf) for every profiled age this step has
@@ -227,31 +228,37 @@ class InputTap:
 
     def __init__(self, backend):
         self.backend = backend
+        self.specs = backend.specs
         self.modules = backend.modules
         self.num_layers = backend.num_layers
-        self.last: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.last: dict[tuple[int, str], tuple[np.ndarray, tuple, dict | None]] = {}
 
-    def embed(self, x, t, y):
-        return self.backend.embed(x, t, y)
+    def prepare(self, cond):
+        return self.backend.prepare(cond)
 
-    def modulation(self, layer, c):
-        return self.backend.modulation(layer, c)
+    def embed(self, x, t, context):
+        return self.backend.embed(x, t, context)
 
-    def module(self, layer, name, tokens, shift, scale):
-        self.last[(layer, name)] = (tokens, shift, scale)
-        return self.backend.module(layer, name, tokens, shift, scale)
+    def modulation(self, layer, step):
+        return self.backend.modulation(layer, step)
 
-    def final(self, tokens, c):
-        return self.backend.final(tokens, c)
+    def module(self, layer, name, tokens, *args, context=None):
+        self.last[(layer, name)] = (tokens, args, context)
+        return self.backend.module(layer, name, tokens, *args, context=context)
+
+    def final(self, tokens, step):
+        return self.backend.final(tokens, step)
 
     def partial(self, layer: int, name: str, idxs: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
         """For each idx [len(rows), k] (same k): the module output of batch `rows` on those kept
         tokens only (attending among them), all computed in one batched call."""
-        tokens, shift, scale = self.last[(layer, name)]
+        tokens, args, context = self.last[(layer, name)]
         tokens = tokens[rows]
         part = np.concatenate([np.take_along_axis(tokens, idx[:, :, None], axis=1) for idx in idxs])
         reps = len(idxs)
-        out = self.backend.module(layer, name, part, np.tile(shift[rows], (reps, 1)), np.tile(scale[rows], (reps, 1)))[0]
+        tile = lambda a: np.tile(a[rows], (reps,) + (1,) * (a.ndim - 1))  # noqa: E731
+        ctx = None if context is None else {k: tile(v) for k, v in context.items()}
+        out = self.backend.module(layer, name, part, *(tile(a) for a in args), context=ctx)[0]
         return np.split(out, reps)
 
 
@@ -264,7 +271,7 @@ def _cos_distance(dot: np.ndarray, sq_a: np.ndarray, sq_b: np.ndarray) -> np.nda
 def calibrate_batch(
     model,
     sampler_cfg,
-    labels: np.ndarray,
+    labels,
     noise_seed,
     intervals=DEFAULT_INTERVALS,
     rates=DEFAULT_RATES,
@@ -272,25 +279,26 @@ def calibrate_batch(
     attention_rows: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """One calibration batch: a full-compute generation of `labels` from `noise_seed`'s noise (an
+    """One calibration batch: a full-compute generation of `labels` (class labels or a
+    `soda.sampling.Conditioning`) from `noise_seed`'s noise (an
     int or SeedSequence), and the recorder's sums over it (`sum_c`, `sum_p`, `rows`, `rows_p`).
     Batches are independent, so they may run anywhere (`profile(..., pool=...)`); their sums add up."""
     from soda.executor import Executor
     from soda.flops import FlopsModel
     from soda.policies import ScheduleSpec
     from soda.policies.full import full_schedule
-    from soda.sampling import Diffusion, initial_noise, sample_loop
+    from soda.sampling import initial_noise, make_diffusion, sample_loop
     from soda.torch_backend import TorchBackend
 
     config = model.config
-    modules = tuple(model.blocks[0].modules_order)
+    modules = config.modules
     S = sampler_cfg.steps
     spec = ScheduleSpec.for_model(config, sampler_cfg.kind, S, modules)
     backend = InputTap(TorchBackend(model))
     recorder = SensitivityRecorder(S, config.depth, modules, intervals, rates, backend if exact_attention else None,
                                    attention_rows)
     executor = Executor(backend, full_schedule(spec), FlopsModel.for_config(config), recorder=recorder)
-    diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
+    diffusion = make_diffusion(sampler_cfg, config.learn_sigma)
     shape = (config.in_channels, config.input_size, config.input_size)
     z, rng = initial_noise(len(labels), shape, noise_seed)
     sample_loop(executor, diffusion, z, labels, config.null_label, config.in_channels, rng, progress)
@@ -310,6 +318,7 @@ def profile(
     exact_attention: bool = True,
     attention_rows: int = 16,
     pool=None,
+    conditioning=None,
 ) -> Profile:
     """Sensitivity tables from `samples` full-compute generations with random labels and noise
     from the calibration stream of `seed` (`soda.seeds`).
@@ -317,19 +326,30 @@ def profile(
     Calibration samples are generated in batches of up to `batch_size` (CFG doubles the rows);
     `progress(s)` is called once per sampling step of every batch. With a `pool`
     (`soda.distributed.RayPool`) each batch runs on a worker; the sums are added in batch
-    order, so the tables are bit-identical to a run in this process.
+    order, so the tables are bit-identical to a run in this process. `conditioning` (a
+    `soda.sampling.Conditioning`, e.g. calibration captions) replaces the random labels; its
+    rows are used in turn (cycled when `samples` exceeds them).
     """
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     intervals = tuple(sorted(set(int(k) for k in intervals)))
     rates = tuple(sorted(set(float(a) for a in rates)))
     config = model.config
-    modules = tuple(model.blocks[0].modules_order)
+    modules = config.modules
     S = sampler_cfg.steps
-    # Calibration stream (soda.seeds): never the noise any bench evaluation draws, whatever --seed.
-    labels = np.random.default_rng(seeds.calibration(seed, seeds.PROFILE, 0)).integers(0, config.num_classes, samples)
-    batches = [(labels[start:start + batch_size], seeds.calibration(seed, seeds.PROFILE, 1 + b))
-               for b, start in enumerate(range(0, samples, batch_size))]
+    if conditioning is None and config.interface.cond != ("y",):
+        raise UserError(f"{config.name} is text-conditioned: profiling needs calibration captions "
+                        "(cli.py profile --prompt-embeds CALIBRATION.npz)")
+    if conditioning is None:
+        # Calibration stream (soda.seeds): never the noise any bench evaluation draws, whatever --seed.
+        labels = np.random.default_rng(seeds.calibration(seed, seeds.PROFILE, 0)).integers(0, config.num_classes,
+                                                                                            samples)
+        batches = [(labels[start:start + batch_size], seeds.calibration(seed, seeds.PROFILE, 1 + b))
+                   for b, start in enumerate(range(0, samples, batch_size))]
+    else:
+        rows = np.arange(samples) % len(conditioning)
+        batches = [(conditioning.rows(rows[start:start + batch_size]), seeds.calibration(seed, seeds.PROFILE, 1 + b))
+                   for b, start in enumerate(range(0, samples, batch_size))]
     options = {"intervals": intervals, "rates": rates, "exact_attention": exact_attention,
                "attention_rows": attention_rows}
 

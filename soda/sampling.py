@@ -27,7 +27,7 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.kind not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.kind!r}; choose ddim or ddpm")
+            raise UserError(f"unknown sampler {self.kind!r}; choose one of: {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         if self.steps > self.num_train_timesteps:
@@ -133,6 +133,11 @@ class Diffusion:
         return (mean + np.exp(0.5 * log_var) * noise).astype(np.float32)
 
 
+def make_diffusion(cfg: SamplerConfig, learn_sigma: bool = True):
+    """The sampler process for `cfg.kind`: num_steps, model_timestep(s), step(s, x, out, noise)."""
+    return Diffusion(cfg, learn_sigma=learn_sigma)
+
+
 def cfg_combine(model_out: np.ndarray, n: int, scale: float, channels: int | None, in_channels: int) -> np.ndarray:
     """The official `forward_with_cfg` on a doubled batch [cond; uncond] -> guided output for n.
 
@@ -145,27 +150,93 @@ def cfg_combine(model_out: np.ndarray, n: int, scale: float, channels: int | Non
     return np.concatenate([guided, cond[:, k:]], axis=1)
 
 
-ModelFn = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (s, x, t, y) -> out
+class Conditioning:
+    """What a generation batch is conditioned on, as named batch-leading arrays.
+
+    `cond` holds the n conditional rows, `uncond` the rows classifier-free guidance pairs them
+    with (same names and trailing shapes). DiT: {"y": labels} and the null label; PixArt:
+    {"caption", "mask"} and the negative (or learned null) caption. The sampling loop only
+    concatenates and slices these; the model adapter is the one that reads them.
+    """
+
+    def __init__(self, cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None = None):
+        self.cond = dict(cond)
+        self.uncond = None if uncond is None else dict(uncond)
+        sizes = {len(v) for v in self.cond.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"conditioning arrays disagree on the batch size: {sorted(sizes)}")
+        if self.uncond is not None and set(self.uncond) != set(self.cond):
+            raise ValueError("conditional and unconditional rows must have the same entries")
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, null_label: int) -> "Conditioning":
+        labels = np.asarray(labels, dtype=np.int64)
+        return cls({"y": labels}, {"y": np.full(len(labels), null_label, dtype=np.int64)})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.cond.values())))
+
+    def rows(self, sl) -> "Conditioning":
+        """The conditioning of a slice of the batch (uncond rows broadcast from one are kept whole)."""
+        pick = lambda d: {k: (v if len(v) == 1 and len(self) > 1 else v[sl]) for k, v in d.items()}  # noqa: E731
+        cond = {k: v[sl] for k, v in self.cond.items()}
+        return Conditioning(cond, None if self.uncond is None else pick(self.uncond))
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Class labels, for a label-conditioned model (pictures, classifier accuracy)."""
+        return self.cond.get("y")
+
+    def batch(self, guided: bool) -> dict[str, np.ndarray]:
+        """The model batch: [cond; uncond] rows with CFG, cond alone without."""
+        if not guided:
+            return self.cond
+        if self.uncond is None:
+            raise ValueError("classifier-free guidance needs unconditional rows")
+        n = len(self)
+        out = {}
+        for k, v in self.cond.items():
+            u = self.uncond[k]
+            if len(u) == 1 and n > 1:
+                u = np.repeat(u, n, axis=0)
+            out[k] = np.concatenate([v, u.astype(v.dtype, copy=False)])
+        return out
+
+
+ModelFn = Callable[[int, np.ndarray, np.ndarray, dict], np.ndarray]  # (s, x, t, cond) -> out
+
+
+def as_conditioning(labels, null_label: int | None) -> Conditioning:
+    """A Conditioning, or class labels turned into one with the null label as uncond."""
+    if isinstance(labels, Conditioning):
+        return labels
+    if null_label is None:
+        raise ValueError("class labels need the null label for guidance")
+    return Conditioning.from_labels(labels, null_label)
 
 
 def sample_loop(
     model_fn: ModelFn,
     diffusion: Diffusion,
     noise: np.ndarray,
-    labels: np.ndarray,
-    null_label: int,
+    labels,
+    null_label: int | None,
     in_channels: int,
     rng: np.random.Generator | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Run all sampling steps; `model_fn` sees the (doubled, with CFG) batch and the step index."""
+    """Run all sampling steps; `model_fn` sees the step index, the (doubled, with CFG) batch and
+    its conditioning as a dict of arrays. `labels` is a `Conditioning` or class labels."""
     cfg = diffusion.cfg
     x = noise.astype(np.float32)
     n = x.shape[0]
-    y = np.concatenate([labels, np.full(n, null_label)]) if cfg.uses_cfg else labels
-    y = y.astype(np.int64)
+    cond = as_conditioning(labels, null_label)
+    if len(cond) != n:
+        raise ValueError(f"{n} noise rows but {len(cond)} conditioning rows")
+    y = cond.batch(cfg.uses_cfg)
+    rows = 2 * n if cfg.uses_cfg else n
     for s in range(diffusion.num_steps):
-        t = np.full(len(y), diffusion.model_timestep(s), dtype=np.int64)
+        t = np.full(rows, diffusion.model_timestep(s), dtype=np.int64)
         if cfg.uses_cfg:
             out = model_fn(s, np.concatenate([x, x]), t, y)
             out = cfg_combine(out, n, cfg.cfg_scale, cfg.cfg_channels, in_channels)

@@ -60,6 +60,9 @@ def exported(tiny_model, tmp_path_factory):
     return out, res
 
 
+from soda.models.interface import DIT  # noqa: E402
+
+
 class OrtBackend:
     """The executor's backend protocol over the exported graphs (what the runtime does)."""
 
@@ -68,22 +71,27 @@ class OrtBackend:
 
         m = load_manifest(folder)
         self.sess = {n: ort.InferenceSession(str(m.path(n)), providers=["CPUExecutionProvider"]) for n in m.artefacts}
+        self.specs = DIT.modules
         self.modules = ("attn", "mlp")
         self.num_layers = m.model["depth"]
 
-    def embed(self, x, t, y):
-        return tuple(self.sess["embed"].run(None, {"x": x, "t": t, "y": y}))
+    def prepare(self, cond):
+        return cond
 
-    def modulation(self, layer, c):
-        o = self.sess[f"modulation.{layer}"].run(None, {"c": c})
-        return {"attn": tuple(o[:3]), "mlp": tuple(o[3:])}
+    def embed(self, x, t, context):
+        tokens, c = self.sess["embed"].run(None, {"x": x, "t": t, "y": context["y"]})
+        return tokens, (c,)
 
-    def module(self, layer, name, tokens, shift, scale):
+    def modulation(self, layer, step):
+        o = self.sess[f"modulation.{layer}"].run(None, {"c": step[0]})
+        return {"attn": (tuple(o[:2]), o[2]), "mlp": (tuple(o[3:5]), o[5])}
+
+    def module(self, layer, name, tokens, shift, scale, context=None):
         o = self.sess[f"{name}.{layer}"].run(None, {"tokens": tokens, "shift": shift, "scale": scale})
         return o[0], (o[1] if name == "attn" else None)
 
-    def final(self, tokens, c):
-        return self.sess["final"].run(None, {"tokens": tokens, "c": c})[0]
+    def final(self, tokens, step):
+        return self.sess["final"].run(None, {"tokens": tokens, "c": step[0]})[0]
 
 
 def test_artefacts_manifest_and_parity(exported, tiny_model, tiny_config):

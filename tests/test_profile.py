@@ -41,9 +41,9 @@ def trajectory(model, sampler, samples, seed):
     from soda.torch_backend import TorchBackend
 
     class Tap(TorchBackend):
-        def module(self, layer, name, tokens, shift, scale):
+        def module(self, layer, name, tokens, shift, scale, context=None):
             inputs[(len(D) // (2 * cfg.depth), layer, name)] = (tokens.copy(), shift, scale)
-            return super().module(layer, name, tokens, shift, scale)
+            return super().module(layer, name, tokens, shift, scale, context=context)
 
     cfg = model.config
     D, inputs = {}, {}

@@ -38,7 +38,10 @@ class Recording:
 
     def __init__(self, backend):
         self.backend, self.outputs = backend, []
-        self.modules, self.num_layers = backend.modules, backend.num_layers
+        self.specs, self.modules, self.num_layers = backend.specs, backend.modules, backend.num_layers
+
+    def prepare(self, *a):
+        return self.backend.prepare(*a)
 
     def embed(self, *a):
         return self.backend.embed(*a)
@@ -46,8 +49,8 @@ class Recording:
     def modulation(self, *a):
         return self.backend.modulation(*a)
 
-    def module(self, *a):
-        return self.backend.module(*a)
+    def module(self, *a, **kw):
+        return self.backend.module(*a, **kw)
 
     def final(self, *a):
         out = self.backend.final(*a)

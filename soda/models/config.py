@@ -22,6 +22,10 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1
     arch: str = "dit"  # which adapter builds it
+    # Text-conditioned architectures only (None elsewhere, and then absent from to_dict/hash):
+    caption_channels: int | None = None  # caption embedding width (T5-XXL: 4096)
+    caption_len: int | None = None  # nominal caption length (tokens) the FLOPs model counts
+    pe_interpolation: float | None = None  # position-embedding interpolation scale
 
     @property
     def num_tokens(self) -> int:
@@ -35,8 +39,23 @@ class ModelConfig:
     def null_label(self) -> int:
         return self.num_classes
 
+    @property
+    def interface(self):
+        """The architecture's torch-free interface (modules, conditioning names)."""
+        from soda.models.interface import interface_for
+
+        return interface_for(self.arch)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.interface.module_names
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in _OPTIONAL:
+            if d[k] is None:
+                del d[k]  # a DiT config (and its hash) is what it was before these fields existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -46,6 +65,9 @@ class ModelConfig:
         """Identity of the architecture; files made for one model carry it."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_OPTIONAL = ("caption_channels", "caption_len", "pe_interpolation")
 
 
 # The official DiT family (models.py): depth, width, heads per size; patch 2/4/8.

@@ -245,6 +245,30 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(shape=(x.shape[0], c, h * p, h * p))
 
+    # --- the generic adapter protocol (soda.models.interface), over the methods above ----------
+    def prepare(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per generation: the labels are all the context (embedded with t at every step)."""
+        return {"y": cond["y"]}
+
+    def step_embed(self, x: torch.Tensor, t: torch.Tensor, context: dict) -> tuple[torch.Tensor, tuple]:
+        tokens, c = self.embed(x, t, context["y"])
+        return tokens, (c,)
+
+    def layer_modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, torch.Tensor]]:
+        mods = self.blocks[layer].modulation(step[0])
+        return {name: ((m.shift, m.scale), m.gate) for name, m in mods.items()}
+
+    def module_forward(self, layer: int, name: str, tokens: torch.Tensor, args: tuple, context: dict | None = None):
+        """(pre-gate D, attention received or None) of module `name` at `layer`; `context` holds
+        the per-generation inputs the module declares, by their bare names (none for DiT)."""
+        mod = Modulation(args[0], args[1], None)
+        if name == "attn":
+            return self.blocks[layer].run_module(name, tokens, mod, return_received=True)
+        return self.blocks[layer].run_module(name, tokens, mod), None
+
+    def step_final(self, tokens: torch.Tensor, step: tuple) -> torch.Tensor:
+        return self.final(tokens, step[0])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tokens, c = self.embed(x, t, y)
         for block in self.blocks:

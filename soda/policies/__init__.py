@@ -25,7 +25,9 @@ class ScheduleSpec:
     num_steps: int
 
     @classmethod
-    def for_model(cls, config, sampler: str, num_steps: int, modules: tuple[str, ...] = ("attn", "mlp")) -> "ScheduleSpec":
+    def for_model(cls, config, sampler: str, num_steps: int, modules: tuple[str, ...] | None = None) -> "ScheduleSpec":
+        """`modules` default: the ones the config's architecture declares."""
+        modules = config.modules if modules is None else modules
         return cls(config.name, config.hash(), config.depth, tuple(modules), config.num_tokens, sampler, num_steps)
 
 

@@ -118,11 +118,12 @@ class Planner:
         self.module_full = np.array([fm.module(n, 1, N) for n in names])  # [M]
         self.module_prune = np.array([[fm.module(n, 1, kept_tokens(a, N)) for a in rates] for n in names])  # [M, A]
         self.step_base = fm.embed(1) + fm.final(1) + self.L * fm.modulation(1)
-        self.full_flops = self.S * (self.step_base + self.L * self.module_full.sum())
+        self.generation_base = fm.condition(1)  # once per generation (caption K/V)
+        self.full_flops = self.generation_base + self.S * (self.step_base + self.L * self.module_full.sum())
 
     # --- FLOPs and errors of a plan -------------------------------------------------------
     def reuse_flops(self, num_anchors: int) -> float:
-        return self.S * self.step_base + num_anchors * self.L * self.module_full.sum()
+        return self.generation_base + self.S * self.step_base + num_anchors * self.L * self.module_full.sum()
 
     def _candidates(self, anchors: list[int]):
         """Per reused (s, l, m): E_c, E_p over rates, module index, and the key."""

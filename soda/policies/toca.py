@@ -146,7 +146,7 @@ def fast_flops(spec: ScheduleSpec, fm, N: int, R: float, step_weight: float, lay
     per_token_mlp = fm.module("mlp", 1, n) / n  # linear in the token count
     full_layer = sum(fm.module(m, 1, n) for m in spec.modules)
     computed = (kinds != AGGRESSIVE_STEP).sum()
-    return (S * (fm.embed(1) + fm.final(1)) + computed * L * fm.modulation(1)
+    return (fm.condition(1) + S * (fm.embed(1) + fm.final(1)) + computed * L * fm.modulation(1)
             + (kinds == FULL_STEP).sum() * L * full_layer + per_token_mlp * float(tokens.sum()))
 
 

@@ -1,0 +1,168 @@
+"""What an architecture tells the rest of the toolchain, without torch.
+
+The stitching loop, the FLOPs model, the policies, the profiler, the exporter and the runtime
+read these declarations and never name a model. An adapter (`soda/models/<arch>.py`, torch)
+implements them; this table is the torch-free half, so the runtime and the schedule builders
+can know a model's modules without importing its code.
+
+Conditioning has three lifetimes, each computed once at its lifetime by the adapter and handed
+back to it opaquely (dicts/tuples of batch-leading arrays the loop never looks inside):
+- per generation: `prepare(cond) -> context` (DiT: the labels; PixArt: the caption mask and
+  every layer's cross-attention K/V, computed from the caption once);
+- per step: `embed(x, t, context) -> (tokens, step)` (DiT: `c`; PixArt: the shared `t0` and
+  the timestep embedding the final layer uses);
+- per layer: `modulation(layer, step) -> {module: (args, gate)}` (shift/scale for modulated
+  modules; `gate` is None for an ungated module, whose output is added with weight 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+SELF_ATTN, CROSS_ATTN, MLP = "self_attn", "cross_attn", "mlp"
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One residual branch of a block: `x += gate * D` (gated) or `x += D`.
+
+    token_mixing: its output at a token depends on other tokens (self-attention), so a pruned
+    call attends among the kept tokens only; token-wise modules (MLP, cross-attention to the
+    caption) give exactly the full output on any subset of tokens.
+    kind: what it computes, for the FLOPs model ("self_attn", "cross_attn", "mlp").
+    args: names of the per-layer inputs from `modulation` (graph input names).
+    context: names of the per-generation inputs it reads (per-layer ones are stored as
+    "<name>.<layer>" in the context; graph input names are the bare names).
+    axis: the axis it mixes ("spatial"; a video adapter adds "temporal").
+    """
+
+    name: str
+    gated: bool
+    token_mixing: bool
+    kind: str
+    args: tuple[str, ...] = ("shift", "scale")
+    context: tuple[str, ...] = ()
+    axis: str = "spatial"
+
+    @property
+    def emits_received(self) -> bool:
+        """Self-attention also returns the attention each token received (ToCa's score)."""
+        return self.kind == SELF_ATTN
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return ("D", "received") if self.emits_received else ("D",)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Input names of its "{name}.{layer}" graph."""
+        return ("tokens", *self.args, *self.context)
+
+    def context_for(self, context: dict | None, layer: int) -> tuple:
+        """The per-generation inputs this module reads at `layer` ("k.3" before "k")."""
+        if not self.context:
+            return ()
+        return tuple(context[f"{n}.{layer}"] if f"{n}.{layer}" in context else context[n] for n in self.context)
+
+
+@dataclass(frozen=True)
+class Interface:
+    """The graph-level interface of one architecture (names are ONNX input/output names).
+
+    cond: what a generation is conditioned on (the sampler supplies these, batch-leading):
+      DiT ("y",) labels; PixArt ("caption", "mask").
+    prepared: per-generation outputs of the "condition" graph, "{name}.{layer}" per layer
+      when listed in `per_layer` (empty: no condition graph; the context is `cond` itself).
+    embed_context: context entries the embed graph reads besides (x, t).
+    step: per-step conditioning the embed graph emits (and modulation/final read).
+    final_step: which of `step` the final layer reads.
+    """
+
+    arch: str
+    modules: tuple[ModuleSpec, ...]
+    cond: tuple[str, ...]
+    embed_context: tuple[str, ...]
+    step: tuple[str, ...]
+    final_step: tuple[str, ...]
+    prepared: tuple[str, ...] = ()
+    per_layer: tuple[str, ...] = ()
+    flops: Callable[..., dict[str, float]] | None = None  # config -> per-row FLOPs outside the modules
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modules)
+
+    def spec(self, name: str) -> ModuleSpec:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def modulation_outputs(self) -> tuple[str, ...]:
+        """Outputs of a "modulation.{l}" graph: each module's args then its gate, prefixed."""
+        out = []
+        for m in self.modules:
+            out += [f"{a}_{m.name}" for a in m.args]
+            if m.gated:
+                out.append(f"gate_{m.name}")
+        return tuple(out)
+
+    def condition_outputs(self, depth: int) -> tuple[str, ...]:
+        out = []
+        for p in self.prepared:
+            out += [f"{p}.{l}" for l in range(depth)] if p in self.per_layer else [p]
+        return tuple(out)
+
+
+def _common(config) -> tuple[float, float, float]:
+    """Patch embedding, timestep MLP and output projection, per batch row."""
+    H, N, p2 = config.hidden_size, config.num_tokens, config.patch_size**2
+    return (2 * N * config.in_channels * p2 * H, 2 * (256 * H + H * H), 2 * N * H * config.out_channels * p2)
+
+
+def _dit_flops(config) -> dict[str, float]:
+    patch, t_mlp, out = _common(config)
+    H = config.hidden_size
+    return {"embed": float(patch + t_mlp), "modulation": float(2 * H * 6 * H), "final": float(2 * H * 2 * H + out),
+            "condition": 0.0}
+
+
+def _pixart_flops(config) -> dict[str, float]:
+    """t_block (SiLU + Linear(H, 6H)) once per step; per layer only a table add; the caption
+    projection and each layer's K/V once per generation, at the nominal caption length."""
+    patch, t_mlp, out = _common(config)
+    H, Lc, C = config.hidden_size, config.caption_len, config.caption_channels
+    caption = 2 * Lc * (C * H + H * H) + config.depth * 2 * Lc * H * 2 * H
+    return {"embed": float(patch + t_mlp + 2 * H * 6 * H), "modulation": 0.0, "final": float(out),
+            "condition": float(caption)}
+
+
+_ATTN = ModuleSpec("attn", gated=True, token_mixing=True, kind=SELF_ATTN)
+_MLP = ModuleSpec("mlp", gated=True, token_mixing=False, kind=MLP)
+
+DIT = Interface("dit", (_ATTN, _MLP), cond=("y",), embed_context=("y",), step=("c",), final_step=("c",),
+                flops=_dit_flops)
+
+PIXART = Interface(
+    "pixart",
+    (_ATTN, ModuleSpec("cross_attn", gated=False, token_mixing=False, kind=CROSS_ATTN, args=(),
+                       context=("k", "v", "mask")), _MLP),
+    cond=("caption", "mask"), embed_context=(), step=("t0", "temb"), final_step=("temb",),
+    prepared=("k", "v"), per_layer=("k", "v"), flops=_pixart_flops,
+)
+
+INTERFACES = {i.arch: i for i in (DIT, PIXART)}
+
+
+def interface_for(arch: str) -> Interface:
+    from soda.errors import UserError
+
+    if arch not in INTERFACES:
+        raise UserError(f"no adapter for architecture {arch!r} (known: {', '.join(INTERFACES)})")
+    return INTERFACES[arch]
+
+
+def per_row_flops(config) -> dict[str, float]:
+    """FLOPs per batch row outside the blocks' modules: embed (per step), modulation (per layer
+    and step), final (per step), condition (per generation)."""
+    return interface_for(config.arch).flops(config)
