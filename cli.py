@@ -8,14 +8,17 @@ import click
 
 from soda.errors import UserError
 
-MODEL_HELP = "dit-xl-2 | dit-l-4 | ... | dit-digits (shipped) | dit (infer from --ckpt)"
+MODEL_HELP = ("dit-xl-2 | dit-l-4 | ... | dit-digits (shipped) | dit (infer from --ckpt) | "
+              "pixart-alpha-256 | pixart-alpha-512 | pixart (infer from --ckpt: official .pth or diffusers folder)")
 
 
 def model_options(f):
     """--model, --ckpt, --num-heads, --random-init: how every command finds its weights."""
     f = click.option("--random-init", is_flag=True, help="Random weights (toolchain check only; outputs say so).")(f)
-    f = click.option("--num-heads", type=int, default=None, help="Heads, for a non-standard width with --model dit.")(f)
-    f = click.option("--ckpt", type=click.Path(dir_okay=False), default=None, help="Checkpoint (.pt or .safetensors).")(f)
+    f = click.option("--num-heads", type=int, default=None,
+                     help="Heads, for a non-standard width with --model dit or pixart.")(f)
+    f = click.option("--ckpt", type=click.Path(), default=None,
+                     help="Checkpoint (.pt, .pth or .safetensors; for PixArt also a diffusers folder).")(f)
     f = click.option("--model", "model_name", default="dit-digits", show_default=True, help=MODEL_HELP)(f)
     return f
 
@@ -32,12 +35,19 @@ def ray_options(f):
 def sampler_options(f):
     f = click.option("--cfg-channels", type=click.Choice(["official", "all"]), default=None,
                      help="Guide the first 3 channels (official DiT quirk) or all eps channels. "
-                          "Default: official for 4-channel latents, all otherwise.")(f)
+                          "Default: official for 4-channel DiT latents, all otherwise.")(f)
     f = click.option("--cfg-scale", type=float, default=None,
-                     help="Guidance scale; 1 disables it. Default: 4.0 (DiT), 2.0 (dit-digits).")(f)
-    f = click.option("--steps", type=int, default=50, show_default=True)(f)
-    f = click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)(f)
+                     help="Guidance scale; 1 disables it. Default: 4.0 (DiT), 2.0 (dit-digits), 4.5 (PixArt).")(f)
+    f = click.option("--steps", type=int, default=None, help="Default: 50 (ddim/ddpm), 20 (dpm-solver).")(f)
+    f = click.option("--sampler", type=click.Choice(["ddim", "ddpm", "dpm-solver"]), default=None,
+                     help="Default: ddim for DiT, dpm-solver (DPM-Solver++ 2M) for PixArt.")(f)
     return f
+
+
+def prompt_embeds_option(f):
+    return click.option("--prompt-embeds", type=click.Path(dir_okay=False), default=None,
+                        help="Text-conditioned models: an .npz with prompt_embeds [n, L, C], prompt_attention_mask "
+                             "[n, L] and optional negative_prompt_embeds / negative_prompt_attention_mask.")(f)
 
 
 def toca_official_loop_option(f):
@@ -47,16 +57,29 @@ def toca_official_loop_option(f):
                              "Default: every layer follows layer 0, as the papers describe.")(f)
 
 
-def make_sampler(config, sampler: str, steps: int, cfg_scale: float, cfg_channels: str | None):
+def make_sampler(config, sampler: str | None, steps: int | None, cfg_scale: float, cfg_channels: str | None):
     from soda.sampling import SamplerConfig
 
     from soda.models.config import default_cfg_scale
 
-    if cfg_channels is None:
-        cfg_channels = "official" if config.in_channels == 4 else "all"
+    text = config.arch != "dit"
+    if sampler is None:
+        sampler = "dpm-solver" if text else "ddim"
+    if steps is None:
+        steps = 20 if sampler == "dpm-solver" else 50
+    if cfg_channels is None:  # the 3-channel quirk is DiT's forward_with_cfg only
+        cfg_channels = "official" if config.in_channels == 4 and not text else "all"
     if cfg_scale is None:
-        cfg_scale = default_cfg_scale(config.name)
+        cfg_scale = default_cfg_scale(config.name, config.arch)
     return SamplerConfig(sampler, steps, cfg_scale, 3 if cfg_channels == "official" else None)
+
+
+def conditioning(model, labels: str | None, prompt_embeds: str | None):
+    """Class labels (DiT) or captions from --prompt-embeds (text-conditioned models)."""
+    from soda.generate import make_conditioning
+
+    null = model.null_caption_table() if hasattr(model, "null_caption_table") else None
+    return make_conditioning(model.config, labels, prompt_embeds, null)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -113,7 +136,8 @@ def cli():
 @cli.command()
 @model_options
 @sampler_options
-@click.option("--labels", default="0,1,2,3", show_default=True, help="Comma-separated class labels.")
+@click.option("--labels", default=None, help="Comma-separated class labels [0,1,2,3].")
+@prompt_embeds_option
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
 @click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
@@ -125,13 +149,13 @@ def cli():
 @click.option("--vae", type=click.Path(file_okay=False), default=None, help="Local diffusers AutoencoderKL folder.")
 @toca_official_loop_option
 @click.option("--out", type=click.Path(dir_okay=False), default="sample.png", show_default=True)
-def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, labels, seed,
+def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, labels, prompt_embeds, seed,
            noise, policy, schedule_file, speedup, profile_file, save_latents, vae, toca_official_loop, out):
     """Generate samples with the PyTorch reference executor."""
     import numpy as np
     from tqdm import tqdm
 
-    from soda.generate import generate, load_noise, parse_labels
+    from soda.generate import generate, load_noise
     from soda.pictures import save_samples_png
     from soda.pipeline import resolve_schedule
     from soda.torch_backend import TorchBackend
@@ -146,7 +170,8 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     model, weights = load(model_name, ckpt, num_heads, random_init)
     config = model.config
     sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
-    ys = parse_labels(labels, config.num_classes)
+    sampler, steps = sampler_cfg.kind, sampler_cfg.steps
+    ys = conditioning(model, labels, prompt_embeds)
     z = load_noise(noise, len(ys), config) if noise else None
     schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo,
                                 toca_official_loop=toca_official_loop, progress=progress_bar)
@@ -233,6 +258,7 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     check_out_suffix(out, "--out", (".json",))
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    steps = sampler_cfg.steps
     total = steps * -(-samples // max(1, batch_size))
     from soda.shards import WorkerSpec, worker_pool
 
@@ -371,7 +397,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
         from soda.plots import frontier_plot, random_note
 
         frontier_plot(report["results"] + report["frontier"], plot,
-                      title=f"{model.config.name} {sampler}-{steps}, {samples} samples" + random_note(weights))
+                      title=f"{model.config.name} {sampler_cfg.kind}-{sampler_cfg.steps}, {samples} samples"
+                      + random_note(weights))
         click.echo(f"frontier plot -> {plot}")
     click.echo(f"results -> {json_out}")
     click.echo(f"reproduce: {report['command']}")
@@ -430,7 +457,8 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 @click.option("--save-latents", type=click.Path(dir_okay=False), default=None, help="Final samples .npy.")
 @click.option("--out", type=click.Path(dir_okay=False), default="run.png", show_default=True)
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default=None, help="Default: the exported sampler.")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm", "dpm-solver"]), default=None,
+              help="Default: the exported sampler.")
 @click.option("--steps", type=int, default=None, help="Default: the exported sampler's.")
 @click.option("--cfg-scale", type=float, default=None, help="Default: the exported sampler's.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (default: all cores).")

@@ -35,6 +35,24 @@ def parse_labels(text: str, num_classes: int) -> np.ndarray:
     return np.array(labels, dtype=np.int64)
 
 
+def make_conditioning(config: ModelConfig, labels: str | None, prompt_embeds: str | None,
+                      null_caption: np.ndarray | None = None) -> Conditioning:
+    """What to generate: class labels for a label-conditioned model, captions from an npz for a
+    text-conditioned one (unconditional rows: its negatives, else `null_caption`)."""
+    if config.interface.cond == ("y",):
+        if prompt_embeds:
+            raise UserError(f"--prompt-embeds is for text-conditioned models; {config.name} takes --labels")
+        return Conditioning.from_labels(parse_labels(labels or "0,1,2,3", config.num_classes), config.null_label)
+    if labels is not None:
+        raise UserError(f"{config.name} is text-conditioned: give --prompt-embeds FILE.npz, not --labels")
+    if not prompt_embeds:
+        raise UserError(f"{config.name} is text-conditioned: give --prompt-embeds FILE.npz (prompt_embeds "
+                        "[n, L, C] and prompt_attention_mask [n, L], diffusers' names)")
+    from soda.captions import caption_conditioning, load_prompt_embeds
+
+    return caption_conditioning(load_prompt_embeds(prompt_embeds, config.caption_channels), null_caption)
+
+
 def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
     path = Path(path)
     if not path.is_file():

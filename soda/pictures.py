@@ -74,9 +74,18 @@ def decode_vae(latents: np.ndarray, vae) -> np.ndarray:
         return vae.decode(torch.from_numpy(latents) / 0.18215).sample.numpy()
 
 
-def save_samples_png(samples: np.ndarray, labels: np.ndarray, out: str | Path, config, vae: str | None = None,
+def captions_for(labels, n: int) -> list[str]:
+    """Tile captions: "class k" for class labels (an array or a label Conditioning), else "prompt i"."""
+    labels = getattr(labels, "labels", labels)
+    if labels is None:
+        return [f"prompt {i}" for i in range(n)]
+    return [f"class {int(v)}" for v in labels]
+
+
+def save_samples_png(samples: np.ndarray, labels, out: str | Path, config, vae: str | None = None,
                      random_init: bool = False) -> None:
-    """Pixel-space models are shown as they are; latents are VAE-decoded or previewed."""
+    """Pixel-space models are shown as they are; latents are VAE-decoded or previewed. `labels`:
+    class labels, a `soda.sampling.Conditioning`, or None (captions: "prompt i")."""
     if vae:
         images, kind = decode_vae(samples, vae), "decoded"
     elif config.in_channels in (1, 3):
@@ -85,7 +94,7 @@ def save_samples_png(samples: np.ndarray, labels: np.ndarray, out: str | Path, c
         images, kind = latent_preview(samples), "latent preview (no --vae)"
     scale = max(1, 64 // images.shape[-1])
     title = f"{config.name} {kind}" + (" RANDOM WEIGHTS" if random_init else "")
-    img = grid_image(to_uint8(images), [f"class {int(v)}" for v in labels], scale=scale, title=title)
+    img = grid_image(to_uint8(images), captions_for(labels, len(images)), scale=scale, title=title)
     from soda.outputs import atomic_output
 
     with atomic_output(out) as tmp:

@@ -14,7 +14,7 @@ import numpy as np
 
 from soda.errors import UserError
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpm-solver")
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,10 @@ class Diffusion:
 
 def make_diffusion(cfg: SamplerConfig, learn_sigma: bool = True):
     """The sampler process for `cfg.kind`: num_steps, model_timestep(s), step(s, x, out, noise)."""
+    if cfg.kind == "dpm-solver":
+        from soda.dpm_solver import DPMSolver
+
+        return DPMSolver(cfg, learn_sigma=learn_sigma)
     return Diffusion(cfg, learn_sigma=learn_sigma)
 
 

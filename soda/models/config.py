@@ -87,16 +87,31 @@ REGISTRY["dit-digits"] = ModelConfig(
 )
 
 
+# PixArt-alpha XL-2 (PixArt-alpha/PixArt-alpha): depth 28, width 1152, 16 heads, T5-XXL captions of
+# 120 tokens. The position-embedding scale is diffusers' rule for a config that gives none
+# (max(latent side // 64, 1): 1, 1, 2, as the official inference's {512: 1, 1024: 2}); a
+# checkpoint's own scale (its pos_embed, or config.json) replaces it when loaded.
+for _px, _latent in ((256, 32), (512, 64), (1024, 128)):
+    REGISTRY[f"pixart-alpha-{_px}"] = ModelConfig(
+        f"pixart-alpha-{_px}", depth=28, hidden_size=1152, patch_size=2, num_heads=16, input_size=_latent,
+        in_channels=4, num_classes=0, learn_sigma=True, arch="pixart", caption_channels=4096, caption_len=120,
+        pe_interpolation=float(max(_latent // 64, 1)),
+    )
+
 # Guidance scale each model samples best at (DiT's published 4.0; dit-digits measured in docs/digits.md).
-DEFAULT_CFG_SCALE = {"dit-digits": 2.0}
+DEFAULT_CFG_SCALE = {"dit-digits": 2.0, **{f"pixart-alpha-{px}": 4.5 for px in (256, 512, 1024)}}
 
 
-def default_cfg_scale(name: str) -> float:
-    return DEFAULT_CFG_SCALE.get(name, 4.0)
+def default_cfg_scale(name: str, arch: str = "dit") -> float:
+    """Per model; PixArt's official 4.5 for any PixArt (the generic `pixart` included)."""
+    return DEFAULT_CFG_SCALE.get(name, 4.5 if arch == "pixart" else 4.0)
+
+
+GENERIC = {"dit": "dit", "pixart": "pixart"}  # names whose architecture is read from --ckpt
 
 
 def model_names() -> list[str]:
-    return sorted(REGISTRY) + ["dit"]
+    return sorted(REGISTRY) + sorted(GENERIC)
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
@@ -106,5 +121,6 @@ def get_config(name: str, **overrides) -> ModelConfig:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     heads = overrides.get("num_heads")
     if heads is not None and heads != REGISTRY[name].num_heads:
-        raise UserError(f"{name} has {REGISTRY[name].num_heads} heads; --num-heads is for --model dit")
+        generic = "pixart" if REGISTRY[name].arch == "pixart" else "dit"
+        raise UserError(f"{name} has {REGISTRY[name].num_heads} heads; --num-heads is for --model {generic}")
     return replace(REGISTRY[name], **overrides)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from soda.errors import UserError
-from soda.models.config import HEADS_BY_WIDTH, ModelConfig, get_config
+from soda.models.config import REGISTRY, HEADS_BY_WIDTH, ModelConfig, get_config
 from soda.models.dit import DiT
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
@@ -64,6 +64,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint ({detail})") from None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # train.py checkpoint
+    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # official PixArt-alpha .pth
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -104,10 +106,18 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
     )
 
 
-def build_model(config: ModelConfig) -> DiT:
-    if config.arch != "dit":
-        raise UserError(f"no adapter for architecture {config.arch!r}")
-    return DiT(config)
+def build_model(config: ModelConfig):
+    if config.arch == "dit":
+        return DiT(config)
+    if config.arch == "pixart":
+        from soda.models.pixart import PixArt
+
+        return PixArt(config)
+    raise UserError(f"no adapter for architecture {config.arch!r}")
+
+
+def _arch_of(name: str) -> str:
+    return REGISTRY[name].arch if name in REGISTRY else name
 
 
 def load_model(
@@ -119,8 +129,10 @@ def load_model(
 ) -> tuple[DiT, str]:
     """(model in eval mode, weights identity). The identity is the checkpoint's sha256, or
     "random-init-<seed>" so everything made from such a model says so."""
-    if name != "dit":
+    if name not in ("dit", "pixart"):
         get_config(name, num_heads=num_heads)  # an unknown name or a wrong head count, said first
+    if _arch_of(name) == "pixart":
+        return _load_pixart(name, ckpt, num_heads, random_init, seed)
     if random_init:
         if name == "dit":
             raise UserError("--random-init needs a named config (e.g. dit-xl-2), not the generic 'dit'")
@@ -149,7 +161,53 @@ def load_model(
     return model.eval(), file_sha256(Path(ckpt))
 
 
-def _check_keys(model: DiT, state: dict[str, torch.Tensor], ckpt) -> None:
+def _load_pixart(name: str, ckpt, num_heads: int | None, random_init: bool, seed: int):
+    """PixArt: an official .pth / safetensors state dict, or a diffusers folder (or pipeline root)."""
+    from soda.models import pixart
+
+    if name == "pixart-alpha-1024":
+        raise UserError(pixart.MS_REFUSAL)
+    if random_init:
+        if name == "pixart":
+            raise UserError("--random-init needs a named config (e.g. pixart-alpha-256), not the generic 'pixart'")
+        torch.manual_seed(seed)
+        model = build_model(get_config(name, num_heads=num_heads))
+        model.randomize(seed)
+        return model.eval(), f"random-init-{seed}"
+    if ckpt is None:
+        if name in PACKAGED:
+            ckpt = PACKAGED[name]
+        else:
+            raise UserError(f"model {name!r} needs --ckpt FILE or a diffusers folder (or --random-init)")
+    path = Path(ckpt)
+    folder = pixart.diffusers_folder(path) if path.is_dir() else None
+    if path.is_dir() and folder is None:
+        raise UserError(f"{path} is not a diffusers PixArt folder (config.json + diffusion_pytorch_model.safetensors, "
+                        "or a pipeline root with transformer/)")
+    if folder is not None:
+        weights_file = folder / "diffusion_pytorch_model.safetensors"
+        config = pixart.diffusers_config(folder, name, num_heads)
+        state = pixart.from_diffusers(read_state_dict(weights_file), config.depth)
+    else:
+        weights_file = path
+        state = read_state_dict(path)
+        config = pixart.official_config(state, name, num_heads)
+    if name != "pixart":
+        base = get_config(name, num_heads=num_heads)
+        # Named configs fix the architecture; the checkpoint says its resolution and position scale.
+        config = replace(base, input_size=config.input_size, pe_interpolation=config.pe_interpolation)
+    model = build_model(config)
+    has_null = "y_embedder.y_embedding" in state
+    if not has_null:
+        state["y_embedder.y_embedding"] = model.y_embedder.y_embedding  # placeholder; unusable, flagged below
+    state.setdefault("pos_embed", model.pos_embed)
+    _check_keys(model, state, ckpt)
+    model.load_state_dict(state, strict=True)
+    model.has_null_caption = has_null
+    return model.eval(), file_sha256(weights_file)
+
+
+def _check_keys(model, state: dict[str, torch.Tensor], ckpt) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
