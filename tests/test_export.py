@@ -127,9 +127,9 @@ def test_export_leaves_the_model_in_eval_mode(exported, tiny_model):
     backend, gen = TorchBackend(tiny_model), __import__("torch").Generator().manual_seed(3)
     from export.graphs import graph_specs
 
-    args = [a.numpy() for a in graph_specs(tiny_model)[0].example(64, 16, gen, 10)]
-    first, again = backend.embed(*args), backend.embed(*args)
-    for a, b in zip(first, again):
+    x, t, y = [a.numpy() for a in graph_specs(tiny_model)[0].example(64, 16, gen, 10)]
+    (tokens, (c,)), (tokens2, (c2,)) = backend.embed(x, t, {"y": y}), backend.embed(x, t, {"y": y})
+    for a, b in ((tokens, tokens2), (c, c2)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -139,10 +139,10 @@ def test_parity_check_fails_loudly_with_both_numbers(tiny_model, tmp_path, monke
 
     real, calls = TB.embed, {"n": 0}
 
-    def drifting(self, x, t, y):
-        tokens, c = real(self, x, t, y)
+    def drifting(self, x, t, context):
+        tokens, (c,) = real(self, x, t, context)
         calls["n"] += 1
-        return tokens, c + 0.01 * calls["n"]
+        return tokens, (c + 0.01 * calls["n"],)
 
     monkeypatch.setattr(TB, "embed", drifting)
     with pytest.raises(RuntimeError, match=r"embed: onnxruntime differs from PyTorch by 0\.01.*"
