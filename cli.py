@@ -451,7 +451,8 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
                    "which must be SODA's. Default: the exported schedule, whatever its policy.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for a baseline policy.")
-@click.option("--labels", default="0,1,2,3", show_default=True, help="Comma-separated class labels.")
+@click.option("--labels", default=None, help="Comma-separated class labels [0,1,2,3].")
+@prompt_embeds_option
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
 @click.option("--save-latents", type=click.Path(dir_okay=False), default=None, help="Final samples .npy.")
@@ -465,8 +466,8 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime: CUDA EP when onnxruntime-gpu has a GPU (auto), or force one.")
 @toca_official_loop_option
-def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_latents, out, backend, sampler, steps,
-        cfg_scale, threads, device, toca_official_loop):
+def run(engines_dir, policy, schedule_file, speedup, labels, prompt_embeds, seed, noise, save_latents, out, backend,
+        sampler, steps, cfg_scale, threads, device, toca_official_loop):
     """Generate with exported graphs: numpy + onnxruntime (or TensorRT), no torch."""
     from runtime.run import run_command
 
@@ -474,7 +475,8 @@ def run(engines_dir, policy, schedule_file, speedup, labels, seed, noise, save_l
     check_out_suffix(save_latents, "--save-latents", (".npy",))
 
     run_command(engines_dir, labels, policy, schedule_file, speedup, seed, noise, save_latents, out, backend,
-                sampler, steps, cfg_scale, threads, device, echo=click.echo, toca_official_loop=toca_official_loop)
+                sampler, steps, cfg_scale, threads, device, echo=click.echo, toca_official_loop=toca_official_loop,
+                prompt_embeds=prompt_embeds)
 
 
 # --- generate (issue 14) ---------------------------------------------------------------------

@@ -39,13 +39,15 @@ class EmbedGraph(nn.Module):
 
 
 class ModulationGraph(nn.Module):
-    def __init__(self, model, layer: int, step_names: tuple[str, ...]):
+    def __init__(self, model, layer: int, step_names: tuple[str, ...], reads: tuple[str, ...] | None = None):
         super().__init__()
         self.model, self.layer, self.step_names = model, layer, step_names
+        self.reads = step_names if reads is None else reads
         self.specs = model.config.interface.modules
 
     def forward(self, *step):
-        mods = self.model.layer_modulation(self.layer, tuple(step))
+        given = dict(zip(self.reads, step))
+        mods = self.model.layer_modulation(self.layer, tuple(given.get(n) for n in self.step_names))
         out = []
         for spec in self.specs:
             args, gate = mods[spec.name]
@@ -140,22 +142,23 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
     cond_io = {name: _cond_shape(cfg, name) for name in iface.cond}
     if iface.prepared:
         outs = iface.condition_outputs(cfg.depth)
-        specs.append(GraphSpec("condition", ConditionGraph(model, iface.cond, outs),
-                               [(n, *cond_io[n]) for n in iface.cond],
+        specs.append(GraphSpec("condition", ConditionGraph(model, iface.condition_reads, outs),
+                               [(n, *cond_io[n]) for n in iface.condition_reads],
                                [(o, _context_shape(cfg, o), F32) for o in outs]))
     step_io = [(n, ["B", 6 * D if n == "t0" else D], F32) for n in iface.step]
     specs.append(GraphSpec("embed", EmbedGraph(model, iface.embed_context),
                            [("x", ["B", C, H, H], F32), ("t", ["B"], I64)] + [(n, *cond_io[n]) for n in iface.embed_context],
                            [("tokens", ["B", N, D], F32)] + step_io))
     for l in range(cfg.depth):
-        specs.append(GraphSpec(f"modulation.{l}", ModulationGraph(model, l, iface.step), step_io,
+        specs.append(GraphSpec(f"modulation.{l}", ModulationGraph(model, l, iface.step, iface.modulation_reads),
+                               [s for s in step_io if s[0] in iface.modulation_reads],
                                [(o, ["B", D], F32) for o in iface.modulation_outputs()]))
         for m in iface.modules:
             if needed_modules is not None and (l, m.name) not in needed_modules:
                 continue
             ins = [("tokens", ["B", "n", D], F32)] + [(a, ["B", D], F32) for a in m.args]
             ins += [(c, cond_io[c][0] if c in cond_io else _context_shape(cfg, c), F32) for c in m.context]
-            outs = [("D", ["B", "n", D], F32)] + ([("received", ["B", "n"], F32)] if m.emits_received else [])
+            outs = [("D", ["B", "n", D], F32)] + ([(m.score, ["B", "n"], F32)] if m.score else [])
             specs.append(GraphSpec(f"{m.name}.{l}", ModuleGraph(model, l, m.name), ins, outs))
     final_in = [s for s in step_io if s[0] in iface.final_step]
     specs.append(GraphSpec("final", FinalGraph(model, iface.step, iface.final_step),

@@ -31,6 +31,7 @@ from soda.torch_backend import TorchBackend
 EXPORT_VERSION = 1  # bump when the graphs or their layout change: old folders are then re-exported
 WEIGHTS_FILE = "weights.bin"
 SCHEDULE_FILE = "schedule.json"
+NULL_CAPTION_FILE = "null_caption.npy"  # a text model's learned unconditional caption, when it has one
 PARITY_TOL = 1e-4  # fp32 max abs error, onnxruntime CPU vs PyTorch
 PARITY_BATCH = 2
 EXPORTERS = ("legacy", "dynamo")
@@ -220,8 +221,12 @@ def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, 
         "checkpoint_sha256": None if weights_id.startswith("random-init") else weights_id,
         "weights_file": WEIGHTS_FILE, "weights_sha256": None,
         "weights_bytes": weights_bytes, "raw_fp32_bytes": raw_fp32_bytes(model), "token_counts": counts,
-        "artefacts": artefacts, "schedule": SCHEDULE_FILE, "trt": None,
+        "artefacts": artefacts, "schedule": SCHEDULE_FILE, "trt": None, "null_caption": None,
     }
+    null = model.null_caption_table() if hasattr(model, "null_caption_table") else None
+    if null is not None:  # the runtime's unconditional rows when --prompt-embeds has no negatives
+        np.save(folder / NULL_CAPTION_FILE, null.astype(np.float32))
+        data["null_caption"] = NULL_CAPTION_FILE
     return data, rows
 
 
@@ -255,7 +260,7 @@ def _reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -
     iface = backend.interface
     kind, _, layer = spec.name.partition(".")
     if kind == "condition":
-        ctx = backend.prepare(dict(zip(iface.cond, args)))
+        ctx = backend.prepare(dict(zip(iface.condition_reads, args)))
         return [ctx[name] for name, _, _ in spec.outputs]
     if kind == "embed":
         tokens, step = backend.embed(args[0], args[1], dict(zip(iface.embed_context, args[2:])))
@@ -264,7 +269,8 @@ def _reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -
         given = dict(zip(iface.final_step, args[1:]))
         return [backend.final(args[0], tuple(given.get(n) for n in iface.step))]
     if kind == "modulation":
-        mods = backend.modulation(int(layer), tuple(args))
+        given = dict(zip(iface.modulation_reads, args))
+        mods = backend.modulation(int(layer), tuple(given.get(n) for n in iface.step))
         return [v for m in iface.modules for v in (*mods[m.name][0], *((mods[m.name][1],) if m.gated else ()))]
     m = iface.spec(kind)
     D, received = backend.module(int(layer), kind, args[0], *args[1:1 + len(m.args)],
@@ -317,7 +323,8 @@ def _max_err(spec: GraphSpec, n: int, got: list, want: list) -> float:
 
 
 def _listed_files(data: dict) -> list[str]:
-    return [a["file"] for a in data["artefacts"].values()] + [WEIGHTS_FILE, SCHEDULE_FILE]
+    extra = [data["null_caption"]] if data.get("null_caption") else []
+    return [a["file"] for a in data["artefacts"].values()] + [WEIGHTS_FILE, SCHEDULE_FILE] + extra
 
 
 def _build_trt(folder: Path, data: dict, precision: str, echo) -> dict | None:

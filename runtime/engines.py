@@ -41,6 +41,17 @@ class Engines:
     def interface(self):
         return self.config.interface
 
+    def null_caption(self):
+        """The learned null caption exported with a text model (hashed with the folder), or None."""
+        name = self.manifest.data.get("null_caption")
+        if not name:
+            return None
+        import numpy as np
+
+        if name not in self.manifest.data["files"]:
+            raise UserError(f"{self.folder}: {name} is not among the hashed files; re-run `cli.py export`")
+        return np.load(self.folder / name, allow_pickle=False)
+
     @property
     def specs(self):
         return tuple(self.interface.spec(m) for m in self.modules)
@@ -60,14 +71,14 @@ class Engines:
         """The (inputs, outputs) the runtime feeds and reads for graph `name`."""
         iface = self.interface
         if name == "condition":
-            return iface.cond, iface.condition_outputs(self.config.depth)
+            return iface.condition_reads, iface.condition_outputs(self.config.depth)
         if name == "embed":
             return ("x", "t", *iface.embed_context), ("tokens", *iface.step)
         if name == "final":
             return ("tokens", *iface.final_step), ("out",)
         kind = name.split(".")[0]
         if kind == "modulation":
-            return iface.step, iface.modulation_outputs()
+            return iface.modulation_reads, iface.modulation_outputs()
         spec = iface.spec(kind)
         return spec.inputs, spec.outputs
 
@@ -180,7 +191,7 @@ class GraphBackend:
         iface = self.interface
         if not iface.prepared:
             return dict(cond)
-        outs = self._run("condition", tuple(_feed(n, cond[n]) for n in iface.cond))
+        outs = self._run("condition", tuple(_feed(n, cond[n]) for n in iface.condition_reads))
         return {**cond, **dict(zip(iface.condition_outputs(self.num_layers), outs))}
 
     def embed(self, x, t, context):
@@ -189,7 +200,8 @@ class GraphBackend:
         return outs[0], tuple(outs[1:1 + len(iface.step)])
 
     def modulation(self, layer, step):
-        outs = self._run(f"modulation.{layer}", tuple(step))
+        given = dict(zip(self.interface.step, step))
+        outs = self._run(f"modulation.{layer}", tuple(given[n] for n in self.interface.modulation_reads))
         mods, i = {}, 0
         for spec in self.specs:
             args = tuple(outs[i:i + len(spec.args)])

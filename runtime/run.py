@@ -43,14 +43,16 @@ def run_command(
     echo: Callable[[str], None] = print,
     progress: Callable[[int], None] | None = None,
     toca_official_loop: bool = False,
+    prompt_embeds: str | None = None,
 ) -> np.ndarray:
-    """Generate with the deployed graphs; returns the final samples [n, C, H, W]."""
-    from soda.generate import full_flops, generate, load_noise, parse_labels
+    """Generate with the deployed graphs; returns the final samples [n, C, H, W]. `labels` for a
+    label-conditioned model (None: 0,1,2,3), `prompt_embeds` (an npz) for a text-conditioned one."""
+    from soda.generate import full_flops, generate, load_noise, make_conditioning
 
     engines = open_engines(engines_dir)
     config = engines.config
     sampler_cfg = engines.sampler_with(sampler, steps, cfg_scale)
-    ys = parse_labels(labels, config.num_classes)
+    ys = make_conditioning(config, labels, prompt_embeds, engines.null_caption())
     z = load_noise(noise, len(ys), config) if noise else None
     schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup, toca_official_loop)
     impl = make_backend(engines, backend, device=device, threads=threads)

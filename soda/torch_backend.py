@@ -25,7 +25,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prepare(self, cond):
-        return {k: v.numpy() for k, v in self.model.prepare({k: _t(v) for k, v in cond.items()}).items()}
+        """The context: the conditioning itself plus what the adapter prepares from it."""
+        prepared = self.model.prepare({k: _t(v) for k, v in cond.items()})
+        return {**cond, **{k: v.numpy() for k, v in prepared.items()}}
 
     @torch.inference_mode()
     def embed(self, x, t, context):
@@ -35,7 +37,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def modulation(self, layer, step):
-        mods = self.model.layer_modulation(layer, tuple(_t(v) for v in step))
+        mods = self.model.layer_modulation(layer, tuple(None if v is None else _t(v) for v in step))
         return {k: (tuple(a.numpy() for a in args), _np(gate)) for k, (args, gate) in mods.items()}
 
     @torch.inference_mode()

@@ -317,3 +317,31 @@ def test_cli_bad_input_one_line(checkpoints, official, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert lines[-1].startswith("error: ") and msg in lines[-1] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_export_and_run_equal_sample(checkpoints, tmp_path):
+    """export -> `run --engines DIR --prompt-embeds FILE` (numpy + onnxruntime) equals `sample`, with
+    the learned null caption shipped in the folder (no negatives) and with a FORA schedule."""
+    import json
+
+    pth, _, _ = checkpoints
+    x, caption, mask, _, _ = inputs()
+    np.save(tmp_path / "noise.npy", x)
+    np.savez(tmp_path / "p.npz", prompt_embeds=caption, prompt_attention_mask=mask)
+    common = ["--prompt-embeds", str(tmp_path / "p.npz"), "--noise", str(tmp_path / "noise.npy")]
+    model = ["--model", "pixart", "--ckpt", str(pth), "--num-heads", "4"]
+    r = cli("export", *model, "--policy", "fora", "--out", str(tmp_path / "eng"))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    assert "condition" in manifest["artefacts"] and manifest["null_caption"] == "null_caption.npy"
+    cond_graph = manifest["artefacts"]["condition"]
+    assert [i["name"] for i in cond_graph["inputs"]] == ["caption"] and cond_graph["inputs"][0]["shape"][1] == "L"
+    assert [i["name"] for i in manifest["artefacts"]["cross_attn.1"]["inputs"]] == ["tokens", "k", "v", "mask"]
+    for policy in ("full", "fora"):
+        r = cli("sample", *model, *common, "--policy", policy, "--save-latents", str(tmp_path / "s.npy"),
+                "--out", str(tmp_path / "s.png"))
+        assert r.returncode == 0, r.stderr
+        r = cli("run", "--engines", str(tmp_path / "eng"), *common, "--policy", policy, "--save-latents",
+                str(tmp_path / "r.npy"), "--out", str(tmp_path / "r.png"))
+        assert r.returncode == 0, r.stderr
+        assert rel(np.load(tmp_path / "r.npy"), np.load(tmp_path / "s.npy")) < 1e-4

@@ -7,8 +7,8 @@ can know a model's modules without importing its code.
 
 Conditioning has three lifetimes, each computed once at its lifetime by the adapter and handed
 back to it opaquely (dicts/tuples of batch-leading arrays the loop never looks inside):
-- per generation: `prepare(cond) -> context` (DiT: the labels; PixArt: the caption mask and
-  every layer's cross-attention K/V, computed from the caption once);
+- per generation: `prepare(cond) -> context` (DiT: the labels; PixArt: every layer's
+  cross-attention K/V, computed from the caption once; the loop keeps `cond` in the context);
 - per step: `embed(x, t, context) -> (tokens, step)` (DiT: `c`; PixArt: the shared `t0` and
   the timestep embedding the final layer uses);
 - per layer: `modulation(layer, step) -> {module: (args, gate)}` (shift/scale for modulated
@@ -34,6 +34,8 @@ class ModuleSpec:
     context: names of the per-generation inputs it reads (per-layer ones are stored as
     "<name>.<layer>" in the context; graph input names are the bare names).
     axis: the axis it mixes ("spatial"; a video adapter adds "temporal").
+    score: name of a per-token score it also returns for token selectors (self-attention:
+      "received", the attention each token received; PixArt's cross-attention: "entropy").
     """
 
     name: str
@@ -43,15 +45,16 @@ class ModuleSpec:
     args: tuple[str, ...] = ("shift", "scale")
     context: tuple[str, ...] = ()
     axis: str = "spatial"
+    score: str | None = None
 
     @property
     def emits_received(self) -> bool:
-        """Self-attention also returns the attention each token received (ToCa's score)."""
-        return self.kind == SELF_ATTN
+        """Whether the module returns a per-token score next to D."""
+        return self.score is not None
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return ("D", "received") if self.emits_received else ("D",)
+        return ("D", self.score) if self.score else ("D",)
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -73,6 +76,8 @@ class Interface:
       DiT ("y",) labels; PixArt ("caption", "mask").
     prepared: per-generation outputs of the "condition" graph, "{name}.{layer}" per layer
       when listed in `per_layer` (empty: no condition graph; the context is `cond` itself).
+      The context is `cond` plus these. Graph inputs are only what a graph reads
+      (`condition_inputs`, `modulation_step`): ONNX drops unused inputs.
     embed_context: context entries the embed graph reads besides (x, t).
     step: per-step conditioning the embed graph emits (and modulation/final read).
     final_step: which of `step` the final layer reads.
@@ -86,7 +91,17 @@ class Interface:
     final_step: tuple[str, ...]
     prepared: tuple[str, ...] = ()
     per_layer: tuple[str, ...] = ()
+    condition_inputs: tuple[str, ...] | None = None  # what the condition graph reads (default: cond)
+    modulation_step: tuple[str, ...] | None = None  # which step entries modulation reads (default: all)
     flops: Callable[..., dict[str, float]] | None = None  # config -> per-row FLOPs outside the modules
+
+    @property
+    def condition_reads(self) -> tuple[str, ...]:
+        return self.cond if self.condition_inputs is None else self.condition_inputs
+
+    @property
+    def modulation_reads(self) -> tuple[str, ...]:
+        return self.step if self.modulation_step is None else self.modulation_step
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -137,7 +152,7 @@ def _pixart_flops(config) -> dict[str, float]:
             "condition": float(caption)}
 
 
-_ATTN = ModuleSpec("attn", gated=True, token_mixing=True, kind=SELF_ATTN)
+_ATTN = ModuleSpec("attn", gated=True, token_mixing=True, kind=SELF_ATTN, score="received")
 _MLP = ModuleSpec("mlp", gated=True, token_mixing=False, kind=MLP)
 
 DIT = Interface("dit", (_ATTN, _MLP), cond=("y",), embed_context=("y",), step=("c",), final_step=("c",),
@@ -146,9 +161,10 @@ DIT = Interface("dit", (_ATTN, _MLP), cond=("y",), embed_context=("y",), step=("
 PIXART = Interface(
     "pixart",
     (_ATTN, ModuleSpec("cross_attn", gated=False, token_mixing=False, kind=CROSS_ATTN, args=(),
-                       context=("k", "v", "mask")), _MLP),
+                       context=("k", "v", "mask"), score="entropy"), _MLP),
     cond=("caption", "mask"), embed_context=(), step=("t0", "temb"), final_step=("temb",),
-    prepared=("k", "v"), per_layer=("k", "v"), flops=_pixart_flops,
+    prepared=("k", "v"), per_layer=("k", "v"), condition_inputs=("caption",), modulation_step=("t0",),
+    flops=_pixart_flops,
 )
 
 INTERFACES = {i.arch: i for i in (DIT, PIXART)}

@@ -79,7 +79,11 @@ class CrossAttention(nn.Module):
         """Projected caption [B, L, D] -> K, V, each [B, L, D]."""
         return self.kv_linear(y).chunk(2, dim=-1)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                return_entropy: bool = False):
+        """Output [B, N, C]; with `return_entropy` also, per token, -sum_j 0.5 p log(0.5 p + 1e-7)
+        of the head-averaged attention p over the caption: PixArt-ToCa's cross-attention entropy
+        score of the (cond + uncond) / 2 map is this term of a cond row plus its uncond row."""
         B, N, C = x.shape
         L = k.shape[1]
         h, d = self.num_heads, self.head_dim
@@ -88,7 +92,11 @@ class CrossAttention(nn.Module):
         v = v.reshape(B, L, h, d).transpose(1, 2)
         bias = ((1 - mask.to(q.dtype)) * MASK_BIAS)[:, None, None, :]
         attn = ((q * d**-0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        if not return_entropy:
+            return out
+        half = 0.5 * attn.mean(dim=1)
+        return out, -(half * torch.log(half + 1e-7)).sum(dim=-1)
 
 
 class PixArtBlock(nn.Module):
@@ -152,9 +160,10 @@ class PixArt(nn.Module):
 
     # --- the adapter protocol ---------------------------------------------------------------------
     def prepare(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per generation: the caption [B, L, C] and mask [B, L] -> mask and each layer's K/V."""
+        """Per generation: the caption [B, L, C] -> each layer's cross-attention K/V (the mask
+        stays in the conditioning, which the loop keeps next to these)."""
         y = self.y_embedder(cond["caption"].float())
-        ctx = {"mask": cond["mask"].float()}
+        ctx = {}
         for l, block in enumerate(self.blocks):
             ctx[f"k.{l}"], ctx[f"v.{l}"] = block.cross_attn.kv(y)
         return ctx
@@ -174,7 +183,7 @@ class PixArt(nn.Module):
             shift, scale = args
             return block.attn(t2i_modulate(block.norm1(tokens), shift[:, None], scale[:, None]), return_received=True)
         if name == "cross_attn":
-            return block.cross_attn(tokens, context["k"], context["v"], context["mask"]), None
+            return block.cross_attn(tokens, context["k"], context["v"], context["mask"], return_entropy=True)
         if name == "mlp":
             shift, scale = args
             return block.mlp(t2i_modulate(block.norm2(tokens), shift[:, None], scale[:, None])), None
@@ -198,7 +207,7 @@ class PixArt(nn.Module):
             mods = self.layer_modulation(l, step)
             for name in ("attn", "cross_attn", "mlp"):
                 args, gate = mods[name]
-                own = {"k": ctx[f"k.{l}"], "v": ctx[f"v.{l}"], "mask": ctx["mask"]}
+                own = {"k": ctx[f"k.{l}"], "v": ctx[f"v.{l}"], "mask": mask}
                 D = self.module_forward(l, name, tokens, args, own)[0]
                 tokens = tokens + (gate[:, None] * D if gate is not None else D)
         return self.step_final(tokens, step)

@@ -18,15 +18,18 @@ from soda.policies import ScheduleSpec
 from soda.policies import toca
 from soda.schedule import Schedule
 
-PUBLISHED = {"ddim": {"N": 3, "R": 0.05}, "ddpm": {"N": 4, "R": 0.07}}
+PUBLISHED = {"ddim": {"N": 3, "R": 0.05}, "ddpm": {"N": 4, "R": 0.07},
+             # DuCa-PixArt-alpha: fixed interval (force_scheduler's weight 0), PixArt-ToCa's rates
+             # and cross-attention-entropy tokens; the paper's fresh ratio 0.75.
+             "dpm-solver": {"N": 3, "R": 0.75, "code": "pixart"}}
 STEP_WEIGHT, LAYER_WEIGHT = 2.0, -0.2  # DuCa's fresh_ratio_scheduler 'ToCa'
 BONUS_RATIO = 0.8
-SELECTORS = ("toca-attention", "duca-random")
+SELECTORS = ("toca-attention", "duca-random", "toca-cross-entropy")
 
 
 def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
          R: float | None = None, selector: str = "toca-attention", seed: int = 0,
-         step_weight: float = STEP_WEIGHT, layer_weight: float = LAYER_WEIGHT) -> Schedule:
+         step_weight: float | None = None, layer_weight: float | None = None) -> Schedule:
     from soda.policies import scaling
 
     if spec.sampler not in PUBLISHED:
@@ -34,22 +37,32 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     if selector not in SELECTORS:
         raise UserError(f"DuCa token selector must be one of {', '.join(SELECTORS)}, got {selector!r}")
     p = dict(PUBLISHED[spec.sampler])
+    code = p.get("code", "dit")
+    # PixArt: ToCa-PixArt's rate weights (unless given), a constant interval N.
+    pix = toca.PUBLISHED["dpm-solver"]
+    wt, wl, iw = (pix["step_weight"], pix["layer_weight"], 0.0) if code == "pixart" else (STEP_WEIGHT, LAYER_WEIGHT, None)
+    wt = wt if step_weight is None else step_weight
+    wl = wl if layer_weight is None else layer_weight
+    if code == "pixart" and selector == "toca-attention":
+        selector = "toca-cross-entropy"
 
     def build(n_: int, r_: float) -> Schedule:
-        steps = toca.build_steps(spec, n_, r_, step_weight, layer_weight, dual=True)
+        steps = toca.build_steps(spec, n_, r_, wt, wl, dual=True, code=code, interval_weight=iw)
         skip_steps = [s for s, step in enumerate(steps) if step == "skip"]
-        sel = {"interval": n_, "staleness_weight": toca.STALENESS_WEIGHT, "bonus_ratio": BONUS_RATIO,
-               "skip_steps": skip_steps}
+        sel, name = toca.selector_for(code, n_, BONUS_RATIO, skip_steps)
         if selector == "duca-random":
             sel["seed"] = seed
-        return toca.to_schedule(spec, "duca", steps, n_, r_, step_weight, layer_weight, sel, selector)
+            sel["bonus_ratio"] = BONUS_RATIO
+            sel.pop("grid", None)
+            name = selector
+        return toca.to_schedule(spec, "duca", steps, n_, r_, wt, wl, sel, name, code, iw)
 
     if speedup is None:
         return scaling.record(build(N if N is not None else p["N"], R if R is not None else p["R"]), spec, flops, None)
     if R is not None:
         raise UserError("give either a target --speedup or DuCa's R, not both (R is solved for the speedup)")
-    toca._check_modules(spec)
-    cost = lambda fm, n_, r_: toca.fast_flops(spec, fm, n_, r_, step_weight, layer_weight, True)  # noqa: E731
+    toca._check_modules(spec, code)
+    cost = lambda fm, n_, r_: toca.fast_flops(spec, fm, n_, r_, wt, wl, True, code, iw)  # noqa: E731
     if N is not None:  # a tuned setting: N (and the weights) fixed, R fills the budget
         return scaling.fixed_interval(spec, "DuCa", build, cost, flops, speedup, N)
     return scaling.search_interval_ratio("DuCa", spec, build, cost, flops, speedup, p["N"], p["R"])

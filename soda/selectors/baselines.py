@@ -121,4 +121,38 @@ class DuCaRandomSelector(_CacheFrequencySelector):
         return np.broadcast_to(rng.random(N), (B, N))
 
 
-BASELINE_SELECTORS = {ToCaAttentionSelector.name: ToCaAttentionSelector, DuCaRandomSelector.name: DuCaRandomSelector}
+class ToCaCrossEntropySelector(_CacheFrequencySelector):
+    """PixArt-ToCa / DuCa-PixArt's `attn_score`: the entropy of the cross-attention map averaged
+    over the CFG halves (0.5 cond + 0.5 uncond), as 1 + entropy L2-normalised per row, the same
+    score for both halves. The cross-attention module returns, per token, its half of that
+    entropy (-sum 0.5 p log(0.5 p + 1e-7)); the map is refreshed for recomputed tokens too, as
+    the official `update_cache` scatters the fresh rows. Needs the [cond; uncond] batch."""
+
+    name = "toca-cross-entropy"
+    module = "cross_attn"
+
+    def reset(self) -> None:
+        super().reset()
+        self.entropy: dict[int, np.ndarray] = {}
+
+    def observe(self, s, layer, module, idx, D, received) -> None:
+        super().observe(s, layer, module, idx, D, received)
+        if module != self.module or received is None:
+            return
+        if idx is None:
+            self.entropy[layer] = np.asarray(received, dtype=np.float64).copy()
+        else:
+            np.put_along_axis(self.entropy[layer], idx, received, axis=1)
+
+    def base_score(self, s, layer, module, B, N) -> np.ndarray:
+        if layer not in self.entropy:
+            raise ValueError(f"layer {layer}: no cross-attention map yet (needs a full cross-attention first)")
+        e = self.entropy[layer]
+        if B % 2:
+            raise ValueError("toca-cross-entropy needs the CFG-doubled batch [cond; uncond]")
+        half = B // 2
+        score = l2_normalize(1 + e[:half] + e[half:])
+        return np.concatenate([score, score])
+
+
+BASELINE_SELECTORS = {s.name: s for s in (ToCaAttentionSelector, DuCaRandomSelector, ToCaCrossEntropySelector)}
