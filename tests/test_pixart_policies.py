@@ -111,8 +111,11 @@ def test_policies_scale_and_execute_on_pixart():
     x = rng.standard_normal((4, 4, 16, 16)).astype(np.float32)
     for policy in ("fora", "toca", "duca"):
         sched = make_schedule(policy, sp, speedup=2.5, flops=fm)
-        # FORA moves by whole anchor steps: 8 of 20 give 2.39x here, the nearest to 2.5x
-        assert abs(full / schedule_flops(sched, fm, 1) / 2.5 - 1) < (0.05 if policy == "fora" else 0.03), policy
+        speed = full / schedule_flops(sched, fm, 1)
+        if policy == "fora":  # whole anchor steps: 7 of 20 (2.70x) is the fewest that reach 2.5x here
+            assert speed >= 2.5 and sched.params["in_window"] is False
+        else:
+            assert 2.5 <= speed <= 2.5 * 1.03, policy
         ex = Executor(TorchBackend(model), sched, fm)
         for s in range(20):
             out = ex(s, x, np.full(4, 999 - 50 * s), cond)
