@@ -233,14 +233,15 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_
 @model_options
 @sampler_options
 @click.option("--samples", type=int, default=32, show_default=True, help="Calibration generations (random labels).")
+@prompt_embeds_option
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--intervals", default="1,2,3,4,5,6", show_default=True, help="Cache ages k to measure.")
 @click.option("--rates", default="0.25,0.5,0.75", show_default=True, help="Recompute fractions a to measure.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Generations per batch (CFG doubles rows).")
 @click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True)
 @ray_options
-def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, samples, seed,
-                intervals, rates, batch_size, out, ray_address, workers):
+def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, samples,
+                prompt_embeds, seed, intervals, rates, batch_size, out, ray_address, workers):
     """OFS: measure cache and prune sensitivity on full trajectories (-> JSON + heatmap PNG)."""
     from tqdm import tqdm
 
@@ -259,6 +260,8 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     model, weights = load(model_name, ckpt, num_heads, random_init)
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     steps = sampler_cfg.steps
+    # Text-conditioned models calibrate on the captions given (cycled to --samples).
+    cal = conditioning(model, None, prompt_embeds) if model.config.arch != "dit" or prompt_embeds else None
     total = steps * -(-samples // max(1, batch_size))
     from soda.shards import WorkerSpec, worker_pool
 
@@ -266,7 +269,7 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     with worker_pool(spec, ray_address, workers, click.echo) as pool, \
             tqdm(total=total, desc=f"profile {samples} generations", unit="step", file=sys.stderr) as bar:
         prof = profile(model, sampler_cfg, samples, seed, ks, rs, lambda s: bar.update(), weights, batch_size,
-                       pool=pool)
+                       pool=pool, conditioning=cal)
     prof.save(out)
     png = schedule_path_png(out)
     sensitivity_heatmap(prof, png)
@@ -344,11 +347,16 @@ def schedule_cmd(profile_file, speedup, anchors, lam, planner, out):
 @click.option("--planner", type=click.Choice(["uas", "joint"]), default="uas", show_default=True,
               help="SODA's planner: the paper's lambda*E_c+beta rule, or the exact joint DP.")
 @click.option("--ablation", is_flag=True, help="Also SODA with fixed-interval / DCS-only / DCS+UAS / joint planners.")
+@prompt_embeds_option
+@click.option("--calibration-prompts", type=click.IntRange(min=1), default=None,
+              help="With --prompt-embeds: the first K prompts calibrate (profile, tuning), the rest are evaluated "
+                   "[half].")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default="bench.json", show_default=True)
 @ray_options
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
               samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, eval_seeds,
-              tune, tune_samples, planner, ablation, json_out, ray_address, workers):
+              tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, json_out, ray_address,
+              workers):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
@@ -360,7 +368,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     setup = BenchSetup(parse_policies(policies), speedup, samples, seed, parse_speedups(frontier), backend,
                        engines_dir, profile_file, profile_samples, batch_size,
                        eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
-                       tune_samples=tune_samples, planner=planner, ablation=ablation)
+                       tune_samples=tune_samples, planner=planner, ablation=ablation, prompt_embeds=prompt_embeds,
+                       calibration_prompts=calibration_prompts)
     if not 1 <= speedup < float("inf"):
         raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
     check_setup(setup)

@@ -78,6 +78,8 @@ class BenchSetup:
     tune_samples: int = 16  # calibration samples each tuning candidate is scored on
     planner: str = "uas"  # SODA's planner: "uas" (the paper) or "joint" (soda.dp_joint)
     ablation: bool = False  # also SODA with planners fixed / dcs / uas / joint at `speedup`
+    prompt_embeds: str | None = None  # text-conditioned models: an npz of captions (soda.captions)
+    calibration_prompts: int | None = None  # the first K captions calibrate (profile, tuning); default half
 
 
 def parse_policies(text: str) -> list[str]:
@@ -219,6 +221,31 @@ def pruned_share(schedule) -> float | None:
     return pruned / reused if reused else None
 
 
+def split_prompts(model, setup: BenchSetup):
+    """(calibration, evaluation) captions of a text-conditioned model, disjoint: the first K
+    prompts of --prompt-embeds calibrate (profile, tuning), the others are evaluated. (None, None)
+    for a label-conditioned model."""
+    config = model.config
+    if config.interface.cond == ("y",):
+        if setup.prompt_embeds:
+            raise UserError(f"--prompt-embeds is for text-conditioned models; {config.name} takes class labels")
+        return None, None
+    if not setup.prompt_embeds:
+        raise UserError(f"{config.name} is text-conditioned: bench needs --prompt-embeds FILE.npz "
+                        "(its first prompts calibrate, the rest are evaluated)")
+    from soda.captions import caption_conditioning, load_prompt_embeds
+
+    prompts = load_prompt_embeds(setup.prompt_embeds, config.caption_channels)
+    n = len(prompts)
+    k = setup.calibration_prompts if setup.calibration_prompts is not None else n // 2
+    if n < 2 or not 1 <= k < n:
+        raise UserError(f"--prompt-embeds has {n} prompts; bench needs at least one calibration and one evaluation "
+                        f"prompt (--calibration-prompts {k})")
+    null = model.null_caption_table() if hasattr(model, "null_caption_table") else None
+    return (caption_conditioning(prompts.rows(slice(0, k)), null),
+            caption_conditioning(prompts.rows(slice(k, n)), null))
+
+
 def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = print,
           progress: Callable | None = None, pool=None) -> dict:
     """All policies at `setup.speedup` (plus the frontier speedups) -> the bench report dict.
@@ -240,6 +267,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     runner = Runner(backend, model, sampler, setup.batch_size, progress, pool)
     spec, fm = spec_for(model, sampler), FlopsModel.for_config(config)
     targets = list(dict.fromkeys([setup.speedup, *setup.frontier]))
+    cal_cond, eval_cond = split_prompts(model, setup)
     # Every policy must reach the main --speedup (the README promises an error): said before any
     # profiling or sampling. Frontier points a policy cannot reach are only skipped.
     for policy in setup.policies:
@@ -248,8 +276,14 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     prof = None
     if "soda" in setup.policies or setup.ablation:
         prof = load_or_profile(model, weights, sampler, setup.profile_file, echo, setup.profile_samples,
-                               seed=setup.seed, progress=progress)  # the calibration stream of --seed (soda.seeds)
+                               seed=setup.seed, progress=progress,  # the calibration stream of --seed (soda.seeds)
+                               conditioning=cal_cond)
     pixels = config.in_channels in (1, 3)
+
+    def conditions(n: int, calibration: bool):
+        """Balanced class labels, or captions cycled from the calibration / evaluation split."""
+        c = cal_cond if calibration else eval_cond
+        return seeds.labels_for(n, config.num_classes) if c is None else c.rows(np.arange(n) % len(c))
 
     def view(x):  # pixel models are judged on what a person sees (clipped to [-1, 1]); latents as they are
         return np.clip(x, -1, 1) if pixels else x
@@ -261,7 +295,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
 
     def calibration_psnr(schedule) -> float:
         if not cal:
-            labels = seeds.labels_for(setup.tune_samples, config.num_classes)
+            labels = conditions(setup.tune_samples, calibration=True)
             noise = draw(seeds.calibration(setup.seed, seeds.TUNING, 0), setup.tune_samples, config)
             seqs = lambda c: seeds.calibration(setup.seed, seeds.TUNING, 1 + c)  # noqa: E731
             cal.update(labels=labels, noise=noise, seqs=seqs)
@@ -313,7 +347,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
         raise UserError(f"no policy reaches {setup.speedup:g}x FLOPs on {config.name}; lower --speedup")
 
     groups = np.array_split(np.arange(setup.samples), setup.eval_seeds)
-    labels = seeds.labels_for(setup.samples, config.num_classes)
+    labels = conditions(setup.samples, calibration=False)
     outs = {id(c): [] for c in all_cells}
     secs = {id(c): [] for c in all_cells}
     flops = {id(c): 0.0 for c in all_cells}
@@ -401,7 +435,9 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     }
     if ablation:
         report["ablation"] = [r for c, r in rows if id(c) not in in_main]
-    if setup.backend == "ort":
+    if setup.backend == "ort" and eval_cond is not None:
+        echo("note: the runtime-vs-monolithic timing is for label-conditioned models; skipped")
+    elif setup.backend == "ort":
         # The deploy runtime's own claim, measured in this run: stitched vs one monolithic ONNX.
         from soda.bench_runtime import runtime_report
 

@@ -24,8 +24,10 @@ def spec_for(model, sampler) -> ScheduleSpec:
 
 def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Callable = print,
                     samples: int = PROFILE_SAMPLES, seed: int = 0, progress: Callable | None = None,
-                    hint: str = "; save one with `cli.py profile` and pass --profile to skip this"):
-    """A profile that fits this model and sampler: the file given, or one measured now.
+                    hint: str = "; save one with `cli.py profile` and pass --profile to skip this",
+                    conditioning=None):
+    """A profile that fits this model and sampler: the file given, or one measured now (on
+    `conditioning`, the calibration captions of a text-conditioned model).
 
     `progress(desc, total)` makes a progress bar (tqdm-like: update(), close()) for the
     profiling run, which takes minutes on real models.
@@ -43,7 +45,7 @@ def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Calla
         bar = progress(f"profile {samples} generations", total) if progress else None
         try:
             prof = profile(model, sampler, samples, seed, progress=bar and (lambda s: bar.update()), weights=weights,
-                           batch_size=PROFILE_BATCH)
+                           batch_size=PROFILE_BATCH, conditioning=conditioning)
         finally:
             if bar is not None:
                 bar.close()

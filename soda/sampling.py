@@ -186,6 +186,9 @@ class Conditioning:
         cond = {k: v[sl] for k, v in self.cond.items()}
         return Conditioning(cond, None if self.uncond is None else pick(self.uncond))
 
+    def __getitem__(self, idx) -> "Conditioning":
+        return self.rows(idx)
+
     @property
     def labels(self) -> np.ndarray | None:
         """Class labels, for a label-conditioned model (pictures, classifier accuracy)."""

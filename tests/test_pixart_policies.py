@@ -121,3 +121,33 @@ def test_policies_scale_and_execute_on_pixart():
             out = ex(s, x, np.full(4, 999 - 50 * s), cond)
         assert np.isfinite(out).all()
         assert ex.flops_done == pytest.approx(schedule_flops(sched, fm, 4))
+
+
+def test_bench_with_prompt_embeds(tmp_path):
+    """bench on a text model: all five policies at 2.5x on evaluation prompts, calibrated (profile,
+    tuning) on the other prompts of the file; without --prompt-embeds, one clear error."""
+    import torch
+
+    from soda.bench import BenchSetup, bench
+    from soda.errors import UserError
+    from soda.models.config import ModelConfig
+    from soda.models.pixart import PixArt
+    from soda.sampling import SamplerConfig
+
+    cfg = ModelConfig("pixart-tiny", depth=2, hidden_size=32, patch_size=2, num_heads=2, input_size=16, in_channels=4,
+                      num_classes=0, arch="pixart", caption_channels=8, caption_len=6, pe_interpolation=1.0)
+    torch.manual_seed(0)
+    model = PixArt(cfg)
+    model.randomize(0)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "p.npz", prompt_embeds=rng.standard_normal((4, 6, 8)).astype(np.float32),
+             prompt_attention_mask=(np.arange(6)[None] < np.array([[6], [2], [4], [5]])).astype(np.float32))
+    sampler = SamplerConfig("dpm-solver", 10, 4.5, None)
+    setup = BenchSetup(["full", "fora", "toca", "duca", "soda"], 2.5, samples=2, eval_seeds=1, tune=False,
+                       profile_samples=2, batch_size=2, prompt_embeds=str(tmp_path / "p.npz"))
+    report = bench(model, "random-init-0", sampler, setup, echo=lambda *a: None)
+    assert [r["policy"] for r in report["results"]] == ["full", "fora", "toca", "duca", "soda"]
+    for r in report["results"][1:]:
+        assert r["flops_speedup"] >= 2.5 * 0.999 and np.isfinite(r["psnr_db"]) and r["class_accuracy"] is None
+    with pytest.raises(UserError, match="needs --prompt-embeds"):
+        bench(model, "random-init-0", sampler, BenchSetup(["full", "toca"], 2.5, samples=2, eval_seeds=1, tune=False))
