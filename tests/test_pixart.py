@@ -345,3 +345,30 @@ def test_export_and_run_equal_sample(checkpoints, tmp_path):
                 str(tmp_path / "r.npy"), "--out", str(tmp_path / "r.png"))
         assert r.returncode == 0, r.stderr
         assert rel(np.load(tmp_path / "r.npy"), np.load(tmp_path / "s.npy")) < 1e-4
+
+
+def test_runtime_equals_torch_for_toca_and_duca(ours, tmp_path):
+    """ToCa / DuCa on PixArt through the exported graphs: the cross-attention entropy the selector
+    reads comes out of the ONNX cross-attention graph; samples equal the PyTorch executor's."""
+    from export.onnx_export import export_model
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from soda.captions import PromptEmbeds, caption_conditioning
+    from soda.generate import generate
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.sampling import SamplerConfig
+    from soda.torch_backend import TorchBackend
+
+    model = ours[0]
+    sampler = SamplerConfig("dpm-solver", 20, 4.5, None)
+    sp = ScheduleSpec.for_model(model.config, "dpm-solver", 20)
+    toca, duca = make_schedule("toca", sp), make_schedule("duca", sp)
+    assert toca.prune_rates() and duca.count_kinds()["skip"] > 0
+    export_model(model, "test", toca, sampler, tmp_path / "eng", progress=False, echo=lambda *a: None)
+    engines = open_engines(tmp_path / "eng")
+    x, caption, mask, _, _ = inputs()
+    cond = caption_conditioning(PromptEmbeds(caption, mask), engines.null_caption())
+    for sched in (toca, duca):
+        got, _ = generate(OrtBackend(engines, threads=1), model.config, sampler, sched, cond, noise=x)
+        want, _ = generate(TorchBackend(model), model.config, sampler, sched, cond, noise=x)
+        assert rel(got, want) < 1e-4, sched.policy
