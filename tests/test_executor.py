@@ -80,24 +80,27 @@ class PoisonAt:
 
     def __init__(self, backend, step, layer, module):
         self.backend, self.where, self.step = backend, (layer, module), step
-        self.modules, self.num_layers = backend.modules, backend.num_layers
+        self.specs, self.modules, self.num_layers = backend.specs, backend.modules, backend.num_layers
         self.current = 0
 
-    def embed(self, x, t, y):
-        return self.backend.embed(x, t, y)
+    def prepare(self, cond):
+        return self.backend.prepare(cond)
 
-    def modulation(self, layer, c):
-        return self.backend.modulation(layer, c)
+    def embed(self, x, t, context):
+        return self.backend.embed(x, t, context)
 
-    def module(self, layer, name, tokens, shift, scale):
-        D, received = self.backend.module(layer, name, tokens, shift, scale)
+    def modulation(self, layer, step):
+        return self.backend.modulation(layer, step)
+
+    def module(self, layer, name, tokens, *args, context=None):
+        D, received = self.backend.module(layer, name, tokens, *args, context=context)
         if (layer, name) == self.where and self.current >= self.step:
             D = D.copy()
             D[0, 0, 0] = np.nan
         return D, received
 
-    def final(self, tokens, c):
-        return self.backend.final(tokens, c)
+    def final(self, tokens, step):
+        return self.backend.final(tokens, step)
 
 
 def test_non_finite_output_says_at_which_step_and_module(tiny_model, tiny_config):
