@@ -192,6 +192,18 @@ def test_cli_schedule_writes_json_and_picture(digits_profile, tmp_path):
     one_error_line(run_cli("schedule", "--profile", str(digits_profile), "--speedup", "40", cwd=tmp_path), "not reachable")
 
 
+def test_cli_schedule_planners(digits_profile, tmp_path):
+    import json
+
+    for planner in ("joint", "dcs"):
+        r = run_cli("schedule", "--profile", str(digits_profile), "--speedup", "2", "--planner", planner,
+                    "--out", f"{planner}.json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / f"{planner}.json").read_text())["params"]["planner"] == planner
+    one_error_line(run_cli("schedule", "--profile", str(digits_profile), "--anchors", "4", "--planner", "joint",
+                           cwd=tmp_path), "takes --speedup only")
+
+
 def test_cli_sample_refuses_a_profile_for_other_steps(digits_profile, tmp_path):
     r = run_cli("sample", "--random-init", "--policy", "soda", "--profile", str(digits_profile), "--steps", "12",
                 "--labels", "1", cwd=tmp_path)
