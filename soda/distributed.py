@@ -28,6 +28,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
     raise UserError(f"--ray needs Ray: pip install -e '.[ray]' ({e})") from None
 
 MAX_ATTEMPTS = 3  # a shard whose worker dies this many times stops the run
+START_TIMEOUT_S = 600  # with nothing running, how long to wait for a replacement worker to start
 
 
 class RayShardWorker(ShardWorker):
@@ -76,6 +77,7 @@ class RayPool:
         self.actors = [self._start() for _ in range(n)]
         self.replacements = n  # at most as many replacement actors as there were workers
         self.in_flight: dict = {}  # object ref -> (actor, item index); tests kill actors from here
+        self.starting: dict = {}  # ready() ref -> replacement actor not yet loaded
         echo(f"ray: {n} workers ({'1 GPU' if use_gpu else '1 CPU'} each) on {len(ray.nodes())} node(s)")
 
     @property
@@ -89,15 +91,28 @@ class RayPool:
         """(index, actor.method(*items[index])) for every item, in the order they finish."""
         pending = deque(range(len(items)))
         attempts = [0] * len(items)
-        idle = list(self.actors)
+        idle = [a for a in self.actors if a not in self.starting.values()]
         try:
             while pending or self.in_flight:
                 while pending and idle:
                     actor, i = idle.pop(), pending.popleft()
                     self.in_flight[getattr(actor, method).remote(*items[i])] = (actor, i)
-                if not self.in_flight:
+                if not self.in_flight and not self.starting:
                     raise UserError("every Ray worker died; see the Ray logs (`ray logs` on the head node)")
-                [ref], _ = ray.wait(list(self.in_flight), num_returns=1)
+                ready, _ = ray.wait(list(self.in_flight) + list(self.starting), num_returns=1,
+                                    timeout=None if self.in_flight else START_TIMEOUT_S)
+                if not ready:
+                    raise UserError(f"no Ray worker could be started in {START_TIMEOUT_S} s (does the cluster "
+                                    f"have a free CPU or GPU?)")
+                ref = ready[0]
+                if ref in self.starting:  # a replacement is ready (or failed to start)
+                    actor = self.starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(actor)
+                    except RayActorError as e:
+                        self._fail_start(actor, e)
+                    continue
                 actor, i = self.in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
@@ -110,11 +125,7 @@ class RayPool:
                                         f"{str(e).splitlines()[0]}") from None
                     pending.appendleft(i)
                     self._drop(actor)
-                    if self.replacements > 0:
-                        self.replacements -= 1
-                        new = self._start()
-                        self.actors.append(new)
-                        idle.append(new)
+                    self._replace()
                     continue
                 except RayTaskError as e:  # the work itself failed: deterministic, so no retry
                     cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
@@ -125,6 +136,20 @@ class RayPool:
                 yield i, result
         finally:
             self.in_flight.clear()
+
+    def _replace(self) -> None:
+        """Start a replacement actor; it gets work once it has loaded (a dead node's replacement may
+        wait for resources, so nothing is queued on it meanwhile)."""
+        if self.replacements > 0:
+            self.replacements -= 1
+            new = self._start()
+            self.actors.append(new)
+            self.starting[new.ready.remote()] = new
+
+    def _fail_start(self, actor, e: Exception) -> None:
+        self._drop(actor)
+        if getattr(e, "actor_init_failed", False):
+            raise UserError(f"a Ray worker could not load: {_reason(str(e))}") from None
 
     def _drop(self, actor) -> None:
         if actor in self.actors:
@@ -157,7 +182,7 @@ class RayPool:
     def close(self) -> None:
         for actor in getattr(self, "actors", []):
             ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self.starting = [], {}
         if self.owns_ray:
             ray.shutdown()
             self.owns_ray = False

@@ -180,3 +180,31 @@ def test_cli_profile_and_bench_with_ray(cluster, tmp_path, monkeypatch, capsys):
                                         "--ray", cluster.address, "--workers", "1"], monkeypatch, capsys)
     assert code == 0, err
     assert "ray: 1 workers" in stdout and json.loads((tmp_path / "b.json").read_text())["results"][1]["policy"] == "fora"
+
+
+def test_a_lost_node_loses_nothing(cluster, digits, local_run, tmp_path):
+    """A third node joins, its worker takes shards, then the node goes away mid-run: its shard runs
+    on the remaining nodes, and the replacement worker, which finds no free CPU, never holds work."""
+    from soda.distributed import RayPool
+
+    spec, _, job = digits
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    removed = []
+    try:
+        with RayPool(spec, cluster.address, echo=quiet) as pool:
+            assert pool.size == 3
+
+            def remove_the_third_node(k):
+                if not removed:
+                    cluster.remove_node(node)
+                    removed.append(k)
+
+            res = run_job(ShardStore(tmp_path, job()), pool.shards(job().to_dict()), on_shard=remove_the_third_node)
+            assert len(pool.actors) == 3 and len(pool.starting) == 1  # 2 working + 1 replacement still waiting
+    finally:
+        if not removed:
+            cluster.remove_node(node)
+    assert sorted(res["computed"]) == list(range(job().num_shards))
+    for mine, theirs in zip(shards_of(local_run, job()), shards_of(tmp_path, job())):
+        np.testing.assert_array_equal(theirs["samples"], mine["samples"])
