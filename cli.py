@@ -140,7 +140,7 @@ def cli():
 @prompt_embeds_option
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
-@click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
+@click.option("--policy", default=None, help="full (default) | fora | toca | duca | taylorseer | soda | soda-forecast")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
@@ -422,7 +422,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 @cli.command("export")
 @model_options
 @sampler_options
-@click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
+@click.option("--policy", default=None, help="full (default) | fora | toca | duca | taylorseer | soda | soda-forecast")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
@@ -460,9 +460,10 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 # --- run (issue 6) ---------------------------------------------------------------------------
 @cli.command()
 @click.option("--engines", "engines_dir", required=True, type=click.Path(), help="Folder written by `cli.py export`.")
-@click.option("--policy", type=click.Choice(["full", "fora", "toca", "duca", "soda"]), default=None,
-              help="full, fora, toca, duca: scheduled here (no torch); soda: the engines' exported schedule, "
-                   "which must be SODA's. Default: the exported schedule, whatever its policy.")
+@click.option("--policy", type=click.Choice(["full", "fora", "toca", "duca", "taylorseer", "soda", "soda-forecast"]),
+              default=None,
+              help="full, fora, toca, duca, taylorseer: scheduled here (no torch); soda, soda-forecast: the engines' "
+                   "exported schedule, which must be that policy's. Default: the exported schedule, whatever its policy.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for a baseline policy.")
 @click.option("--labels", default=None, help="Comma-separated class labels [0,1,2,3].")

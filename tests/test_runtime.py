@@ -26,7 +26,7 @@ from conftest import strengthen
 ROOT = Path(__file__).resolve().parent.parent
 REL_TOL = 1e-4
 STEPS = 10
-BASELINES = ("full", "fora", "toca", "duca")
+BASELINES = ("full", "fora", "toca", "duca", "taylorseer")
 
 
 def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
@@ -304,7 +304,7 @@ def test_exported_schedule_must_be_soda_for_policy_soda(tmp_path, tiny_model):
 
     out = _export(tiny_model, "random-init-0", SamplerConfig("ddim", 4, 4.0, 3), tmp_path / "full_engines")
     engines = open_engines(out)
-    with pytest.raises(UserError, match="not a SODA one"):
+    with pytest.raises(UserError, match="not a soda one"):
         resolve_schedule(engines, engines.sampler, "soda")
     assert resolve_schedule(engines, engines.sampler, None).policy == "full"
 
