@@ -186,3 +186,68 @@ def test_taylorseer_policy_scales_to_a_speedup(tiny_config):
         make_schedule("taylorseer", spec, order=7)
     with pytest.raises(UserError, match="cannot reach"):
         make_schedule("taylorseer", spec, speedup=80, flops=fm)
+
+
+class _FakeTap:
+    """Stands in for InputTap: a pruned 'attention' that returns 0.9 x the true kept outputs."""
+
+    def __init__(self):
+        self.D = None
+
+    def partial(self, layer, name, idxs, rows):
+        return [0.9 * np.take_along_axis(self.D[rows], idx[:, :, None], axis=1) for idx in idxs]
+
+
+def _cos_dist(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return float(np.mean(1 - (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))))
+
+
+def test_profile_forecast_tables_equal_explicit_forecasts():
+    """E_f and E_pf from the rolling Gram matrix equal forecasts built as arrays with TaylorState."""
+    from soda.profile import SensitivityRecorder
+    from soda.selectors.feature_mean import FeatureMeanSelector
+
+    S, Bq, Nq, C = 9, 3, 8, 5
+    rng = np.random.default_rng(0)
+    steps = np.arange(S)[:, None, None, None]
+    traj = {name: (rng.standard_normal((Bq, Nq, C)) + steps * rng.standard_normal((Bq, Nq, C))
+                   + 0.05 * rng.standard_normal((S, Bq, Nq, C))).astype(np.float32) for name in MODULES}
+    tap = _FakeTap()
+    rec = SensitivityRecorder(S, 1, MODULES, (1, 2), (0.25, 0.5), inputs=tap, attention_rows=2, orders=(1, 2))
+    for s in range(S):
+        for name in MODULES:
+            tap.D = traj[name][s]
+            rec(s, 0, name, traj[name][s])
+    ec, ep, ef, epf = rec.tables()
+    assert ef.shape == (S, 1, 2, 2, 2, 3) and epf.shape == (S, 1, 2, 2, 2, 2, 3)
+    sel = FeatureMeanSelector()
+    rows = np.array([0, 2])  # attention_rows=2 of 3 rows, evenly spread
+    checked = 0
+    for m, name in enumerate(MODULES):
+        D = traj[name]
+        for oi, o in enumerate((1, 2)):
+            for ki, k in enumerate((1, 2)):
+                for gi, g in enumerate((1, 2, 3)):
+                    for s in range(S):
+                        full = [s - k - (o - q) * g for q in range(o + 1)]
+                        if full[0] < 0:
+                            assert np.isnan(ef[s, 0, m, oi, ki, gi])
+                            continue
+                        state = TaylorState(o)
+                        for t in full:
+                            state.update(t, D[t].astype(np.float64))
+                        F = state.predict(s, o)
+                        assert ef[s, 0, m, oi, ki, gi] == pytest.approx(_cos_dist(F, D[s]), rel=1e-6, abs=1e-9)
+                        for ai, a in enumerate((0.25, 0.5)):
+                            idx = sel.select(s, 0, name, max(1, round(a * Nq)), None, D[s - k])
+                            r = rows if name == "attn" else np.arange(Bq)
+                            mixed = F[r].copy()
+                            fresh = np.take_along_axis(D[s][r], idx[r, :, None], axis=1)
+                            np.put_along_axis(mixed, idx[r, :, None], 0.9 * fresh if name == "attn" else fresh, axis=1)
+                            assert epf[s, 0, m, oi, ai, ki, gi] == pytest.approx(_cos_dist(mixed, D[s][r]), rel=1e-6,
+                                                                                 abs=1e-9)
+                            checked += 1
+    assert checked > 100
+    # Forecasting a smooth trajectory beats the frozen cache on average.
+    assert np.nanmean(ef[:, :, :, 0, 0, 0]) < np.nanmean(ec[:, :, :, 0])
