@@ -59,3 +59,10 @@ def forecast_weights(full_steps: list[int], s: int, order: int) -> np.ndarray:
     for j, step in enumerate(full_steps):
         state.update(step, eye[j])
     return state.predict(s, order)
+
+
+def forecast_cache(orders: list[list[int]], num_tokens: int, hidden: int, itemsize: int = 4) -> dict:
+    """Extra memory forecasting holds beyond the plain cache, per (layer, module) and batch row:
+    order x tokens x hidden x itemsize (float32 by default); `orders` is Schedule.forecast_orders()."""
+    per = [[o * num_tokens * hidden * itemsize for o in row] for row in orders]
+    return {"orders": orders, "bytes_per_row": per, "total_bytes_per_row": int(sum(map(sum, per)))}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from soda.errors import UserError
 
-POLICIES = ("full", "fora", "toca", "duca", "taylorseer", "soda")
+POLICIES = ("full", "fora", "toca", "duca", "taylorseer", "soda", "soda-forecast")
 PROFILED = ("soda", "soda-forecast")  # need a sensitivity profile measured with the torch model
 
 

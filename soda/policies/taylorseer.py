@@ -64,7 +64,7 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
 
     if speedup is None:
         N = PUBLISHED["interval"] if N is None else N
-        return scaling.record(build(official_full_steps(S, N), {"N": N}), spec, flops, None)
+        return _memory(scaling.record(build(official_full_steps(S, N), {"N": N}), spec, flops, None), spec, flops)
     if N is not None:
         raise UserError("give either a target --speedup or TaylorSeer's N, not both")
     scaling.check_target("TaylorSeer", speedup)
@@ -74,4 +74,15 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     if speedup > hi * (1 + scaling.TOLERANCE):
         raise scaling.out_of_reach("TaylorSeer", speedup, 1.0, hi)
     best = min(range(1, S + 1), key=lambda c: (abs(scaling.speedup_of(by_count(c), spec, fm) - speedup), -c))
-    return scaling.record(by_count(best), spec, fm, speedup)
+    return _memory(scaling.record(by_count(best), spec, fm, speedup), spec, fm)
+
+
+def _memory(schedule: Schedule, spec: ScheduleSpec, flops) -> Schedule:
+    """Record the forecast factors' extra memory (needs the hidden size, from the FLOPs model)."""
+    from soda.forecast import forecast_cache
+    from soda.policies import scaling
+
+    fm = scaling.flops_model(spec, flops)
+    if fm is not None:
+        schedule.params["forecast_cache"] = forecast_cache(schedule.forecast_orders(), fm.num_tokens, fm.hidden)
+    return schedule
