@@ -7,9 +7,11 @@ each layer's attn and MLP output as a Taylor forecast of order `max_order` from 
 differences of the last full steps (soda/forecast.py). Published DiT setting (TaylorSeer-DiT.md,
 DDIM-50): interval 4, max_order 4 -> 14 full steps, 3.57x.
 
-Scaled to a target FLOPs speedup it keeps its nature (two first full steps, one fixed order, an
-even interval after them): the remaining anchors are spread evenly over steps 1..S-1, their
-count the one whose speedup is nearest the target, as FORA is scaled (soda/policies/fora.py).
+Scaled to a target FLOPs speedup it keeps its nature (two first full steps, one fixed order, a
+fixed interval after them): the remaining anchors are spread over steps 1..S-1 by FORA's
+placement (soda/policies/fora.py; `warp` 1 = even, the last anchor at S-1 as the official rule
+ends), their count the most whose speedup still reaches the target, as FORA is scaled. The bench
+tunes `order` and `warp` on calibration data like every baseline (soda/tuning.py).
 """
 from __future__ import annotations
 
@@ -35,11 +37,13 @@ def official_full_steps(S: int, N: int) -> list[int]:
     return full
 
 
-def even_full_steps(S: int, count: int) -> list[int]:
-    """Step 0, then `count` - 1 anchors spread evenly from step 1 (first_enhance = 2 kept)."""
-    if count <= 1 or S <= 1:
-        return [0]
-    return sorted({0, *(1 + (i * (S - 1)) // (count - 1) for i in range(count - 1))})
+def scaled_full_steps(S: int, count: int, warp: float = 1.0) -> list[int]:
+    """Step 0, then `count` - 1 anchors from step 1 to S-1 placed like FORA's (first_enhance = 2 kept)."""
+    from soda.policies.fora import placement
+
+    if not 1 <= count <= S:
+        raise UserError(f"TaylorSeer needs 1..{S} full steps, got {count}")
+    return [0] if count == 1 else [0, *(1 + p for p in placement(S - 1, count - 1, warp, True))]
 
 
 def steps_for(spec: ScheduleSpec, full_steps: list[int], order: int) -> list:
@@ -49,7 +53,7 @@ def steps_for(spec: ScheduleSpec, full_steps: list[int], order: int) -> list:
 
 
 def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
-         order: int | None = None) -> Schedule:
+         order: int | None = None, warp: float = 1.0) -> Schedule:
     from soda.policies import scaling
     from soda.policies.full import base_schedule
 
@@ -69,12 +73,15 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
         raise UserError("give either a target --speedup or TaylorSeer's N, not both")
     scaling.check_target("TaylorSeer", speedup)
     fm = scaling.require_flops_model(spec, flops)
-    by_count = lambda c: build(even_full_steps(S, c), {"anchor_count": c})  # noqa: E731
+    by_count = lambda c: build(scaled_full_steps(S, c, warp), {"anchor_count": c, "warp": warp})  # noqa: E731
     hi = scaling.speedup_of(by_count(1), spec, fm)
     if speedup > hi * (1 + scaling.TOLERANCE):
         raise scaling.out_of_reach("TaylorSeer", speedup, 1.0, hi)
-    best = min(range(1, S + 1), key=lambda c: (abs(scaling.speedup_of(by_count(c), spec, fm) - speedup), -c))
-    return _memory(scaling.record(by_count(best), spec, fm, speedup), spec, fm)
+    # Speedup falls as anchors are added (placement does not change the count's FLOPs).
+    ok = [c for c in range(1, S + 1) if scaling.speedup_of(by_count(c), spec, fm) >= speedup * (1 - 1e-9)]
+    schedule = scaling.record(by_count(max(ok) if ok else 1), spec, fm, speedup)
+    schedule.params["in_window"] = scaling.in_window(schedule.params["achieved_speedup"], speedup)
+    return _memory(schedule, spec, fm)
 
 
 def _memory(schedule: Schedule, spec: ScheduleSpec, flops) -> Schedule:
