@@ -27,35 +27,17 @@ from soda.errors import UserError
 from soda.flops import FlopsModel, schedule_flops
 from soda.forecast import forecast_cache
 from soda.policies import ScheduleSpec
-from soda.policies.soda import SELECTOR, Planner
+from soda.policies.soda import SELECTOR, Planner, planner_inputs
 from soda.schedule import FULL, REUSE, forecast, prune
 
 
 def make(spec: ScheduleSpec, speedup: float | None = None, anchors: int | None = None, profile=None,
          lam: float | None = None, rates=None, **_ignored):
     """A soda-forecast schedule for `spec` from a profile with forecast tables (format 2)."""
-    from soda.models.config import ModelConfig
-    from soda.profile import Profile
-
-    if profile is None:
-        raise UserError("the soda-forecast policy needs a sensitivity profile (cli.py profile, or --profile FILE)")
-    if not isinstance(profile, Profile):
-        profile = Profile.load(profile)
+    profile, rates, fm = planner_inputs("soda-forecast", spec, profile, speedup, anchors, rates)
     if not profile.has_forecast:
         raise UserError("this profile has no forecast tables (profile format 1, or profiled without orders); "
                         "measure a new one with `cli.py profile`")
-    profile.check_fits(spec.model, spec.model_hash, spec.sampler, spec.num_steps)
-    if speedup is None and anchors is None:
-        raise UserError("the soda-forecast policy needs --speedup X or --anchors N")
-    if speedup is not None and not (isinstance(speedup, (int, float)) and speedup >= 1.0):
-        raise UserError(f"--speedup must be at least 1, got {speedup}")
-    if list(profile.modules) != list(spec.modules) or profile.num_layers != spec.num_layers:
-        raise UserError("profile and model disagree on layers or modules")
-    rates = sorted(set(float(a) for a in (rates or profile.rates)))
-    missing = [a for a in rates if a not in profile.rates]
-    if missing:
-        raise UserError(f"rates {missing} were not profiled (the profile has {profile.rates})")
-    fm = FlopsModel.for_config(ModelConfig.from_dict(profile.model_config))
     planner = ForecastPlanner(profile, rates, fm)
     return planner.schedule(spec, planner.plan(speedup, anchors, lam), speedup)
 
