@@ -145,6 +145,10 @@ class Executor:
             return str(f)
         return "the final layer"
 
+    def extra_cache_bytes(self) -> dict[tuple[int, int], int]:
+        """Per (layer, module): memory the forecast factors hold now beyond the plain cache."""
+        return {key: state.extra_bytes() for key, state in self.taylor.items()}
+
         taylor = {key: copy.copy(state) for key, state in self.taylor.items()}  # factors are replaced too
     def _module_output(self, s, l, m, name, tokens, args) -> np.ndarray:
         action = self.schedule.action(s, l, m)

@@ -425,9 +425,8 @@ def profile(
     exact_attention: bool = True,
     attention_rows: int = 16,
     pool=None,
-    """One calibration batch: a full-compute generation of `labels` (class labels or a
-    `soda.sampling.Conditioning`) from `noise_seed`'s noise (an int or SeedSequence), and the
-    recorder's sums over it (`SUMS`: E_c, E_p and the forecast sums).
+    conditioning=None,
+    orders=DEFAULT_ORDERS,
 ) -> Profile:
     """Sensitivity tables from `samples` full-compute generations with random labels and noise
     from the calibration stream of `seed` (`soda.seeds`).

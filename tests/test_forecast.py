@@ -9,6 +9,7 @@ from soda.errors import UserError
 from soda.executor import Executor
 from soda.flops import FlopsModel, schedule_flops
 from soda.forecast import TaylorState, forecast_weights
+from soda.models.interface import DIT
 from soda.policies import ScheduleSpec, make_schedule
 from soda.policies import scaling, taylorseer
 from soda.policies.taylorseer import official_full_steps, scaled_full_steps
@@ -27,27 +28,35 @@ def _signal(s: float, layer: int, m: int, token: np.ndarray) -> np.ndarray:
 
 
 class StepBackend:
-    """Tokens never change (gate 0); a module's output is `_signal` of the step (carried in `shift`)
-    and of the token ids (carried in channel 0 of the tokens), so served values are known exactly."""
+    """Tokens never change (gate 0); a module's output is `_signal` of the step (carried in the
+    step's conditioning) and of the token ids (carried in channel 0 of the tokens), so served
+    values are known exactly."""
 
+    specs = DIT.modules
     modules = MODULES
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
 
-    def embed(self, x, t, y):
+    def prepare(self, cond):
+        return {}
+
+    def embed(self, x, t, context):
         tokens = np.zeros((B, N, H), np.float32)
         tokens[:, :, 0] = np.arange(N)
-        return tokens, t.astype(np.float32)[:, None].repeat(H, 1)
+        return tokens, (t.astype(np.float32),)
 
-    def modulation(self, layer, c):
-        return {m: (c, np.zeros_like(c), np.zeros_like(c)) for m in MODULES}
+    def modulation(self, layer, step):
+        return {m: ((step[0],), np.zeros((B, H), np.float32)) for m in MODULES}
 
-    def module(self, layer, name, tokens, shift, scale):
-        return _signal(float(shift[0, 0]), layer, MODULES.index(name), tokens[:, :, 0].astype(np.int64)), None
+    def module(self, layer, name, tokens, s, context=None):
+        return _signal(float(s[0]), layer, MODULES.index(name), tokens[:, :, 0].astype(np.int64)), None
 
-    def final(self, tokens, c):
+    def final(self, tokens, step):
         return tokens
+
+
+FLOPS = FlopsModel(H, 4 * H, N, (("attn", "self_attn"), ("mlp", "mlp")), 1.0, 1.0, 1.0)
 
 
 def _schedule(steps, num_layers, selector="none"):
@@ -56,11 +65,11 @@ def _schedule(steps, num_layers, selector="none"):
 
 def _serve(schedule):
     """Every (s, layer, module) output the executor serves over one run."""
-    ex = Executor(StepBackend(schedule.num_layers), schedule, FlopsModel(H, 4 * H, N, 4, 8))
+    ex = Executor(StepBackend(schedule.num_layers), schedule, FLOPS)
     served, inner = {}, ex._module_output
 
-    def spy(s, l, m, name, tokens, shift, scale):
-        served[(s, l, name)] = out = inner(s, l, m, name, tokens, shift, scale)
+    def spy(s, l, m, name, tokens, args):
+        served[(s, l, name)] = out = inner(s, l, m, name, tokens, args)
         return out
 
     ex._module_output = spy
@@ -140,7 +149,7 @@ def test_pruned_tokens_replace_forecast_values():
     # A plain prune keeps serving the (partly refreshed) cache, not a forecast.
     assert np.isclose(served[(4, 0, "mlp")], _signal(2, 0, 1, token)).all(axis=2).sum() >= B * (N - 2 - N // 2)
     # Forecast costs no FLOPs; a composed prune costs its kept tokens.
-    fm = FlopsModel(H, 4 * H, N, 4, 8)
+    fm = FLOPS
     assert ex.flops_done == schedule_flops(sched, fm, B)
     assert ex.extra_cache_bytes() == {(0, 0): 2 * B * N * H * 4, (0, 1): 2 * B * N * H * 4}
 
@@ -189,6 +198,8 @@ def test_taylorseer_policy_scales_to_a_speedup(tiny_config):
 
 class _FakeTap:
     """Stands in for InputTap: a pruned 'attention' that returns 0.9 x the true kept outputs."""
+
+    specs = DIT.modules
 
     def __init__(self):
         self.D = None
