@@ -140,7 +140,7 @@ def cli():
 @prompt_embeds_option
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
-@click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
+@click.option("--policy", default=None, help="full (default) | fora | toca | duca | taylorseer | soda | soda-forecast")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
@@ -237,11 +237,13 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--intervals", default="1,2,3,4,5,6", show_default=True, help="Cache ages k to measure.")
 @click.option("--rates", default="0.25,0.5,0.75", show_default=True, help="Recompute fractions a to measure.")
+@click.option("--orders", default="1,2", show_default=True,
+              help="Taylor forecast orders to measure for soda-forecast ('none': cache and prune only).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Generations per batch (CFG doubles rows).")
 @click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True)
 @ray_options
 def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, samples,
-                prompt_embeds, seed, intervals, rates, batch_size, out, ray_address, workers):
+                prompt_embeds, seed, intervals, rates, orders, batch_size, out, ray_address, workers):
     """OFS: measure cache and prune sensitivity on full trajectories (-> JSON + heatmap PNG)."""
     from tqdm import tqdm
 
@@ -254,6 +256,9 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
         raise UserError(f"--intervals must be distinct cache ages >= 1 including 1, got {intervals}")
     if not all(0 < r < 1 for r in rs):
         raise UserError(f"--rates must be fractions strictly between 0 and 1, got {rates}")
+    os_ = () if orders.strip() == "none" else _numbers(orders, int, "--orders")
+    if not all(1 <= o <= 4 for o in os_):
+        raise UserError(f"--orders must be integers in 1..4 (or 'none'), got {orders}")
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     check_out_suffix(out, "--out", (".json",))
@@ -269,7 +274,7 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     with worker_pool(spec, ray_address, workers, click.echo) as pool, \
             tqdm(total=total, desc=f"profile {samples} generations", unit="step", file=sys.stderr) as bar:
         prof = profile(model, sampler_cfg, samples, seed, ks, rs, lambda s: bar.update(), weights, batch_size,
-                       pool=pool, conditioning=cal)
+                       pool=pool, conditioning=cal, orders=os_)
     prof.save(out)
     png = schedule_path_png(out)
     sensitivity_heatmap(prof, png)
@@ -291,6 +296,8 @@ def _numbers(text: str, kind, flag: str) -> list:
 
 @cli.command("schedule")
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), required=True, help="From `cli.py profile`.")
+@click.option("--policy", type=click.Choice(["soda", "soda-forecast"]), default="soda", show_default=True,
+              help="soda: the paper's method; soda-forecast: also Taylor forecasts (TaylorSeer) of cached outputs.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup (anchors + pruning fill it).")
 @click.option("--anchors", type=int, default=None, help="Exactly N anchor steps (no pruning unless --speedup too).")
 @click.option("--lam", type=click.FloatRange(min=0, max=1e6), default=None, help="UAS lambda in units of 1/mean(E_c) (default: best of a grid).")
@@ -298,8 +305,8 @@ def _numbers(text: str, kind, flag: str) -> list:
               help="uas: the paper (DCS anchors, lambda*E_c+beta rates); joint: exact joint DP; dcs / fixed: "
                    "DP / evenly spaced anchors without pruning (ablation).")
 @click.option("--out", type=click.Path(dir_okay=False), default="schedule.json", show_default=True)
-def schedule_cmd(profile_file, speedup, anchors, lam, planner, out):
-    """DCS + UAS: a SODA schedule from a profile (-> JSON + picture PNG)."""
+def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
+    """DCS + UAS: a SODA (or soda-forecast) schedule from a profile (-> JSON + picture PNG)."""
     from soda.models.config import ModelConfig
     from soda.pipeline import schedule_path_png
     from soda.plots import schedule_picture
@@ -312,7 +319,10 @@ def schedule_cmd(profile_file, speedup, anchors, lam, planner, out):
     prof = Profile.load(profile_file)
     spec = ScheduleSpec.for_model(ModelConfig.from_dict(prof.model_config), prof.sampler["kind"], prof.num_steps,
                                   tuple(prof.modules))
-    sched = make_schedule("soda", spec, speedup=speedup, anchors=anchors, profile=prof, lam=lam, planner=planner)
+    if policy != "soda" and planner != "uas":
+        raise UserError(f"--planner {planner} applies to --policy soda only")
+    kw = {"planner": planner} if policy == "soda" else {}
+    sched = make_schedule(policy, spec, speedup=speedup, anchors=anchors, profile=prof, lam=lam, **kw)
     sched.save(out)
     png = schedule_path_png(out)
     schedule_picture(sched, png)
@@ -320,6 +330,11 @@ def schedule_cmd(profile_file, speedup, anchors, lam, planner, out):
     p = sched.params
     click.echo(f"FLOPs speedup {p['flops_speedup']:.3f}x with {p['num_anchors']} anchors: {kinds['full']} full, "
                f"{kinds['partial']} partial, {kinds['skip']} skip steps; prune rates {sched.prune_rates() or 'none'}")
+    if "forecast_cache" in p:
+        fc = p["forecast_cache"]
+        click.echo(f"forecast orders per layer x module {fc['orders']}: {fc['total_bytes_per_row'] / 2**10:.0f} KiB "
+                   f"extra cache per batch row ({fc['bytes_per_row'][0][0] / 2**10:.0f} KiB per (layer, module) at "
+                   f"order {fc['orders'][0][0]})")
     click.echo(f"schedule -> {out}, picture -> {png}")
 
 
@@ -422,7 +437,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 @cli.command("export")
 @model_options
 @sampler_options
-@click.option("--policy", default=None, help="full (default) | fora | toca | duca | soda")
+@click.option("--policy", default=None, help="full (default) | fora | toca | duca | taylorseer | soda | soda-forecast")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
@@ -460,9 +475,10 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 # --- run (issue 6) ---------------------------------------------------------------------------
 @cli.command()
 @click.option("--engines", "engines_dir", required=True, type=click.Path(), help="Folder written by `cli.py export`.")
-@click.option("--policy", type=click.Choice(["full", "fora", "toca", "duca", "soda"]), default=None,
-              help="full, fora, toca, duca: scheduled here (no torch); soda: the engines' exported schedule, "
-                   "which must be SODA's. Default: the exported schedule, whatever its policy.")
+@click.option("--policy", type=click.Choice(["full", "fora", "toca", "duca", "taylorseer", "soda", "soda-forecast"]),
+              default=None,
+              help="full, fora, toca, duca, taylorseer: scheduled here (no torch); soda, soda-forecast: the engines' "
+                   "exported schedule, which must be that policy's. Default: the exported schedule, whatever its policy.")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for a baseline policy.")
 @click.option("--labels", default=None, help="Comma-separated class labels [0,1,2,3].")

@@ -138,7 +138,7 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
     `--policy soda` (and no policy at all) means the schedule exported with the engines: SODA
     needs a sensitivity profile from the torch model, so it is fixed at export time.
     """
-    from soda.policies import ScheduleSpec
+    from soda.policies import PROFILED, ScheduleSpec
 
     config = engines.config
     if toca_official_loop and policy != "toca":
@@ -147,11 +147,11 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
         if policy is not None:
             raise UserError("give --policy or --schedule, not both")
         schedule = Schedule.load(schedule_file)
-    elif policy is None or policy == "soda":
+    elif policy is None or policy in PROFILED:
         schedule = engines.exported_schedule
-        if policy == "soda" and schedule.policy != "soda":
-            raise UserError(f"{engines.folder} was exported with a {schedule.policy!r} schedule, not a SODA one; "
-                            f"re-export with `cli.py export --policy soda` or pick another --policy")
+        if policy is not None and schedule.policy != policy:
+            raise UserError(f"{engines.folder} was exported with a {schedule.policy!r} schedule, not a {policy} one; "
+                            f"re-export with `cli.py export --policy {policy}` or pick another --policy")
         if speedup is not None:
             raise UserError("--speedup does not apply to the exported schedule (SODA's is fixed at export); "
                             "re-export with `cli.py export --speedup X`")

@@ -256,7 +256,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     from soda import seeds
     from soda.flops import FlopsModel
     from soda.pipeline import load_or_profile, spec_for
-    from soda.policies import baseline_schedule, make_schedule
+    from soda.policies import PROFILED, baseline_schedule, make_schedule
     from soda.policies.scaling import in_window
     from soda.timing import wall_speedup
 
@@ -271,10 +271,10 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     # Every policy must reach the main --speedup (the README promises an error): said before any
     # profiling or sampling. Frontier points a policy cannot reach are only skipped.
     for policy in setup.policies:
-        if policy not in ("full", "soda"):
+        if policy not in ("full", *PROFILED):
             baseline_schedule(policy, spec, config, speedup=setup.speedup)
     prof = None
-    if "soda" in setup.policies or setup.ablation:
+    if any(p in PROFILED for p in setup.policies) or setup.ablation:
         prof = load_or_profile(model, weights, sampler, setup.profile_file, echo, setup.profile_samples,
                                seed=setup.seed, progress=progress,  # the calibration stream of --seed (soda.seeds)
                                conditioning=cal_cond)
@@ -311,14 +311,15 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
         for policy in setup.policies:
             if policy == "full":
                 continue
-            if policy == "soda":
+            if policy in PROFILED:
+                kw = {"planner": setup.planner} if policy == "soda" else {}
                 try:
-                    cells.append(Cell("soda", "-", target, make_schedule(
-                        "soda", spec, speedup=target, profile=prof, planner=setup.planner)))
+                    cells.append(Cell(policy, "-", target, make_schedule(
+                        policy, spec, speedup=target, profile=prof, **kw)))
                 except UserError as e:
                     if target == setup.speedup:
                         raise
-                    echo(f"skipped soda at {target:g}x: {e}")
+                    echo(f"skipped {policy} at {target:g}x: {e}")
                 continue
             try:
                 cells.append(Cell(policy, "rule", target, baseline_schedule(policy, spec, config, speedup=target)))

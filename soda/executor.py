@@ -2,20 +2,22 @@
 
 The PyTorch reference (`soda.torch_backend`) and the deploy runtime (`runtime/`) differ only
 in the backend: how `prepare`, `embed`, `modulation`, `module` and `final` are computed.
-Everything else -- the per-token caches, the residual `x + gate * D` (or `x + D` for an
-ungated module), token selection, skip steps and FLOPs accounting -- lives here once, in
+Everything else -- the per-token caches, Taylor forecasts of cached outputs, the residual
+`x + gate * D` (or `x + D` for an ungated module), token selection, skip steps and FLOPs accounting -- lives here once, in
 numpy, and reads only the modules' declarations (`soda.models.interface.ModuleSpec`).
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Protocol
 
 import numpy as np
 
 from soda.errors import NonFiniteError
 from soda.flops import FlopsModel
+from soda.forecast import TaylorState
 from soda.models.interface import ModuleSpec
-from soda.schedule import FULL, REUSE, Schedule, kept_tokens, parse_action
+from soda.schedule import FORECAST, FULL, REUSE, Schedule, forecast_order, kept_tokens, parse_action
 from soda.selectors import TokenSelector, make_selector
 
 
@@ -68,11 +70,13 @@ class Executor:
         self.gated = tuple(spec.gated for spec in backend.specs)
         self.selector = selector or make_selector(schedule.selector, schedule.params)
         self.recorder = recorder
+        self.orders = schedule.forecast_orders()  # [L][M]: Taylor factors kept per (layer, module)
         self.reset()
 
     def reset(self) -> None:
         """Forget caches and counters; call between independent generations."""
         self.cache: dict[tuple[int, int], np.ndarray] = {}
+        self.taylor = {(l, m): TaylorState(o) for l, row in enumerate(self.orders) for m, o in enumerate(row) if o}
         self.last_tokens: np.ndarray | None = None
         self.context: dict | None = None
         self.flops_done = 0.0
@@ -80,9 +84,10 @@ class Executor:
 
     def __call__(self, s: int, x: np.ndarray, t: np.ndarray, cond) -> np.ndarray:
         cache, last = dict(self.cache), self.last_tokens  # shallow: entries are replaced, never edited
+        taylor = {key: copy.copy(state) for key, state in self.taylor.items()}  # factors are replaced too
         out = self._step(s, x, t, cond)
         if not np.isfinite(out).all():  # one cheap check per step; locating the cause only on failure
-            self.cache, self.last_tokens = cache, last
+            self.cache, self.last_tokens, self.taylor = cache, last, taylor
             raise NonFiniteError(f"NaN or inf in the model output at step {s} of {self.schedule.num_steps}, "
                                  f"first in {self._locate(s, x, t, cond)}; check the checkpoint and the noise")
         return out
@@ -140,19 +145,31 @@ class Executor:
             return str(f)
         return "the final layer"
 
+    def extra_cache_bytes(self) -> dict[tuple[int, int], int]:
+        """Per (layer, module): memory the forecast factors hold now beyond the plain cache."""
+        return {key: state.extra_bytes() for key, state in self.taylor.items()}
+
+        taylor = {key: copy.copy(state) for key, state in self.taylor.items()}  # factors are replaced too
     def _module_output(self, s, l, m, name, tokens, args) -> np.ndarray:
-        kind, rate = parse_action(self.schedule.action(s, l, m))
+        action = self.schedule.action(s, l, m)
+        kind, rate = parse_action(action)
         B, N, _ = tokens.shape
         if kind == REUSE:
             return self.cache[(l, m)]
+        if kind == FORECAST:
+            return self.taylor[(l, m)].predict(s, forecast_order(action))
         if kind == FULL:
             D, received = self.backend.module(l, name, tokens, *args, context=self.context)
             self.flops_done += self.flops.module(name, B, N)
             self.cache[(l, m)] = D
+            if (l, m) in self.taylor:
+                self.taylor[(l, m)].update(s, D)
             self.selector.observe(s, l, name, None, D, received)
             if self.recorder is not None:
                 self.recorder(s, l, name, D)
             return D
+        # prune@a (+forecast@O): recompute k tokens chosen on the cache; the others come from the
+        # cache, or from the forecast when the action has one. Recomputed tokens enter the cache.
         k = kept_tokens(rate, N)
         cache = self.cache[(l, m)]
         idx = self.selector.select(s, l, name, k, tokens, cache)  # [B, k]
@@ -164,4 +181,9 @@ class Executor:
         cache[rows, idx] = D_part
         self.cache[(l, m)] = cache
         self.selector.observe(s, l, name, idx, D_part, received)
-        return cache
+        order = forecast_order(action)
+        if not order:
+            return cache
+        out = self.taylor[(l, m)].predict(s, order)
+        out[rows, idx] = D_part
+        return out

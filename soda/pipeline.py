@@ -1,8 +1,8 @@
 """From user flags to a Schedule: a file, or a policy (profiling first for SODA when needed).
 
-Policies: `full`; the baselines `fora`, `toca`, `duca` (their published settings, or tuned
-to `--speedup`); `soda` (from `--profile FILE`, or from a profile measured on the spot with
-PROFILE_SAMPLES calibration generations, at `--speedup` or DEFAULT_SPEEDUP).
+Policies: `full`; the baselines `fora`, `toca`, `duca`, `taylorseer` (their published settings,
+or tuned to `--speedup`); `soda` and `soda-forecast` (from `--profile FILE`, or from a profile
+measured on the spot with PROFILE_SAMPLES calibration generations, at `--speedup` or DEFAULT_SPEEDUP).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from soda.errors import UserError
-from soda.policies import ScheduleSpec, baseline_schedule, check_request, make_schedule
+from soda.policies import PROFILED, ScheduleSpec, baseline_schedule, check_request, make_schedule
 from soda.schedule import Schedule
 
 DEFAULT_SPEEDUP = 2.5  # the paper's DDIM-50 operating point (2.49x)
@@ -77,14 +77,14 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     check_request(policy, speedup)
     if speedup is not None and speedup < 1.0:  # said before SODA profiles, which takes a while
         raise UserError(f"--speedup must be at least 1, got {speedup:g}")
-    if policy == "soda":
+    if policy in PROFILED:
         if toca_official_loop:
-            raise UserError("--toca-official-loop applies to --policy toca, not soda")
+            raise UserError(f"--toca-official-loop applies to --policy toca, not {policy}")
         prof = load_or_profile(model, weights, sampler, profile_file, echo, progress=progress)
         if speedup is None and anchors is None:
             speedup = DEFAULT_SPEEDUP
-            echo(f"no --speedup given: soda targets {DEFAULT_SPEEDUP}x FLOPs")
-        return make_schedule("soda", spec, speedup=speedup, anchors=anchors, profile=prof)
+            echo(f"no --speedup given: {policy} targets {DEFAULT_SPEEDUP}x FLOPs")
+        return make_schedule(policy, spec, speedup=speedup, anchors=anchors, profile=prof)
     return baseline_schedule(policy, spec, config, speedup, toca_official_loop)
 
 

@@ -69,21 +69,36 @@ PRUNE_CMAP = "Blues"
 
 
 def schedule_picture(schedule, out: str | Path) -> None:
-    """step x layer, one panel per module; colour per action (full, reuse, each prune rate, skip)."""
+    """step x layer, one panel per module; colour per action (full, reuse, each forecast order,
+    each prune rate on the cache or on a forecast, skip)."""
     import matplotlib
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from soda.schedule import parse_action
+    from soda.schedule import forecast_order, parse_action
 
     plt = _pyplot()
+
+    def label(action: str) -> str:
+        kind, a = parse_action(action)
+        order = forecast_order(action)
+        if kind == "prune":
+            return f"prune@{a:g}" + ("+forecast" if order else "")
+        return f"forecast@{order}" if order else kind
+
+    S, L, M = schedule.num_steps, schedule.num_layers, len(schedule.modules)
+    used = {label(a) for step in schedule.steps if step != "skip" for row in step for a in row}
     rates = schedule.prune_rates()
-    blues = matplotlib.colormaps[PRUNE_CMAP]
-    labels = ["reuse", *[f"prune@{a:g}" for a in rates], "full", "skip"]
-    colours = [ACTION_COLOURS["reuse"], *[blues(0.35 + 0.6 * i / max(1, len(rates) - 1)) for i in range(len(rates))],
+    forecasts = sorted(x for x in used if x.startswith("forecast@"))
+    pruned = [f"prune@{a:g}" for a in rates if f"prune@{a:g}" in used]
+    pruned_fc = [f"prune@{a:g}+forecast" for a in rates if f"prune@{a:g}+forecast" in used]
+    shade = lambda cmap, i, n: matplotlib.colormaps[cmap](0.35 + 0.6 * i / max(1, n - 1))  # noqa: E731
+    labels = ["reuse", *forecasts, *pruned, *pruned_fc, "full", "skip"]
+    colours = [ACTION_COLOURS["reuse"], *[shade("Oranges", i, len(forecasts)) for i in range(len(forecasts))],
+               *[shade(PRUNE_CMAP, i, len(pruned)) for i in range(len(pruned))],
+               *[shade("Purples", i, len(pruned_fc)) for i in range(len(pruned_fc))],
                ACTION_COLOURS["full"], ACTION_COLOURS["skip"]]
     code = {lab: i for i, lab in enumerate(labels)}
-    S, L, M = schedule.num_steps, schedule.num_layers, len(schedule.modules)
     grid = np.zeros((S, L, M), dtype=np.int64)
     for s in range(S):
         if schedule.is_skip(s):
@@ -91,8 +106,7 @@ def schedule_picture(schedule, out: str | Path) -> None:
             continue
         for l in range(L):
             for m in range(M):
-                kind, a = parse_action(schedule.action(s, l, m))
-                grid[s, l, m] = code["full" if kind == "full" else "reuse" if kind == "reuse" else f"prune@{a:g}"]
+                grid[s, l, m] = code[label(schedule.action(s, l, m))]
     fig, axes = plt.subplots(1, M, figsize=(3.5 * M, 0.12 * S + 2), squeeze=False)
     cmap = ListedColormap(colours)
     for m, name in enumerate(schedule.modules):

@@ -4,6 +4,11 @@ Actions: "full" (compute every token, refresh the cache), "reuse" (serve the cac
 output with the current gate), "prune@a" (recompute a fraction a of the tokens, take the rest
 from the cache, write the recomputed ones back). A step may instead be "skip" (DuCa's
 aggressive step: reuse the previous step's last-block tokens, re-apply only the final layer).
+
+Format 2 adds forecasting (TaylorSeer): "forecast@O" serves a Taylor extrapolation of order O,
+in sampler steps, from the module's last full computations instead of the frozen cache, and
+"prune@a+forecast@O" recomputes a fraction a of the tokens on top of that forecast. Format-1
+files still load (they cannot hold forecast actions).
 """
 from __future__ import annotations
 
@@ -15,12 +20,19 @@ from pathlib import Path
 from soda.errors import UserError
 from soda.outputs import write_json_atomic  # noqa: F401  (lives in soda.outputs; importable from here too)
 
-FORMAT = 1
-FULL, REUSE, SKIP = "full", "reuse", "skip"
+FORMAT = 2
+SUPPORTED_FORMATS = (1, 2)  # 1: no forecast actions
+FULL, REUSE, SKIP, PRUNE, FORECAST = "full", "reuse", "skip", "prune", "forecast"
+MAX_ORDER = 4  # TaylorSeer's published DiT setting uses max_order 4
 
 
-def prune(rate: float) -> str:
-    return f"prune@{rate:g}"
+def prune(rate: float, order: int = 0) -> str:
+    """prune@a, on top of a forecast of `order` when order > 0."""
+    return f"prune@{rate:g}" + (f"+{forecast(order)}" if order else "")
+
+
+def forecast(order: int) -> str:
+    return f"forecast@{order}"
 
 
 def kept_tokens(rate: float, num_tokens: int) -> int:
@@ -29,17 +41,38 @@ def kept_tokens(rate: float, num_tokens: int) -> int:
 
 
 def parse_action(action: str) -> tuple[str, float]:
-    """("full", 1.0) | ("reuse", 0.0) | ("prune", a)."""
+    """("full", 1.0) | ("reuse", 0.0) | ("forecast", 0.0) | ("prune", a), forecast base or not."""
     if action == FULL:
         return FULL, 1.0
     if action == REUSE:
         return REUSE, 0.0
+    if action.startswith("forecast@"):
+        forecast_order(action)
+        return FORECAST, 0.0
     if action.startswith("prune@"):
-        a = float(action[6:])
+        try:
+            a = float(action[6:].split("+", 1)[0])
+        except ValueError:
+            raise UserError(f"unknown action {action!r}") from None
         if not 0.0 < a < 1.0:
             raise UserError(f"prune rate must be in (0, 1), got {action!r}")
-        return "prune", a
+        forecast_order(action)
+        return PRUNE, a
     raise UserError(f"unknown action {action!r}")
+
+
+def forecast_order(action: str) -> int:
+    """Taylor order of an action's non-recomputed values: 0 for the frozen cache."""
+    tail = action.split("+", 1)[1] if action.startswith("prune@") and "+" in action else action
+    if not tail.startswith("forecast@"):
+        return 0
+    try:
+        order = int(tail[9:])
+    except ValueError:
+        order = -1
+    if not 1 <= order <= MAX_ORDER:
+        raise UserError(f"forecast order must be an integer in 1..{MAX_ORDER}, got {action!r}")
+    return order
 
 
 @dataclass
@@ -83,6 +116,17 @@ class Schedule:
         export checks parity at and TensorRT builds one optimization profile for."""
         return sorted({num_tokens, *(kept_tokens(a, num_tokens) for a in self.prune_rates())}, reverse=True)
 
+    def forecast_orders(self) -> list[list[int]]:
+        """[L][M]: the highest forecast order each (layer, module) uses (0: none). A module
+        forecast at order O keeps O arrays of its output's shape beyond the cache."""
+        out = [[0] * len(self.modules) for _ in range(self.num_layers)]
+        for step in self.steps:
+            if step != SKIP:
+                for l, row in enumerate(step):
+                    for m, a in enumerate(row):
+                        out[l][m] = max(out[l][m], forecast_order(a))
+        return out
+
     def prune_rates(self) -> list[float]:
         rates = set()
         for s in range(self.num_steps):
@@ -92,8 +136,8 @@ class Schedule:
 
     # --- validation and identity --------------------------------------------------------------
     def validate(self) -> "Schedule":
-        if self.format != FORMAT:
-            raise UserError(f"schedule format {self.format} is not supported (expected {FORMAT})")
+        if self.format not in SUPPORTED_FORMATS:
+            raise UserError(f"schedule format {self.format} is not supported (expected one of {SUPPORTED_FORMATS})")
         if len(self.steps) != self.num_steps:
             raise UserError(f"schedule has {len(self.steps)} steps but says num_steps={self.num_steps}")
         if self.num_steps and self.step_kind(0) != FULL:
@@ -107,6 +151,8 @@ class Schedule:
             for l, row in enumerate(step):
                 for m, a in enumerate(row):
                     kind, _ = parse_action(a)
+                    if self.format < 2 and forecast_order(a):
+                        raise UserError(f"step {s} layer {l}: {a} needs schedule format 2, the file says {self.format}")
                     if kind == FULL:
                         seen_full.add((l, m))
                     elif (l, m) not in seen_full:
@@ -133,8 +179,9 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise UserError(f"not a schedule of format {FORMAT} (got format {d.get('format') if isinstance(d, dict) else None})")
+        if not isinstance(d, dict) or d.get("format") not in SUPPORTED_FORMATS:
+            raise UserError(f"not a schedule of format {' or '.join(map(str, SUPPORTED_FORMATS))} "
+                            f"(got format {d.get('format') if isinstance(d, dict) else None})")
         from dataclasses import MISSING, fields
 
         known = {f.name for f in fields(cls)}

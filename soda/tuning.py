@@ -73,6 +73,7 @@ SPACES: dict[str, Space] = {
     "fora": Space({"warp": (0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0), "end": (True, False)}),
     "toca": Space({"N": (2, 4, 7, 12), "step_weight": (0.0, 2.0), "layer_weight": (-0.2, 0.8)}),
     "duca": Space({"N": (2, 4, 7, 12), "step_weight": (0.0, 2.0), "layer_weight": (-0.2, 0.8)}),
+    "taylorseer": Space({"order": (1, 2, 3, 4), "warp": (0.7, 1.0, 1.5, 2.0)}),
 }
 
 

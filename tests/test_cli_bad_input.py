@@ -120,9 +120,10 @@ def test_sigterm_during_export_leaves_no_temporary_folder(tmp_path):
 
 
 def test_run_policy_help_says_what_the_default_runs(monkeypatch, capsys):
-    """No --policy runs the exported schedule whatever its policy; --policy soda insists it is SODA's."""
+    """No --policy runs the exported schedule whatever its policy; --policy soda (or soda-forecast)
+    insists it is that policy's."""
     r = cli_in_process(["run", "--help"], monkeypatch, capsys)
     text = " ".join(r.stdout.split())
     assert r.returncode == 0
-    assert "soda: the engines' exported schedule, which must be SODA's" in text
+    assert "the engines' exported schedule, which must be that policy's" in text
     assert "Default: the exported schedule, whatever its policy" in text

@@ -128,10 +128,20 @@ def test_save_load_roundtrip(prof, tmp_path):
     path = tmp_path / "p.json"
     prof.save(path)
     data = json.loads(path.read_text())
-    assert data["format"] == 1 and data["kind"] == "soda-profile" and data["E_c"][0][0][0][0] is None
+    assert data["format"] == 2 and data["kind"] == "soda-profile" and data["E_c"][0][0][0][0] is None
     back = Profile.load(path)
     np.testing.assert_allclose(back.ec(), prof.ec(), rtol=1e-5)
     np.testing.assert_allclose(back.ep(), prof.ep(), rtol=1e-5)
+    np.testing.assert_allclose(back.ef(), prof.ef(), rtol=1e-5)
+    np.testing.assert_allclose(back.epf(), prof.epf(), rtol=1e-5)
+    # A format-1 profile (before forecasting) still loads, without forecast tables.
+    for key in ("E_f", "E_pf", "orders", "gaps"):
+        data.pop(key)
+    data["format"] = 1
+    path.write_text(json.dumps(data))
+    old = Profile.load(path)
+    assert not old.has_forecast and old.format == 1
+    np.testing.assert_allclose(old.ec(), prof.ec(), rtol=1e-5)
 
 
 def test_batches_do_not_mix_trajectories(tiny_model, sampler):

@@ -26,7 +26,7 @@ from conftest import strengthen
 ROOT = Path(__file__).resolve().parent.parent
 REL_TOL = 1e-4
 STEPS = 10
-BASELINES = ("full", "fora", "toca", "duca")
+BASELINES = ("full", "fora", "toca", "duca", "taylorseer")
 
 
 def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
@@ -68,14 +68,14 @@ def _export(model, weights, sampler_cfg, out, schedule=None):
     return out
 
 
-def _soda_schedule(model, sampler_cfg, speedup=2.0):
-    """A real SODA schedule: profile the model (2 calibration generations), then plan."""
+def _soda_schedule(model, sampler_cfg, speedup=2.0, policy="soda"):
+    """A real SODA (or soda-forecast) schedule: profile the model (2 calibration generations), then plan."""
     from soda.policies import ScheduleSpec, make_schedule
     from soda.profile import profile
 
     prof = profile(model, sampler_cfg, samples=2, seed=0)
     spec = ScheduleSpec.for_model(model.config, sampler_cfg.kind, sampler_cfg.steps)
-    return make_schedule("soda", spec, speedup=speedup, profile=prof)
+    return make_schedule(policy, spec, speedup=speedup, profile=prof)
 
 
 # --- the tiny random-init DiT (python API) ---------------------------------------------------
@@ -135,6 +135,27 @@ def test_tiny_runtime_equals_torch_reference(tiny_backends, tiny_sampler, policy
     if policy != "full":
         assert schedule.count_kinds()["full"] < STEPS  # the policy really caches
     assert _parity(engines, ort_b, torch_b, sampler_cfg, schedule) <= REL_TOL
+
+
+def test_tiny_runtime_equals_torch_for_soda_forecast(tiny_backends, tiny_sampler, strong_tiny):
+    """Forecasts and prune-on-forecast actions run in the shared loop: onnxruntime equals torch."""
+    from soda.schedule import forecast_order
+
+    engines, ort_b, torch_b = tiny_backends
+    schedule = _soda_schedule(strong_tiny, tiny_sampler, 2.0, "soda-forecast")
+    assert _parity(engines, ort_b, torch_b, tiny_sampler, schedule) <= REL_TOL
+    # A hand-made schedule with every forecast kind, pruned on a forecast included.
+    from soda.schedule import FULL, REUSE, Schedule, forecast, prune
+
+    L = engines.config.depth
+    grid = lambda row: [list(row) for _ in range(L)]  # noqa: E731
+    steps = [grid([FULL, FULL]), grid([FULL, FULL]), grid([forecast(1), prune(0.5, 1)]), grid([FULL, FULL]),
+             grid([forecast(2), prune(0.25, 2)]), grid([REUSE, forecast(2)]), grid([FULL, FULL]),
+             grid([prune(0.75, 1), forecast(1)]), grid([forecast(4), prune(0.5)]), grid([FULL, FULL])]
+    hand = Schedule("hand", engines.config.name, engines.config.hash(), "ddim", STEPS, list(engines.modules), L,
+                    steps, selector="feature-mean").validate()
+    assert max(forecast_order(a) for step in hand.steps for row in step for a in row) == 4
+    assert _parity(engines, ort_b, torch_b, tiny_sampler, hand) <= REL_TOL
 
 
 def test_tiny_prune_with_feature_mean(tiny_backends, tiny_sampler):
@@ -304,7 +325,7 @@ def test_exported_schedule_must_be_soda_for_policy_soda(tmp_path, tiny_model):
 
     out = _export(tiny_model, "random-init-0", SamplerConfig("ddim", 4, 4.0, 3), tmp_path / "full_engines")
     engines = open_engines(out)
-    with pytest.raises(UserError, match="not a SODA one"):
+    with pytest.raises(UserError, match="not a soda one"):
         resolve_schedule(engines, engines.sampler, "soda")
     assert resolve_schedule(engines, engines.sampler, None).policy == "full"
 
@@ -334,7 +355,7 @@ def digits_engines(request, tmp_path_factory):
     return ckpt, out
 
 
-@pytest.mark.parametrize("policy", [*BASELINES, "soda"])
+@pytest.mark.parametrize("policy", [*BASELINES, "soda", "soda-forecast"])
 def test_digits_cli_run_equals_cli_sample(digits_engines, policy, tmp_path):
     from click.testing import CliRunner
 
@@ -346,12 +367,20 @@ def test_digits_cli_run_equals_cli_sample(digits_engines, policy, tmp_path):
     np.save(noise, np.random.default_rng(5).standard_normal((3, 1, 16, 16)).astype(np.float32))
     common = ["--labels", labels, "--noise", str(noise), "--out", str(tmp_path / "x.png")]
     pol = ["--schedule", str(engines / "schedule.json")] if policy == "soda" else ["--policy", policy]
+    run_pol = ["--policy", policy]
+    if policy == "soda-forecast":  # planned here from a 2-generation profile; both CLIs run its file
+        from soda.models.loading import load_model
+
+        sched_file = tmp_path / "soda-forecast.json"
+        _soda_schedule(load_model("dit-digits", ckpt)[0], SamplerConfig("ddim", STEPS, 4.0, None), 2.0,
+                       policy).save(sched_file)
+        pol = run_pol = ["--schedule", str(sched_file)]
     runner = CliRunner()
     ref = runner.invoke(cli.cli, ["sample", "--model", "dit-digits", "--ckpt", str(ckpt),
                                   "--steps", str(STEPS), "--cfg-scale", "4", *pol, *common,
                                   "--save-latents", str(tmp_path / "ref.npy")], catch_exceptions=False)
     assert ref.exit_code == 0, ref.output
-    got = runner.invoke(cli.cli, ["run", "--engines", str(engines), "--policy", policy, *common,
+    got = runner.invoke(cli.cli, ["run", "--engines", str(engines), *run_pol, *common,
                                   "--save-latents", str(tmp_path / "got.npy")], catch_exceptions=False)
     assert got.exit_code == 0, got.output
     a, b = np.load(tmp_path / "got.npy"), np.load(tmp_path / "ref.npy")

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from soda.errors import UserError
 
-POLICIES = ("full", "fora", "toca", "duca", "soda")
+POLICIES = ("full", "fora", "toca", "duca", "taylorseer", "soda", "soda-forecast")
+PROFILED = ("soda", "soda-forecast")  # need a sensitivity profile measured with the torch model
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,12 @@ def check_request(policy: str, speedup: float | None = None) -> None:
     if policy not in POLICIES:
         raise UserError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}")
     if speedup is not None and policy == "full":
-        raise UserError("--speedup does not apply to --policy full (choose fora, toca, duca or soda)")
+        raise UserError(f"--speedup does not apply to --policy full (choose one of {', '.join(POLICIES[1:])})")
 
 
 def baseline_schedule(policy: str, spec: ScheduleSpec, config, speedup: float | None = None,
                       toca_official_loop: bool = False):
-    """full, FORA, ToCa or DuCa for `spec`: the published setting, or tuned to `speedup` x FLOPs
+    """full, FORA, ToCa, DuCa or TaylorSeer for `spec`: the published setting, or tuned to `speedup` x FLOPs
     on `config`'s FLOPs model. The one builder `sample`, `export`, `bench` and `run` share, so the
     reference and the runtime always execute the same baseline schedule.
 
@@ -51,8 +52,8 @@ def baseline_schedule(policy: str, spec: ScheduleSpec, config, speedup: float | 
     from soda.flops import FlopsModel
 
     check_request(policy, speedup)
-    if policy == "soda":
-        raise UserError("soda needs a sensitivity profile (soda.pipeline.resolve_schedule)")
+    if policy in PROFILED:
+        raise UserError(f"{policy} needs a sensitivity profile (soda.pipeline.resolve_schedule)")
     if toca_official_loop and policy != "toca":
         raise UserError(f"--toca-official-loop applies to --policy toca, not {policy}")
     if toca_official_loop and speedup is not None:
@@ -76,9 +77,10 @@ def make_schedule(policy: str, spec: ScheduleSpec, **params):
     import importlib
 
     try:
-        mod = importlib.import_module(f"soda.policies.{policy}")
+        name = f"soda.policies.{policy.replace('-', '_')}"
+        mod = importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name == f"soda.policies.{policy}":
+        if e.name == name:
             raise UserError(f"policy {policy!r} is not installed in this checkout") from None
         raise
     return mod.make(spec, **params)

@@ -59,29 +59,11 @@ def make(spec: ScheduleSpec, speedup: float | None = None, anchors: int | None =
     DP over anchors and rates, `soda.dp_joint`), and for the ablation "dcs" (DCS anchors, no
     pruning) and "fixed" (evenly spaced anchors, no pruning); the last two use the most anchors
     whose speedup still reaches `speedup` (whole anchors: they may land above the window)."""
-    from soda.models.config import ModelConfig
-    from soda.profile import Profile
-
-    if profile is None:
-        raise UserError("the soda policy needs a sensitivity profile (cli.py profile, or --profile FILE)")
-    if not isinstance(profile, Profile):
-        profile = Profile.load(profile)
-    profile.check_fits(spec.model, spec.model_hash, spec.sampler, spec.num_steps)
     if planner not in PLANNERS:
         raise UserError(f"unknown planner {planner!r}; choose one of: {', '.join(PLANNERS)}")
-    if speedup is None and anchors is None:
-        raise UserError("the soda policy needs --speedup X or --anchors N")
+    profile, rates, fm = planner_inputs("soda", spec, profile, speedup, anchors, rates)
     if planner != "uas" and (speedup is None or anchors is not None or lam is not None):
         raise UserError(f"--planner {planner} takes --speedup only (no --anchors or --lam)")
-    if speedup is not None and not (isinstance(speedup, (int, float)) and speedup >= 1.0):
-        raise UserError(f"--speedup must be at least 1, got {speedup}")
-    if list(profile.modules) != list(spec.modules) or profile.num_layers != spec.num_layers:
-        raise UserError("profile and model disagree on layers or modules")
-    rates = sorted(set(float(a) for a in (rates or profile.rates)))
-    missing = [a for a in rates if a not in profile.rates]
-    if missing:
-        raise UserError(f"rates {missing} were not profiled (the profile has {profile.rates})")
-    fm = FlopsModel.for_config(ModelConfig.from_dict(profile.model_config))
     planner_ = Planner(profile, rates, fm)
     if planner == "joint":
         plan = planner_.plan_joint(speedup)
@@ -92,6 +74,30 @@ def make(spec: ScheduleSpec, speedup: float | None = None, anchors: int | None =
     sched = planner_.schedule(spec, plan, speedup)
     sched.params["planner"] = planner
     return sched
+
+
+def planner_inputs(policy: str, spec: ScheduleSpec, profile, speedup, anchors, rates):
+    """The checks a profile-driven policy shares: (profile loaded and checked against `spec`,
+    the rates to plan with, the FLOPs model of the profiled model)."""
+    from soda.models.config import ModelConfig
+    from soda.profile import Profile
+
+    if profile is None:
+        raise UserError(f"the {policy} policy needs a sensitivity profile (cli.py profile, or --profile FILE)")
+    if not isinstance(profile, Profile):
+        profile = Profile.load(profile)
+    profile.check_fits(spec.model, spec.model_hash, spec.sampler, spec.num_steps)
+    if speedup is None and anchors is None:
+        raise UserError(f"the {policy} policy needs --speedup X or --anchors N")
+    if speedup is not None and not (isinstance(speedup, (int, float)) and speedup >= 1.0):
+        raise UserError(f"--speedup must be at least 1, got {speedup}")
+    if list(profile.modules) != list(spec.modules) or profile.num_layers != spec.num_layers:
+        raise UserError("profile and model disagree on layers or modules")
+    rates = sorted(set(float(a) for a in (rates or profile.rates)))
+    missing = [a for a in rates if a not in profile.rates]
+    if missing:
+        raise UserError(f"rates {missing} were not profiled (the profile has {profile.rates})")
+    return profile, rates, FlopsModel.for_config(ModelConfig.from_dict(profile.model_config))
 
 
 class Planner:
