@@ -150,7 +150,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self._rope = [rope]  # a reference, not a submodule: its weights live once, at `rope.freqs`
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_received: bool = False):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -158,7 +158,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rope.rotate(q), rope.rotate(k)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        if not return_received:
+            return out
+        return out, attn.mean(dim=1).sum(dim=1)  # column sums of the head-averaged map, [B, N]
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -323,14 +326,19 @@ class STDiT3Block(nn.Module):
                 "cross_attn": Modulation(None, None, None),
                 "mlp": Modulation(shift_mlp, scale_mlp, gate_mlp)}
 
-    def mix(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        """Self-attention on flat tokens [B, T*S, D], along this block's axis."""
+    def mix(self, x: torch.Tensor, grid: Grid, return_received: bool = False):
+        """Self-attention on flat tokens [B, T*S, D], along this block's axis; with
+        `return_received`, also the attention each token received in its own sequence [B, T*S]."""
         B, _, C = x.shape
         T, S = grid.T, grid.S
         if self.temporal:
-            x = x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
-            return self.attn(x).reshape(B, S, T, C).transpose(1, 2).reshape(B, T * S, C)
-        return self.attn(x.reshape(B * T, S, C)).reshape(B, T * S, C)
+            out, received = self.attn(x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C), True)
+            out = out.reshape(B, S, T, C).transpose(1, 2).reshape(B, T * S, C)
+            received = received.reshape(B, S, T).transpose(1, 2).reshape(B, T * S)
+        else:
+            out, received = self.attn(x.reshape(B * T, S, C), True)
+            out, received = out.reshape(B, T * S, C), received.reshape(B, T * S)
+        return (out, received) if return_received else out
 
     def run_module(self, name: str, x: torch.Tensor, mod: Modulation, grid: Grid, kv=None,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -437,6 +445,60 @@ class STDiT3(nn.Module):
         x = x.reshape(B, C, grid.T * pt, grid.H * ph, grid.W * pw)
         T, H, W = grid.raw
         return x[:, :, :T, :H, :W]
+
+    # --- the generic adapter protocol (soda.models.interface) on the configured video size ------
+    def config_grid(self) -> Grid:
+        """The token grid of the video size in the config (latent frames x H x W, patch-padded)."""
+        c, p = self.config, self.config.patch_size
+        return Grid(c.frames, -(-c.input_size // p), -(-c.input_width // p), (c.frames, c.input_size, c.input_width))
+
+    def prepare(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per generation: caption [B, L, C] -> each layer's cross-attention K/V [B, L, D] (the mask
+        and fps stay in the conditioning, which the loop keeps next to these)."""
+        caption = self.encode_caption(cond["caption"].float(), cond["mask"])
+        ctx = {}
+        for l, block in enumerate(self.layers):
+            ctx[f"k.{l}"], ctx[f"v.{l}"] = block.cross_attn.kv_linear(caption.tokens).chunk(2, dim=-1)
+        return ctx
+
+    def step_embed(self, x: torch.Tensor, t: torch.Tensor, context: dict) -> tuple[torch.Tensor, tuple]:
+        """Per step: tokens (patches + position embedding at the config's scale) and
+        (t_mlp [B, 6D] for every block, t [B, D] for the final layer)."""
+        grid = self.config_grid()
+        if tuple(x.shape[2:]) != grid.raw:
+            raise UserError(f"latent of {tuple(x.shape[2:])} (frames, height, width) but the model is configured "
+                            f"for {grid.raw}")
+        tokens = self.x_embedder(x)
+        pos = position_embedding(self.config.hidden_size, grid.H, grid.W, float(self.config.pe_interpolation),
+                                 round(grid.S**0.5))
+        B, _, D = tokens.shape
+        tokens = (tokens.reshape(B, grid.T, grid.S, D) + pos.to(tokens.dtype)).reshape(B, grid.T * grid.S, D)
+        cond = self.step_cond(t.float(), context["fps"].float())
+        return tokens, (cond.t_mlp, cond.t)
+
+    def layer_modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, torch.Tensor | None]]:
+        mods = self.layers[layer].modulation(step[0])
+        return {name: (() if m.shift is None else (m.shift, m.scale), m.gate) for name, m in mods.items()}
+
+    def module_forward(self, layer: int, name: str, tokens: torch.Tensor, args: tuple, context: dict | None = None):
+        """(pre-gate D, attention received or None); `attn` always sees every token."""
+        block, grid = self.layers[layer], self.config_grid()
+        if name == "attn":
+            shift, scale = args
+            return block.mix(t2i_modulate(block.norm1(tokens), shift[:, None], scale[:, None]), grid,
+                             return_received=True)
+        if name == "cross_attn":
+            B, L, D = context["k"].shape
+            heads = self.config.num_heads
+            split = lambda a: a.reshape(B, L, heads, D // heads).transpose(1, 2)  # noqa: E731
+            return block.cross_attn(tokens, split(context["k"]), split(context["v"]), context["mask"].bool()), None
+        if name == "mlp":
+            shift, scale = args
+            return block.mlp(t2i_modulate(block.norm2(tokens), shift[:, None], scale[:, None])), None
+        raise KeyError(name)
+
+    def step_final(self, tokens: torch.Tensor, step: tuple) -> torch.Tensor:
+        return self.final(tokens, StepCond(step[1], step[0]), self.config_grid())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
                 fps: torch.Tensor, height: float, width: float) -> torch.Tensor:

@@ -79,6 +79,8 @@ class _CacheFrequencySelector:
     def score(self, s: int, layer: int, module: str, B: int, N: int) -> np.ndarray:
         stale = self.staleness(s, layer, module)
         score = self.base_score(s, layer, module, B, N) + self.staleness_weight * stale / self.interval
+        if not self.bonus_ratio:  # off (Open-Sora's ToCa/DuCa): any token layout, square or not
+            return score
         return spatial_bonus(score, self.bonus_ratio, self.grid)
 
     def select(self, s, layer, module, k, tokens, cache) -> np.ndarray:

@@ -1,0 +1,148 @@
+"""ToCa and DuCa on Open-Sora 1.2 (Shenyi-Z/ToCa `Open-Sora/`, Shenyi-Z/DuCa `DuCa-Open-Sora/`).
+
+The video code differs from the DiT one (soda/policies/toca.py): every module has its own force
+cycle, the step index counts UP (`current['step'] = i`, i = 0 noisiest, which is our s), and the
+first three steps are always computed ("for OpenSora series models, the first 3 steps is with great
+importance"). Official settings (`scripts/inference.py`): fresh_ratio R = 0.1, fresh_threshold 3,
+ratio scheduler 'ToCa', force_fresh 'global', soft_fresh_weight 0.25; `force_scheduler` sets the
+cycles spatial attn 3, temporal attn 3, cross-attn 6, mlp 3 (= N, N, 2N, N with N = 3).
+
+ToCa (`global_force_fresh`): a module is computed in full when s <= 2 or s % cycle == 0. Otherwise
+attention is reused whole; cross-attention and the MLP are refreshed for int(float32(clamp(r, 0, 1))
+* N_tokens) tokens with r = R * module_factor, module_factor = 1 + 0.33 * 1.5 for the MLP and
+1 - (1 - 0.33) * 1.5 < 0 for cross-attention, so cross-attention is in effect always reused.
+DuCa (`cal_type`, lists_ToCa_CN): the same full rule; on other steps s % N odd is a ToCa step (attn
+and cross-attn reused, MLP refreshed as above) and s % N even an aggressive one, where every module
+of every block is skipped and the last block's output of the previous step is used: a "skip" step.
+(For N = 3 this is exactly the official lists, cross-attention's 6-cycle included.)
+
+Scaled to a target speedup (`--speedup`), N and R are searched as for DiT (cross-attention keeps
+the cycle 2N). Token choice: ToCa scores tokens by cross-attention entropy, DuCa by the values'
+norm; both need maps our exported graphs do not emit, so both use the "duca-random" selector
+(random base score + the same staleness term, no spatial bonus; the Open-Sora code has it off).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from soda.errors import UserError
+from soda.policies import ScheduleSpec
+from soda.schedule import FULL, REUSE, SKIP, Schedule, prune
+
+PUBLISHED = {"N": 3, "R": 0.1}
+FIRST_FULL = 3  # steps 0, 1, 2
+MODULE_WEIGHT, MODULE_TIME_WEIGHT = 1.5, 0.33
+STALENESS_WEIGHT = 0.25
+MODULES = ("attn", "cross_attn", "mlp")
+
+
+def module_factor(module: str) -> float:
+    """fresh_ratio_scheduler 'ToCa' (layer, step and type weights are 0 in the Open-Sora code)."""
+    if module == "cross_attn":
+        return 1 - (1 - MODULE_TIME_WEIGHT) * MODULE_WEIGHT
+    return 1 + MODULE_TIME_WEIGHT * MODULE_WEIGHT
+
+
+def refreshed_tokens(R: float, module: str, num_tokens: int) -> int:
+    """cache_cutfresh: clamp into a float32 tensor, int(rate * N) (truncation)."""
+    rate = np.float32(min(max(R * 1.0 * 1.0 * module_factor(module) * 1.0, 0.0), 1.0))
+    return int(rate * np.float32(num_tokens))
+
+
+def cycle(module: str, N: int) -> int:
+    return 2 * N if module == "cross_attn" else N
+
+
+def is_full(s: int, module: str, N: int) -> bool:
+    return s < FIRST_FULL or s % cycle(module, N) == 0
+
+
+def is_aggressive(s: int, N: int) -> bool:
+    """DuCa: every module of the step is aggressive (s % N even and non-zero, after the first three)."""
+    return s >= FIRST_FULL and s % N != 0 and (s % N) % 2 == 0
+
+
+def _action(s: int, module: str, N: int, R: float, num_tokens: int) -> str:
+    if is_full(s, module, N):
+        return FULL
+    if module == "attn":
+        return REUSE
+    k = refreshed_tokens(R, module, num_tokens)
+    return REUSE if k <= 0 else FULL if k >= num_tokens else prune(k / num_tokens)
+
+
+def check(spec: ScheduleSpec, N: int) -> None:
+    if tuple(spec.modules) != MODULES:
+        raise UserError(f"the Open-Sora ToCa/DuCa settings are for modules {', '.join(MODULES)}; "
+                        f"this model has {', '.join(spec.modules)}")
+    if N < 2:
+        raise UserError(f"ToCa/DuCa interval N must be at least 2, got {N}")
+
+
+def build_steps(spec: ScheduleSpec, N: int, R: float, dual: bool = False) -> list:
+    check(spec, N)
+    steps = []
+    for s in range(spec.num_steps):
+        if dual and is_aggressive(s, N):
+            steps.append(SKIP)
+            continue
+        row = [_action(s, m, N, R, spec.num_tokens) for m in spec.modules]
+        steps.append([list(row) for _ in range(spec.num_layers)])
+    return steps
+
+
+def fast_flops(spec: ScheduleSpec, fm, N: int, R: float, dual: bool = False) -> float:
+    """schedule_flops(build_steps(...), fm, 1), counted per distinct step row."""
+    from soda.schedule import kept_tokens, parse_action
+
+    total = fm.condition(1) if hasattr(fm, "condition") else 0.0
+    n = spec.num_tokens
+    for s in range(spec.num_steps):
+        total += fm.embed(1) + fm.final(1)
+        if dual and is_aggressive(s, N):
+            continue
+        total += spec.num_layers * fm.modulation(1)
+        for l in range(spec.num_layers):
+            for m in spec.modules:
+                kind, rate = parse_action(_action(s, m, N, R, n))
+                if kind == FULL:
+                    total += _module(fm, m, l, n)
+                elif kind == "prune":
+                    total += _module(fm, m, l, kept_tokens(rate, n))
+    return total
+
+
+def _module(fm, name: str, layer: int, n: int) -> float:
+    try:
+        return fm.module(name, 1, n, layer=layer)
+    except TypeError:  # a FLOPs model whose module cost does not depend on the layer
+        return fm.module(name, 1, n)
+
+
+def make(policy: str, spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
+         R: float | None = None, seed: int = 0) -> Schedule:
+    from soda.policies import scaling
+    from soda.policies.toca import to_schedule
+
+    dual = policy == "duca"
+    name = "DuCa" if dual else "ToCa"
+
+    def build(n_: int, r_: float) -> Schedule:
+        steps = build_steps(spec, n_, r_, dual)
+        sel = {"interval": n_, "staleness_weight": STALENESS_WEIGHT, "bonus_ratio": 0.0, "seed": seed,
+               "skip_steps": [s for s, step in enumerate(steps) if step == SKIP]}
+        schedule = to_schedule(spec, policy, steps, n_, r_, 0.0, 0.0, sel, "duca-random")
+        schedule.params.update({
+            "family": "open-sora", "cycles": {m: cycle(m, n_) for m in spec.modules}, "first_full": FIRST_FULL,
+            "module_factor_mlp": 1 + MODULE_TIME_WEIGHT * MODULE_WEIGHT,
+            "module_factor_cross_attn": module_factor("cross_attn"),
+        })
+        return schedule
+
+    if speedup is None:
+        return scaling.record(build(N or PUBLISHED["N"], PUBLISHED["R"] if R is None else R), spec, flops, None)
+    if N is not None or R is not None:
+        raise UserError(f"give either a target --speedup or {name}'s N and R, not both")
+    check(spec, PUBLISHED["N"])
+    cost = lambda fm, n_, r_: fast_flops(spec, fm, n_, r_, dual)  # noqa: E731
+    return scaling.search_interval_ratio(name, spec, build, cost, flops, speedup, PUBLISHED["N"], PUBLISHED["R"])

@@ -1,0 +1,57 @@
+"""ToCa and DuCa on Open-Sora against our transcription of the official Open-Sora control flow
+(tests/reference/toca_opensora_reference.py): every step's and block's action and token count."""
+from __future__ import annotations
+
+import pytest
+
+from soda.policies import ScheduleSpec
+from soda.policies import toca_video
+from soda.schedule import SKIP, kept_tokens, parse_action
+from tests.reference import toca_opensora_reference as ref
+
+# The published run: 51 frames of 240 x 426 -> 15 x 30 x 53 latents -> 15 x 15 x 27 tokens.
+TOKENS = 15 * 15 * 27
+SPEC = ScheduleSpec("opensora-v1.2", "0" * 16, 56, ("attn", "cross_attn", "mlp"), TOKENS, "rflow", 30)
+NAMES = {"attn": "attn", "cross_attn": "cross-attn", "mlp": "mlp"}
+
+
+def as_official(action: str, n: int):
+    kind, rate = parse_action(action)
+    if kind == "prune":
+        return ("fresh", kept_tokens(rate, n))
+    return kind
+
+
+@pytest.mark.parametrize("policy", ["toca", "duca"])
+def test_published_setting_equals_official_control_flow(policy):
+    want = ref.run(policy, 30, 28, TOKENS)
+    steps = toca_video.build_steps(SPEC, 3, 0.1, dual=policy == "duca")
+    for s, (row, official) in enumerate(zip(steps, want)):
+        if row == SKIP:
+            assert all(b["all_aggressive"] for b in official), s
+            continue
+        for l, (actions, block) in enumerate(zip(row, official)):
+            for m, action in zip(SPEC.modules, actions):
+                expect = block[NAMES[m]]
+                expect = "reuse" if expect == ("fresh", 0) else expect
+                assert as_official(action, TOKENS) == expect, (s, l, m)
+
+
+def test_published_counts():
+    """ToCa: 3 + 9 full attn/MLP steps, 3 + 4 full cross-attention steps, MLP 14.95% of the tokens
+    between; DuCa: the same full steps and 9 skipped (aggressive) steps."""
+    toca = toca_video.build_steps(SPEC, 3, 0.1)
+    full = lambda steps, m: sum(1 for st in steps if st != SKIP and st[0][m] == "full")  # noqa: E731
+    assert (full(toca, 0), full(toca, 1), full(toca, 2)) == (12, 7, 12)
+    assert toca[4][0][2] == "prune@" + format(int(0.1495 * TOKENS) / TOKENS, "g")
+    assert kept_tokens(parse_action(toca[4][0][2])[1], TOKENS) == int(0.1495 * TOKENS) == 908
+    duca = toca_video.build_steps(SPEC, 3, 0.1, dual=True)
+    assert [s for s, st in enumerate(duca) if st == SKIP] == [5, 8, 11, 14, 17, 20, 23, 26, 29]
+
+
+def test_wrong_modules_refused():
+    from soda.errors import UserError
+
+    dit = ScheduleSpec("dit", "0" * 16, 28, ("attn", "mlp"), 256, "rflow", 30)
+    with pytest.raises(UserError, match="for modules attn, cross_attn, mlp"):
+        toca_video.build_steps(dit, 3, 0.1)
