@@ -2,6 +2,7 @@
 `run` works where torch is not installed."""
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
@@ -44,10 +45,12 @@ def sampler_options(f):
     return f
 
 
-def prompt_embeds_option(f):
-    return click.option("--prompt-embeds", type=click.Path(dir_okay=False), default=None,
-                        help="Text-conditioned models: an .npz with prompt_embeds [n, L, C], prompt_attention_mask "
-                             "[n, L] and optional negative_prompt_embeds / negative_prompt_attention_mask.")(f)
+PROMPT_EMBEDS_HELP = ("Text-conditioned models: an .npz with prompt_embeds [n, L, C], prompt_attention_mask [n, L] "
+                      "and optional negative_prompt_embeds / negative_prompt_attention_mask.")
+
+
+def prompt_embeds_option(f, help: str = PROMPT_EMBEDS_HELP):
+    return click.option("--prompt-embeds", type=click.Path(dir_okay=False), default=None, help=help)(f)
 
 
 def toca_official_loop_option(f):
@@ -522,6 +525,8 @@ def run(engines_dir, policy, schedule_file, speedup, labels, prompt_embeds, seed
 @click.option("--profile", "profile_file", type=click.Path(dir_okay=False), default=None,
               help="Sensitivity profile for --policy soda.")
 @click.option("--num-samples", type=int, required=True, help="How many samples (e.g. 50000 for FID-50k).")
+@functools.partial(prompt_embeds_option, help=PROMPT_EMBEDS_HELP + " Sample i uses prompt i % n_prompts, its noise "
+                   "still from (seed, i) (class-label models draw each sample's label uniformly instead).")
 @click.option("--shard-size", type=int, default=64, show_default=True, help="Samples per shard (one batch each).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--vae", type=click.Path(file_okay=False), default=None, help="Local diffusers AutoencoderKL folder "
@@ -529,14 +534,14 @@ def run(engines_dir, policy, schedule_file, speedup, labels, prompt_embeds, seed
 @click.option("--out", type=click.Path(), required=True, help="Folder: manifest.json, shards/, samples.npz.")
 @ray_options
 def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, engines_dir,
-                 backend, policy, schedule_file, speedup, profile_file, num_samples, shard_size, seed, vae, out,
-                 ray_address, workers):
+                 backend, policy, schedule_file, speedup, profile_file, num_samples, prompt_embeds, shard_size, seed,
+                 vae, out, ray_address, workers):
     """Many samples, sharded and resumable (optionally on Ray) -> shards + ADM-layout samples.npz for FID."""
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from soda.shards import GenerateJob, WorkerSpec, check_ray_request, generate_to_folder
+    from soda.shards import GenerateJob, WorkerSpec, check_ray_request, file_sha256, generate_to_folder
 
     check_ray_request(ray_address, workers)
     if num_samples < 1:
@@ -562,6 +567,16 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
         from soda.torch_backend import TorchBackend
 
         loaded = (TorchBackend(model), config, model, weights)
+    prompts = None  # a text model's captions, read and checked here, handed to each worker once
+    if config.interface.cond == ("y",):
+        if prompt_embeds:
+            raise UserError(f"--prompt-embeds is for text-conditioned models; {config.name} takes class labels, "
+                            f"which generate draws uniformly")
+    else:
+        from soda.generate import make_conditioning
+
+        prompts = make_conditioning(config, None, prompt_embeds, engines.null_caption()) if engines_dir else \
+            conditioning(model, None, prompt_embeds)
     pixels = config.in_channels in (1, 3)
     if not pixels and not vae:
         raise UserError(f"{config.name} makes {config.in_channels}-channel latents: give --vae DIR so the .npz "
@@ -583,15 +598,18 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
     if random_init:
         click.echo("note: RANDOM weights: the samples show the toolchain, not a real model", err=True)
     job = GenerateJob(config.name, config.hash(), weights, spec.backend, sampler_cfg.to_dict(), schedule.to_dict(),
-                      num_samples, shard_size, seed, str(Path(vae).resolve()) if vae else None)
+                      num_samples, shard_size, seed, str(Path(vae).resolve()) if vae else None,
+                      prompt_embeds_sha256=file_sha256(Path(prompt_embeds)) if prompts is not None else None)
 
     def progress(total, initial):
         return tqdm(total=total, initial=initial, desc="generate", unit="shard", file=sys.stderr)
 
-    res = generate_to_folder(spec, loaded, job, out, ray_address, workers, echo=click.echo, progress=progress)
+    res = generate_to_folder(spec, loaded, job, out, ray_address, workers, echo=click.echo, progress=progress,
+                             prompts=prompts)
     click.echo(f"{len(res['computed'])} shards generated by {len(res['workers'])} worker(s) in {res['seconds']:.1f} s, "
                f"{res['skipped']} reused")
-    click.echo(f"samples -> {res['npz']} (arr_0: uint8 {res['shape']}, arr_1: class labels)")
+    labels = f"prompt indices (i % {len(prompts)})" if prompts is not None else "class labels"
+    click.echo(f"samples -> {res['npz']} (arr_0: uint8 {res['shape']}, arr_1: {labels})")
 
 
 # --- demo (issue 7) --------------------------------------------------------------------------

@@ -34,10 +34,10 @@ START_TIMEOUT_S = 600  # with nothing running, how long to wait for a replacemen
 class RayShardWorker(ShardWorker):
     """The actor: a ShardWorker that says which node and process it runs on."""
 
-    def __init__(self, spec: WorkerSpec):
+    def __init__(self, spec: WorkerSpec, prompts=None):
         import socket
 
-        super().__init__(spec)
+        super().__init__(spec, prompts=prompts)
         node = ray.get_runtime_context().get_node_id()
         self.where = f"node {node[:12]} ({socket.gethostname()}) pid {os.getpid()}"
 
@@ -48,7 +48,8 @@ class RayShardWorker(ShardWorker):
 class RayPool:
     """Actors over a Ray cluster, fed one item at a time; a dead actor's item is retried elsewhere."""
 
-    def __init__(self, spec: WorkerSpec, address: str, workers: int | None = None, echo: Callable = print):
+    def __init__(self, spec: WorkerSpec, address: str, workers: int | None = None, echo: Callable = print,
+                 prompts=None):
         kind, k = check_ray_request(address, workers)
         self.owns_ray = False
         if ray.is_initialized():
@@ -74,6 +75,8 @@ class RayPool:
         # One thread per worker: the actors already fill the CPUs.
         self.spec = WorkerSpec(**{**spec.absolute().__dict__, "threads": spec.threads or 1})
         self.options = {"num_cpus": 1, "num_gpus": 1 if use_gpu else 0, "max_restarts": 0}
+        # A text model's captions: put in the object store once, handed to each actor as it starts.
+        self.prompts = None if prompts is None else ray.put(prompts)
         self.actors = [self._start() for _ in range(n)]
         self.replacements = n  # at most as many replacement actors as there were workers
         self.in_flight: dict = {}  # object ref -> (actor, item index); tests kill actors from here
@@ -85,7 +88,7 @@ class RayPool:
         return len(self.actors)
 
     def _start(self):
-        return ray.remote(RayShardWorker).options(**self.options).remote(self.spec)
+        return ray.remote(RayShardWorker).options(**self.options).remote(self.spec, self.prompts)
 
     def map(self, method: str, items: list[tuple]) -> Iterator[tuple[int, object]]:
         """(index, actor.method(*items[index])) for every item, in the order they finish."""

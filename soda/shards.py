@@ -10,7 +10,9 @@ models, `arr_1` the class labels.
 
 Sample i depends only on (seed, i): its class label (uniform over the classes, as `sample_ddp.py`
 draws them) and its initial noise (and DDPM's per-step noise) come from its own generator,
-`soda.seeds.generation(seed, i)`. Shard k always holds samples [k*shard_size, (k+1)*shard_size)
+`soda.seeds.generation(seed, i)`. A text-conditioned model takes `--prompt-embeds` instead:
+sample i uses prompt i % n_prompts (`arr_1` then holds those prompt indices), its noise still
+drawn from sample i's own generator; workers receive the prompts once, when they start. Shard k always holds samples [k*shard_size, (k+1)*shard_size)
 and is generated as one batch, so the result is bit-for-bit the same whichever worker, and however
 many workers, ran it (changing `shard_size` changes the batch composition, so float results may
 differ in the last bits).
@@ -34,6 +36,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from soda.errors import UserError
+from soda.sampling import Conditioning
 
 FORMAT = 1
 KIND = "soda-generate"
@@ -108,10 +111,16 @@ class SampleRNGs:
         return np.stack([r.standard_normal(shape[1:]) for r in self.rngs])
 
 
-def sample_inputs(seed: int, start: int, stop: int, config) -> tuple[np.ndarray, np.ndarray, SampleRNGs]:
-    """(labels, initial noise float32, generators for DDPM's step noise) of samples [start, stop)."""
+def sample_inputs(seed: int, start: int, stop: int, config, n_prompts: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, SampleRNGs]:
+    """(labels, initial noise float32, generators for DDPM's step noise) of samples [start, stop).
+    With `n_prompts` (a text model) the "labels" are prompt indices i % n_prompts, and nothing
+    is drawn for them."""
     rngs = SampleRNGs(seed, range(start, stop))
-    labels = rngs.labels(config.num_classes)  # drawn first, then the noise, from each sample's stream
+    if n_prompts:
+        labels = np.arange(start, stop, dtype=np.int64) % n_prompts
+    else:
+        labels = rngs.labels(config.num_classes)  # drawn first, then the noise, from each sample's stream
     shape = (stop - start, config.in_channels, config.input_size, config.input_size)
     return labels, rngs.standard_normal(shape).astype(np.float32), rngs
 
@@ -129,6 +138,10 @@ def adm_uint8(images: np.ndarray) -> np.ndarray:
 
 
 # --- the job -------------------------------------------------------------------------------------
+LABELS_RANDOMNESS = "labels uniform, noise normal: default_rng(soda.seeds.generation(seed, sample index))"
+PROMPTS_RANDOMNESS = "prompt i % n_prompts, noise normal: default_rng(soda.seeds.generation(seed, sample index i))"
+
+
 @dataclass(frozen=True)
 class GenerateJob:
     """What is generated: its identity decides whether an existing OUT/ can be resumed."""
@@ -143,7 +156,12 @@ class GenerateJob:
     shard_size: int
     seed: int
     vae: str | None = None
-    randomness: str = "labels uniform, noise normal: default_rng(soda.seeds.generation(seed, sample index))"
+    randomness: str = LABELS_RANDOMNESS
+    prompt_embeds_sha256: str | None = None  # text models: the --prompt-embeds file's content
+
+    def __post_init__(self):
+        if self.prompt_embeds_sha256 and self.randomness == LABELS_RANDOMNESS:
+            object.__setattr__(self, "randomness", PROMPTS_RANDOMNESS)
 
     @property
     def num_shards(self) -> int:
@@ -156,6 +174,8 @@ class GenerateJob:
         """The job as the manifest records it (the schedule as its hash; OUT/schedule.json holds it)."""
         d = asdict(self)
         d["schedule"] = _sha256_bytes(json.dumps(self.schedule, sort_keys=True).encode())[:16]
+        if self.prompt_embeds_sha256 is None:
+            del d["prompt_embeds_sha256"]  # class-label jobs: manifests written before prompts stay resumable
         return json.loads(json.dumps(d))  # JSON-normalised, so it compares equal to the manifest's copy
 
     def hash(self) -> str:
@@ -185,9 +205,10 @@ class ShardWorker:
     call builds its own executor, so a schedule's caches never leave the worker.
     """
 
-    def __init__(self, spec: WorkerSpec, loaded=None):
+    def __init__(self, spec: WorkerSpec, loaded=None, prompts: Conditioning | None = None):
         self.spec = spec
         self.backend, self.config, self.model, self.weights = loaded or load_backend(spec)
+        self.prompts = prompts  # a text model's captions (all of --prompt-embeds), given once
         self._vae = None
         self.where = f"{socket.gethostname()} pid {os.getpid()}"
 
@@ -201,8 +222,8 @@ class ShardWorker:
             self._vae = load_vae(self.spec.vae)
         return self._vae
 
-    def generate(self, sampler: dict, schedule: dict, labels: np.ndarray, seed: int, noise: np.ndarray | None,
-                 rng=None) -> tuple[np.ndarray, float, float]:
+    def generate(self, sampler: dict, schedule: dict, labels: np.ndarray | Conditioning, seed: int,
+                 noise: np.ndarray | None, rng=None) -> tuple[np.ndarray, float, float]:
         """(samples, FLOPs, seconds) of one generation batch: `soda.generate.generate` on this worker."""
         from soda.generate import generate
         from soda.sampling import SamplerConfig
@@ -213,11 +234,16 @@ class ShardWorker:
         return x, stats.flops, stats.seconds
 
     def shard(self, job: dict, k: int) -> dict:
-        """Shard k of the job: raw samples, labels and ADM uint8 images, all of it generated here."""
+        """Shard k of the job: raw samples, labels (prompt indices for a text model) and ADM uint8
+        images, all of it generated here."""
         job = GenerateJob(**job)
+        if (job.prompt_embeds_sha256 is None) != (self.prompts is None):
+            raise RuntimeError("a text job needs a worker given its prompts, and only a text job may have them")
         start, stop = job.shard_range(k)
-        labels, noise, rngs = sample_inputs(job.seed, start, stop, self.config)
-        x, flops, seconds = self.generate(job.sampler, job.schedule, labels, job.seed, noise, rng=rngs)
+        labels, noise, rngs = sample_inputs(job.seed, start, stop, self.config,
+                                            None if self.prompts is None else len(self.prompts))
+        cond = labels if self.prompts is None else self.prompts.rows(labels)
+        x, flops, seconds = self.generate(job.sampler, job.schedule, cond, job.seed, noise, rng=rngs)
         if self.config.in_channels in (1, 3):
             pixels = x
         else:
@@ -347,7 +373,7 @@ class ShardStore:
         return path
 
     def write_preview(self, labels: np.ndarray, n: int = 100) -> Path:
-        """OUT/preview.png: the first n images with their class, to look at before computing FID."""
+        """OUT/preview.png: the first n images with their class (or prompt), to look at before computing FID."""
         from soda.pictures import grid_image
 
         images = np.concatenate([self.load_shard(k)["images"] for k in range(min(self.job.num_shards,
@@ -356,7 +382,8 @@ class ShardStore:
         title = f"{self.job.model} {self.job.schedule.get('policy', '')}, samples 0..{len(images) - 1} of " \
                 f"{self.job.num_samples}" + (" RANDOM WEIGHTS" if str(self.job.weights).startswith("random-init") else "")
         path = self.out / PREVIEW
-        _atomic(path, lambda f: grid_image(images, [f"class {int(v)}" for v in labels[:n]], scale=scale,
+        what = "prompt" if self.job.prompt_embeds_sha256 else "class"
+        _atomic(path, lambda f: grid_image(images, [f"{what} {int(v)}" for v in labels[:n]], scale=scale,
                                            title=title).save(f, format="PNG"))
         return path
 
@@ -431,15 +458,16 @@ def check_ray_request(address: str | None, workers: int | None = None) -> tuple[
 
 
 @contextmanager
-def worker_pool(spec: WorkerSpec, ray_address: str | None, workers: int | None = None, echo: Callable = print):
-    """`--ray ADDRESS` -> a `soda.distributed.RayPool` (closed on exit); no `--ray` -> None, and
-    Ray is never imported."""
+def worker_pool(spec: WorkerSpec, ray_address: str | None, workers: int | None = None, echo: Callable = print,
+                prompts: Conditioning | None = None):
+    """`--ray ADDRESS` -> a `soda.distributed.RayPool` (closed on exit; `prompts` handed to each
+    worker once); no `--ray` -> None, and Ray is never imported."""
     if check_ray_request(ray_address, workers) is None:
         yield None
         return
     from soda.distributed import RayPool
 
-    pool = RayPool(spec, ray_address, workers, echo)
+    pool = RayPool(spec, ray_address, workers, echo, prompts)
     try:
         yield pool
     finally:
@@ -448,11 +476,12 @@ def worker_pool(spec: WorkerSpec, ray_address: str | None, workers: int | None =
 
 def generate_to_folder(spec: WorkerSpec, loaded, job: GenerateJob, out: str | Path, ray_address: str | None = None,
                        workers: int | None = None, echo: Callable = print, progress=None,
-                       on_shard: Callable[[int], None] | None = None) -> dict:
+                       on_shard: Callable[[int], None] | None = None, prompts: Conditioning | None = None) -> dict:
     """The body of `cli.py generate` once the model and schedule are resolved: open (or resume)
     OUT/, run the missing shards here or on Ray workers, write the .npz.
 
     `loaded` is `load_backend(spec)`'s result from this process, reused when running locally.
+    `prompts`: a text model's captions (every row of --prompt-embeds; the job holds the file's hash).
     `progress(total, initial)` returns a bar with `update()`; `on_shard(k)` runs after shard k
     is written (tests interrupt there).
     """
@@ -464,8 +493,8 @@ def generate_to_folder(spec: WorkerSpec, loaded, job: GenerateJob, out: str | Pa
     if not todo and store.npz:
         return {"computed": [], "skipped": job.num_shards, "seconds": 0.0, "npz": npz, "shape": store.npz["arr_0"],
                 "workers": []}
-    with worker_pool(spec, ray_address if todo else None, workers if todo else None, echo) as pool:
-        results = pool.shards(job.to_dict()) if pool else local_results(ShardWorker(spec, loaded), job)
+    with worker_pool(spec, ray_address if todo else None, workers if todo else None, echo, prompts) as pool:
+        results = pool.shards(job.to_dict()) if pool else local_results(ShardWorker(spec, loaded, prompts), job)
         bar = progress(job.num_shards, job.num_shards - len(todo)) if progress else None
         try:
             return run_job(store, results, bar and (lambda r: bar.update()), on_shard)

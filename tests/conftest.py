@@ -83,3 +83,32 @@ def cli_in_process(args: list[str], monkeypatch, capsys, cwd=None) -> subprocess
         code = e.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
+
+
+def write_tiny_pixart(folder, n_prompts: int = 3, seed: int = 0):
+    """A tiny random PixArt with 1-channel 8x8 "pixels" (no VAE needed) saved as an official .pth
+    (load with `--model pixart --num-heads 2`), and an npz of `n_prompts` captions of different
+    lengths, no negatives (the learned null caption is the unconditional row). Weights strong
+    enough that the caption visibly moves the samples. Returns (pth, prompts npz)."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from soda.models.config import ModelConfig
+    from soda.models.pixart import PixArt
+
+    folder = Path(folder)
+    cfg = ModelConfig("pixart-tiny", depth=2, hidden_size=32, patch_size=2, num_heads=2, input_size=8, in_channels=1,
+                      num_classes=0, arch="pixart", caption_channels=8, caption_len=120, pe_interpolation=1.0)
+    torch.manual_seed(seed)
+    model = PixArt(cfg)
+    model.randomize(seed, std=0.2)
+    pth = folder / "pixart-tiny.pth"
+    torch.save({"state_dict": model.state_dict()}, pth)
+    rng = np.random.default_rng(seed)
+    lengths = np.array([6, 2, 4, 5, 3][:n_prompts] + [1] * max(0, n_prompts - 5))
+    prompts = folder / f"prompts-{n_prompts}-{seed}.npz"
+    np.savez(prompts, prompt_embeds=rng.standard_normal((n_prompts, 6, 8)).astype(np.float32),
+             prompt_attention_mask=(np.arange(6)[None] < lengths[:, None]).astype(np.float32))
+    return pth, prompts

@@ -167,6 +167,28 @@ def test_cli_generate_with_ray_address(cluster, tmp_path, monkeypatch, capsys):
     assert ray.is_initialized()  # the command used the test's connection and left it open
 
 
+def test_text_model_on_ray_bit_identical_to_one_process(cluster, tmp_path, monkeypatch, capsys):
+    """A tiny PixArt with --prompt-embeds: actors (given the prompts once, when they start) on both
+    nodes write the same shards as this process."""
+    from conftest import write_tiny_pixart
+
+    pth, prompts = write_tiny_pixart(tmp_path)
+    args = ["generate", "--model", "pixart", "--ckpt", str(pth), "--num-heads", "2", "--steps", "3",
+            "--prompt-embeds", str(prompts), "--num-samples", "4", "--shard-size", "1"]
+    code, _, err = run_cli(args + ["--out", str(tmp_path / "here")], monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(args + ["--out", str(tmp_path / "ray"), "--ray", cluster.address], monkeypatch, capsys)
+    assert code == 0, err
+    assert "ray: 2 workers" in out and "arr_1: prompt indices (i % 3)" in out
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert len({e["worker"].split()[1] for e in manifest["shards"].values()}) == 2
+    for k in range(4):
+        with np.load(tmp_path / "here" / "shards" / f"{k:05d}.npz") as a, \
+                np.load(tmp_path / "ray" / "shards" / f"{k:05d}.npz") as b:
+            np.testing.assert_array_equal(b["samples"], a["samples"])
+            assert int(b["labels"][0]) == k % 3
+
+
 def test_cli_profile_and_bench_with_ray(cluster, tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.json"
     code, stdout, err = run_cli(["profile", "--samples", "2", "--batch-size", "1", "--steps", "3",
