@@ -3,8 +3,9 @@
 The PyTorch reference (`soda.torch_backend`) and the deploy runtime (`runtime/`) differ only
 in the backend: how `prepare`, `embed`, `modulation`, `module` and `final` are computed.
 Everything else -- the per-token caches, Taylor forecasts of cached outputs, the residual
-`x + gate * D` (or `x + D` for an ungated module), token selection, skip steps and FLOPs accounting -- lives here once, in
-numpy, and reads only the modules' declarations (`soda.models.interface.ModuleSpec`).
+`x + gate * D` (or `x + D` for an ungated module), token selection, skip steps and FLOPs
+accounting -- lives here once, in numpy, and reads only the modules' declarations
+(`soda.models.interface.ModuleSpec`).
 """
 from __future__ import annotations
 
@@ -149,7 +150,6 @@ class Executor:
         """Per (layer, module): memory the forecast factors hold now beyond the plain cache."""
         return {key: state.extra_bytes() for key, state in self.taylor.items()}
 
-        taylor = {key: copy.copy(state) for key, state in self.taylor.items()}  # factors are replaced too
     def _module_output(self, s, l, m, name, tokens, args) -> np.ndarray:
         action = self.schedule.action(s, l, m)
         kind, rate = parse_action(action)
