@@ -255,7 +255,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     timings of each round, so they are fair only on a cluster of like machines."""
     from soda import seeds
     from soda.flops import FlopsModel
-    from soda.pipeline import load_or_profile, spec_for
+    from soda.pipeline import forecast_orders, load_or_profile, spec_for
     from soda.policies import PROFILED, baseline_schedule, make_schedule
     from soda.policies.scaling import in_window
     from soda.timing import wall_speedup
@@ -277,7 +277,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     if any(p in PROFILED for p in setup.policies) or setup.ablation:
         prof = load_or_profile(model, weights, sampler, setup.profile_file, echo, setup.profile_samples,
                                seed=setup.seed, progress=progress,  # the calibration stream of --seed (soda.seeds)
-                               conditioning=cal_cond)
+                               conditioning=cal_cond, orders=forecast_orders(setup.policies))
     pixels = config.in_channels in (1, 3)
 
     def conditions(n: int, calibration: bool):

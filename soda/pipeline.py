@@ -25,9 +25,12 @@ def spec_for(model, sampler) -> ScheduleSpec:
 def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Callable = print,
                     samples: int = PROFILE_SAMPLES, seed: int = 0, progress: Callable | None = None,
                     hint: str = "; save one with `cli.py profile` and pass --profile to skip this",
-                    conditioning=None):
+                    conditioning=None, orders: tuple[int, ...] = ()):
     """A profile that fits this model and sampler: the file given, or one measured now (on
     `conditioning`, the calibration captions of a text-conditioned model).
+
+    `orders`: Taylor forecast orders to measure when profiling now; only soda-forecast needs
+    them, and they triple the profiling time, so the default measures none.
 
     `progress(desc, total)` makes a progress bar (tqdm-like: update(), close()) for the
     profiling run, which takes minutes on real models.
@@ -45,7 +48,7 @@ def load_or_profile(model, weights: str, sampler, profile_file=None, echo: Calla
         bar = progress(f"profile {samples} generations", total) if progress else None
         try:
             prof = profile(model, sampler, samples, seed, progress=bar and (lambda s: bar.update()), weights=weights,
-                           batch_size=PROFILE_BATCH, conditioning=conditioning)
+                           batch_size=PROFILE_BATCH, conditioning=conditioning, orders=orders)
         finally:
             if bar is not None:
                 bar.close()
@@ -80,12 +83,20 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     if policy in PROFILED:
         if toca_official_loop:
             raise UserError(f"--toca-official-loop applies to --policy toca, not {policy}")
-        prof = load_or_profile(model, weights, sampler, profile_file, echo, progress=progress)
+        prof = load_or_profile(model, weights, sampler, profile_file, echo, progress=progress,
+                               orders=forecast_orders([policy]))
         if speedup is None and anchors is None:
             speedup = DEFAULT_SPEEDUP
             echo(f"no --speedup given: {policy} targets {DEFAULT_SPEEDUP}x FLOPs")
         return make_schedule(policy, spec, speedup=speedup, anchors=anchors, profile=prof)
     return baseline_schedule(policy, spec, config, speedup, toca_official_loop)
+
+
+def forecast_orders(policies) -> tuple[int, ...]:
+    """The forecast orders a profile measured now must hold for these policies."""
+    from soda.profile import DEFAULT_ORDERS
+
+    return DEFAULT_ORDERS if "soda-forecast" in policies else ()
 
 
 def schedule_path_png(path: str | Path) -> Path:

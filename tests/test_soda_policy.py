@@ -153,6 +153,25 @@ def test_resolve_schedule_profiles_first_and_says_so(tiny_model):
         resolve_schedule(tiny_model, "w", sampler, "fast")
 
 
+def test_on_the_fly_profile_measures_forecast_tables_only_for_soda_forecast(tiny_model, monkeypatch):
+    """Forecast tables triple the profiling time: soda alone must not pay for them."""
+    import soda.profile
+    from soda.pipeline import resolve_schedule
+    from soda.sampling import SamplerConfig
+
+    asked, real = [], soda.profile.profile
+
+    def spy(*args, **kwargs):
+        asked.append(tuple(kwargs.get("orders", ())))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(soda.profile, "profile", spy)
+    sampler = SamplerConfig("ddim", 4, 4.0, None)
+    resolve_schedule(tiny_model, "w", sampler, "soda", speedup=1.3, echo=lambda m: None)
+    resolve_schedule(tiny_model, "w", sampler, "soda-forecast", speedup=1.3, echo=lambda m: None)
+    assert asked == [(), soda.profile.DEFAULT_ORDERS]
+
+
 @pytest.mark.parametrize("policy", ["fora", "toca", "duca"])
 def test_resolve_schedule_builds_baselines(tiny_model, policy):
     """Baselines through the pipeline: published settings, or tuned to --speedup (FLOPs within 3%)."""
