@@ -10,7 +10,8 @@ import click
 from soda.errors import UserError
 
 MODEL_HELP = ("dit-xl-2 | dit-l-4 | ... | dit-digits (shipped) | dit (infer from --ckpt) | "
-              "pixart-alpha-256 | pixart-alpha-512 | pixart (infer from --ckpt: official .pth or diffusers folder)")
+              "pixart-alpha-256 | pixart-alpha-512 | pixart (infer from --ckpt: official .pth or diffusers folder) | "
+              "opensora-v1.2 | opensora-tiny (random-weights toy) | opensora (infer from --ckpt)")
 
 
 def model_options(f):
@@ -39,9 +40,20 @@ def sampler_options(f):
                           "Default: official for 4-channel DiT latents, all otherwise.")(f)
     f = click.option("--cfg-scale", type=float, default=None,
                      help="Guidance scale; 1 disables it. Default: 4.0 (DiT), 2.0 (dit-digits), 4.5 (PixArt).")(f)
-    f = click.option("--steps", type=int, default=None, help="Default: 50 (ddim/ddpm), 20 (dpm-solver).")(f)
-    f = click.option("--sampler", type=click.Choice(["ddim", "ddpm", "dpm-solver"]), default=None,
-                     help="Default: ddim for DiT, dpm-solver (DPM-Solver++ 2M) for PixArt.")(f)
+    f = click.option("--steps", type=int, default=None, help="Default: 50 (ddim/ddpm), 20 (dpm-solver), 30 (rflow).")(f)
+    f = click.option("--sampler", type=click.Choice(["ddim", "ddpm", "dpm-solver", "rflow"]), default=None,
+                     help="Default: ddim for DiT, dpm-solver (DPM-Solver++ 2M) for PixArt, rflow (rectified flow) "
+                          "for Open-Sora.")(f)
+    return f
+
+
+def video_options(f):
+    """The video an Open-Sora model makes, in pixels (the official config's inputs)."""
+    f = click.option("--fps", type=float, default=None, help="Video models: frame rate the model sees [24].")(f)
+    f = click.option("--num-frames", type=int, default=None,
+                     help="Video models: frames (1, or 17 and more) [51; opensora-tiny 17].")(f)
+    f = click.option("--width", type=int, default=None, help="Video models: width in pixels [426; opensora-tiny 64].")(f)
+    f = click.option("--height", type=int, default=None, help="Video models: height in pixels [240; opensora-tiny 64].")(f)
     return f
 
 
@@ -60,29 +72,37 @@ def toca_official_loop_option(f):
                              "Default: every layer follows layer 0, as the papers describe.")(f)
 
 
-def make_sampler(config, sampler: str | None, steps: int | None, cfg_scale: float, cfg_channels: str | None):
+def make_sampler(config, sampler: str | None, steps: int | None, cfg_scale: float, cfg_channels: str | None,
+                 video: tuple | None = None):
+    """The sampler for `config`; `video` (height, width, frames, fps) for a video model (rflow)."""
     from soda.sampling import SamplerConfig
 
     from soda.models.config import default_cfg_scale
 
     text = config.arch != "dit"
+    video_model = config.frames is not None
     if sampler is None:
-        sampler = "dpm-solver" if text else "ddim"
+        sampler = "rflow" if video_model else "dpm-solver" if text else "ddim"
+    if video_model != (sampler == "rflow"):
+        raise UserError(f"--sampler rflow is Open-Sora's (video models); {config.name} samples with "
+                        f"{'rflow' if video_model else 'ddim, ddpm or dpm-solver'}")
     if steps is None:
-        steps = 20 if sampler == "dpm-solver" else 50
+        steps = {"dpm-solver": 20, "rflow": 30}.get(sampler, 50)
     if cfg_channels is None:  # the 3-channel quirk is DiT's forward_with_cfg only
         cfg_channels = "official" if config.in_channels == 4 and not text else "all"
     if cfg_scale is None:
         cfg_scale = default_cfg_scale(config.name, config.arch)
-    return SamplerConfig(sampler, steps, cfg_scale, 3 if cfg_channels == "official" else None)
+    return SamplerConfig(sampler, steps, cfg_scale, 3 if cfg_channels == "official" else None,
+                         video=video if sampler == "rflow" else None)
 
 
-def conditioning(model, labels: str | None, prompt_embeds: str | None):
-    """Class labels (DiT) or captions from --prompt-embeds (text-conditioned models)."""
+def conditioning(model, labels: str | None, prompt_embeds: str | None, sampler=None):
+    """Class labels (DiT) or captions from --prompt-embeds (text-conditioned models; a video
+    model also gets the sampler's frame rate)."""
     from soda.generate import make_conditioning
 
     null = model.null_caption_table() if hasattr(model, "null_caption_table") else None
-    return make_conditioning(model.config, labels, prompt_embeds, null)
+    return make_conditioning(model.config, labels, prompt_embeds, null, sampler)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -110,14 +130,23 @@ def policy_or_schedule(policy: str | None, schedule_file: str | None) -> str:
     return policy or "full"
 
 
-def load(model_name, ckpt, num_heads, random_init):
-    """(model, weights id) with a note on stderr when the weights are random."""
+def load(model_name, ckpt, num_heads, random_init, video: tuple | None = None):
+    """(model, weights id) with a note on stderr when the weights are random. `video`: the
+    --height/--width/--num-frames/--fps flags; a video model is set to that video (its default
+    for flags not given) and keeps the result as `model.video`."""
     from soda.models.loading import load_model
 
     if ckpt and random_init:
         raise UserError("give --ckpt or --random-init, not both")
 
     model, weights = load_model(model_name, ckpt, num_heads, random_init)
+    if model.config.arch == "opensora":
+        from soda.models.opensora import apply_video
+
+        model.video = apply_video(model, *(video or (None,) * 4))
+    elif video is not None and any(v is not None for v in video):
+        raise UserError(f"--height, --width, --num-frames and --fps are for video models; {model.config.name} "
+                        "is an image model")
     if random_init:
         click.echo(f"note: {model_name} has RANDOM weights; outputs show the toolchain, not a real model", err=True)
     return model, weights
@@ -142,7 +171,8 @@ def cli():
 @click.option("--labels", default=None, help="Comma-separated class labels [0,1,2,3].")
 @prompt_embeds_option
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--noise", type=click.Path(dir_okay=False), default=None, help="Initial noise .npy [n, C, H, W].")
+@click.option("--noise", type=click.Path(dir_okay=False), default=None,
+              help="Initial noise .npy [n, C, H, W] (video: [n, C, T, H, W]).")
 @click.option("--policy", default=None, help="full (default) | fora | toca | duca | taylorseer | soda | soda-forecast")
 @click.option("--schedule", "schedule_file", type=click.Path(dir_okay=False), default=None, help="Schedule JSON.")
 @click.option("--speedup", type=float, default=None, help="Target FLOPs speedup for the policy.")
@@ -151,9 +181,11 @@ def cli():
 @click.option("--save-latents", type=click.Path(dir_okay=False), default=None, help="Final samples .npy.")
 @click.option("--vae", type=click.Path(file_okay=False), default=None, help="Local diffusers AutoencoderKL folder.")
 @toca_official_loop_option
+@video_options
 @click.option("--out", type=click.Path(dir_okay=False), default="sample.png", show_default=True)
 def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, labels, prompt_embeds, seed,
-           noise, policy, schedule_file, speedup, profile_file, save_latents, vae, toca_official_loop, out):
+           noise, policy, schedule_file, speedup, profile_file, save_latents, vae, toca_official_loop, height, width,
+           num_frames, fps, out):
     """Generate samples with the PyTorch reference executor."""
     import numpy as np
     from tqdm import tqdm
@@ -170,11 +202,14 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     policy = policy_or_schedule(policy, schedule_file)
     check_out_suffix(out, "--out")
     check_out_suffix(save_latents, "--save-latents", (".npy",))
-    model, weights = load(model_name, ckpt, num_heads, random_init)
+    model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
     config = model.config
-    sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
+    if vae and config.frames is not None:
+        raise UserError("--vae decodes image latents; Open-Sora's video VAE is not supported (the PNG shows the "
+                        "latent frames)")
+    sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
     sampler, steps = sampler_cfg.kind, sampler_cfg.steps
-    ys = conditioning(model, labels, prompt_embeds)
+    ys = conditioning(model, labels, prompt_embeds, sampler_cfg)
     z = load_noise(noise, len(ys), config) if noise else None
     schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo,
                                 toca_official_loop=toca_official_loop, progress=progress_bar)
@@ -243,10 +278,12 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_
 @click.option("--orders", default="1,2", show_default=True,
               help="Taylor forecast orders to measure for soda-forecast ('none': cache and prune only).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Generations per batch (CFG doubles rows).")
+@video_options
 @click.option("--out", type=click.Path(dir_okay=False), default="profile.json", show_default=True)
 @ray_options
 def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, samples,
-                prompt_embeds, seed, intervals, rates, orders, batch_size, out, ray_address, workers):
+                prompt_embeds, seed, intervals, rates, orders, batch_size, height, width, num_frames, fps, out,
+                ray_address, workers):
     """OFS: measure cache and prune sensitivity on full trajectories (-> JSON + heatmap PNG)."""
     from tqdm import tqdm
 
@@ -265,11 +302,11 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     check_out_suffix(out, "--out", (".json",))
-    model, weights = load(model_name, ckpt, num_heads, random_init)
-    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
+    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
     steps = sampler_cfg.steps
     # Text-conditioned models calibrate on the captions given (cycled to --samples).
-    cal = conditioning(model, None, prompt_embeds) if model.config.arch != "dit" or prompt_embeds else None
+    cal = conditioning(model, None, prompt_embeds, sampler_cfg) if model.config.arch != "dit" or prompt_embeds else None
     total = steps * -(-samples // max(1, batch_size))
     from soda.shards import WorkerSpec, worker_pool
 
@@ -371,12 +408,13 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
                    "[half].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads; 1 is fastest on a shared machine (10x faster than 2 under a load of 10).")
+@video_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default="bench.json", show_default=True)
 @ray_options
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
               samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, eval_seeds,
-              tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads, json_out,
-              ray_address, workers):
+              tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads, height, width,
+              num_frames, fps, json_out, ray_address, workers):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
@@ -404,8 +442,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     import torch
 
     torch.set_num_threads(threads)
-    model, weights = load(model_name, ckpt, num_heads, random_init)
-    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
+    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
     bar = lambda desc, total: tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
     from soda.shards import WorkerSpec, worker_pool
 
@@ -452,10 +490,11 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and a GPU).")
 @click.option("--trt-precision", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
               help="TensorRT engine precision (fp32: for parity checks against onnxruntime).")
+@video_options
 @click.option("--force", is_flag=True, help="Export even when the folder already holds the same export.")
 @toca_official_loop_option
 def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policy,
-               schedule_file, speedup, profile_file, out, opset, exporter, trt, trt_precision, force, toca_official_loop):
+               schedule_file, speedup, profile_file, out, opset, exporter, trt, trt_precision, force, height, width, num_frames, fps, toca_official_loop):
     """Export ONNX subgraphs, one weights file, the schedule and a manifest (engines/<model>/)."""
     from pathlib import Path
 
@@ -464,8 +503,8 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 
     policy = policy_or_schedule(policy, schedule_file)
     check_out_folder(out or str(Path("engines") / model_name))
-    model, weights = load(model_name, ckpt, num_heads, random_init)
-    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
+    model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
+    sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
     schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo,
                                 toca_official_loop=toca_official_loop, progress=progress_bar)
     res = export_model(model, weights, schedule, sampler_cfg, Path(out or Path("engines") / model.config.name),

@@ -104,6 +104,8 @@ class GraphSpec:
             if name == "mask":
                 lengths = torch.randint(1, dims[1] + 1, (dims[0],), generator=gen)
                 out.append((torch.arange(dims[1])[None] < lengths[:, None]).to(torch.float32))
+            elif name in ("t", "fps"):  # a float timestep (rectified flow) or frame rate
+                out.append(torch.rand(dims, generator=gen) * (1000 if name == "t" else 30))
             elif dtype == I64:
                 hi = 1000 if name == "t" else num_classes + 1  # y may be the null label
                 out.append(torch.randint(0, hi, dims, generator=gen))
@@ -123,6 +125,8 @@ def _cond_shape(cfg, name: str) -> tuple[list, str]:
         return ["B", "L", cfg.caption_channels], F32
     if name == "mask":
         return ["B", "L"], F32
+    if name == "fps":
+        return ["B"], F32
     raise KeyError(f"no graph shape for conditioning input {name!r}")
 
 
@@ -137,7 +141,7 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
     limits the (layer, module) graphs (default: all)."""
     cfg = model.config
     iface = cfg.interface
-    C, H, D, N = cfg.in_channels, cfg.input_size, cfg.hidden_size, cfg.num_tokens
+    D, N = cfg.hidden_size, cfg.num_tokens
     specs = []
     cond_io = {name: _cond_shape(cfg, name) for name in iface.cond}
     if iface.prepared:
@@ -145,9 +149,11 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
         specs.append(GraphSpec("condition", ConditionGraph(model, iface.condition_reads, outs),
                                [(n, *cond_io[n]) for n in iface.condition_reads],
                                [(o, _context_shape(cfg, o), F32) for o in outs]))
-    step_io = [(n, ["B", 6 * D if n == "t0" else D], F32) for n in iface.step]
+    step_io = [(n, ["B", 6 * D if n in ("t0", "t_mlp") else D], F32) for n in iface.step]
+    latent = list(cfg.latent_shape)  # [C, H, W], or [C, T, H, W] for a video model
     specs.append(GraphSpec("embed", EmbedGraph(model, iface.embed_context),
-                           [("x", ["B", C, H, H], F32), ("t", ["B"], I64)] + [(n, *cond_io[n]) for n in iface.embed_context],
+                           [("x", ["B", *latent], F32), ("t", ["B"], iface.timestep_dtype)]
+                           + [(n, *cond_io[n]) for n in iface.embed_context],
                            [("tokens", ["B", N, D], F32)] + step_io))
     for l in range(cfg.depth):
         specs.append(GraphSpec(f"modulation.{l}", ModulationGraph(model, l, iface.step, iface.modulation_reads),
@@ -156,13 +162,14 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
         for m in iface.modules:
             if needed_modules is not None and (l, m.name) not in needed_modules:
                 continue
-            ins = [("tokens", ["B", "n", D], F32)] + [(a, ["B", D], F32) for a in m.args]
+            n = "n" if m.prunable else N  # a module that is never pruned sees every token: a static axis
+            ins = [("tokens", ["B", n, D], F32)] + [(a, ["B", D], F32) for a in m.args]
             ins += [(c, cond_io[c][0] if c in cond_io else _context_shape(cfg, c), F32) for c in m.context]
-            outs = [("D", ["B", "n", D], F32)] + ([(m.score, ["B", "n"], F32)] if m.score else [])
+            outs = [("D", ["B", n, D], F32)] + ([(m.score, ["B", n], F32)] if m.score else [])
             specs.append(GraphSpec(f"{m.name}.{l}", ModuleGraph(model, l, m.name), ins, outs))
     final_in = [s for s in step_io if s[0] in iface.final_step]
     specs.append(GraphSpec("final", FinalGraph(model, iface.step, iface.final_step),
-                           [("tokens", ["B", N, D], F32)] + final_in, [("out", ["B", cfg.out_channels, H, H], F32)]))
+                           [("tokens", ["B", N, D], F32)] + final_in, [("out", ["B", cfg.out_channels, *latent[1:]], F32)]))
     # Wrappers start in training mode like any nn.Module, and torch.onnx.export restores the mode
     # it found *recursively*: a training-mode wrapper would leave the shared model in training mode,
     # where DiT's label dropout makes every later PyTorch call random (docs/export.md, "Parity").

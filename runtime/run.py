@@ -52,7 +52,7 @@ def run_command(
     engines = open_engines(engines_dir)
     config = engines.config
     sampler_cfg = engines.sampler_with(sampler, steps, cfg_scale)
-    ys = make_conditioning(config, labels, prompt_embeds, engines.null_caption())
+    ys = make_conditioning(config, labels, prompt_embeds, engines.null_caption(), sampler_cfg)
     z = load_noise(noise, len(ys), config) if noise else None
     schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup, toca_official_loop)
     impl = make_backend(engines, backend, device=device, threads=threads)

@@ -174,7 +174,7 @@ class Runner:
 
 def draw(seq, n: int, config) -> np.ndarray:
     """n initial latents from a seed sequence."""
-    shape = (config.in_channels, config.input_size, config.input_size)
+    shape = config.latent_shape
     return np.random.default_rng(seq).standard_normal((n, *shape)).astype(np.float32)
 
 
@@ -221,7 +221,7 @@ def pruned_share(schedule) -> float | None:
     return pruned / reused if reused else None
 
 
-def split_prompts(model, setup: BenchSetup):
+def split_prompts(model, setup: BenchSetup, sampler=None):
     """(calibration, evaluation) captions of a text-conditioned model, disjoint: the first K
     prompts of --prompt-embeds calibrate (profile, tuning), the others are evaluated. (None, None)
     for a label-conditioned model."""
@@ -242,8 +242,10 @@ def split_prompts(model, setup: BenchSetup):
         raise UserError(f"--prompt-embeds has {n} prompts; bench needs at least one calibration and one evaluation "
                         f"prompt (--calibration-prompts {k})")
     null = model.null_caption_table() if hasattr(model, "null_caption_table") else None
-    return (caption_conditioning(prompts.rows(slice(0, k)), null),
-            caption_conditioning(prompts.rows(slice(k, n)), null))
+    from soda.generate import with_video
+
+    return (with_video(caption_conditioning(prompts.rows(slice(0, k)), null), config, sampler),
+            with_video(caption_conditioning(prompts.rows(slice(k, n)), null), config, sampler))
 
 
 def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = print,
@@ -267,7 +269,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     runner = Runner(backend, model, sampler, setup.batch_size, progress, pool)
     spec, fm = spec_for(model, sampler), FlopsModel.for_config(config)
     targets = list(dict.fromkeys([setup.speedup, *setup.frontier]))
-    cal_cond, eval_cond = split_prompts(model, setup)
+    cal_cond, eval_cond = split_prompts(model, setup, sampler)
     # Every policy must reach the main --speedup (the README promises an error): said before any
     # profiling or sampling. Frontier points a policy cannot reach are only skipped.
     for policy in setup.policies:

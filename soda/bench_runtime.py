@@ -215,7 +215,7 @@ def export_monolithic(model, path: Path, opset: int = 17, exporter: str = "legac
 def monolithic_loop(session, config, sampler_cfg: SamplerConfig, labels: np.ndarray, seed: int = 0) -> Loop:
     """Same sampler loop and noise as `generate`, the whole model as one session call per step."""
     diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
-    shape = (config.in_channels, config.input_size, config.input_size)
+    shape = config.latent_shape
 
     def model_fn(s, x, t, y):
         return session.run(["out"], {"x": x, "t": t, **y})[0]
@@ -233,7 +233,7 @@ def paired_steps(executor, session, config, sampler_cfg: SamplerConfig, labels: 
     """stitched / monolithic time of each step's model call on the same inputs, timed back to back
     (order alternating), so load from other processes hits both sides of each ratio alike."""
     diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
-    shape = (config.in_channels, config.input_size, config.input_size)
+    shape = config.latent_shape
     ratios = []
 
     def model_fn(s, x, t, y):

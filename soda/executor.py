@@ -69,6 +69,7 @@ class Executor:
         self.schedule = schedule
         self.flops = flops
         self.gated = tuple(spec.gated for spec in backend.specs)
+        self.prunable = tuple(spec.prunable for spec in backend.specs)
         self.selector = selector or make_selector(schedule.selector, schedule.params)
         self.recorder = recorder
         self.orders = schedule.forecast_orders()  # [L][M]: Taylor factors kept per (layer, module)
@@ -160,7 +161,7 @@ class Executor:
             return self.taylor[(l, m)].predict(s, forecast_order(action))
         if kind == FULL:
             D, received = self.backend.module(l, name, tokens, *args, context=self.context)
-            self.flops_done += self.flops.module(name, B, N)
+            self.flops_done += self.flops.module(name, B, N, l)
             self.cache[(l, m)] = D
             if (l, m) in self.taylor:
                 self.taylor[(l, m)].update(s, D)
@@ -168,6 +169,8 @@ class Executor:
             if self.recorder is not None:
                 self.recorder(s, l, name, D)
             return D
+        if not self.prunable[m]:
+            raise ValueError(f"layer {l} {name}: this module cannot be pruned (full or reuse only)")
         # prune@a (+forecast@O): recompute k tokens chosen on the cache; the others come from the
         # cache, or from the forecast when the action has one. Recomputed tokens enter the cache.
         k = kept_tokens(rate, N)
@@ -176,7 +179,7 @@ class Executor:
         rows = np.arange(B)[:, None]  # fancy indexing: 6-18x faster than take/put_along_axis here (docs/runtime.md)
         part = tokens[rows, idx]
         D_part, received = self.backend.module(l, name, part, *args, context=self.context)
-        self.flops_done += self.flops.module(name, B, k)
+        self.flops_done += self.flops.module(name, B, k, l)
         cache = cache.copy()
         cache[rows, idx] = D_part
         self.cache[(l, m)] = cache

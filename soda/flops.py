@@ -29,6 +29,7 @@ class FlopsModel:
     final_row: float  # per step and batch row
     condition_row: float = 0.0  # per generation and batch row
     context_len: int = 0  # caption tokens cross-attention attends to
+    mix_lengths: tuple[int, ...] = ()  # per layer, tokens a full self-attention query sees (empty: all)
 
     @classmethod
     def for_config(cls, cfg: ModelConfig) -> "FlopsModel":
@@ -36,8 +37,9 @@ class FlopsModel:
 
         rows = per_row_flops(cfg)
         kinds = tuple((m.name, m.kind) for m in cfg.interface.modules)
+        mix = cfg.interface.mix_lengths(cfg) if cfg.interface.mix_lengths else ()
         return cls(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), cfg.num_tokens, kinds, rows["embed"],
-                   rows["modulation"], rows["final"], rows["condition"], cfg.caption_len or 0)
+                   rows["modulation"], rows["final"], rows["condition"], cfg.caption_len or 0, tuple(mix))
 
     def condition(self, B: int) -> float:
         return float(B * self.condition_row)
@@ -48,11 +50,17 @@ class FlopsModel:
     def modulation(self, B: int) -> float:
         return float(B * self.modulation_row)
 
-    def module(self, name: str, B: int, n: int) -> float:
+    def module(self, name: str, B: int, n: int, layer: int | None = None) -> float:
+        """FLOPs of module `name` on n tokens. Self-attention: each query attends to min(n, the
+        layer's mix length) tokens (a video model's spatial or temporal sequence); `layer` None
+        gives the mean over layers, so L times it is the sum over the layers."""
         H = self.hidden
         kind = dict(self.kinds)[name]
         if kind == SELF_ATTN:
-            return float(2 * B * n * H * 3 * H + 2 * 2 * B * n * n * H + 2 * B * n * H * H)
+            if self.mix_lengths and layer is None:
+                return sum(self.module(name, B, n, l) for l in range(len(self.mix_lengths))) / len(self.mix_lengths)
+            seen = min(n, self.mix_lengths[layer]) if self.mix_lengths else n
+            return float(2 * B * n * H * 3 * H + 2 * 2 * B * n * seen * H + 2 * B * n * H * H)
         if kind == CROSS_ATTN:
             return float(2 * 2 * B * n * H * H + 2 * 2 * B * n * self.context_len * H)
         if kind == MLP:
@@ -76,11 +84,11 @@ def schedule_flops(schedule, fm: FlopsModel, batch: int) -> float:
         if schedule.is_skip(s):
             continue
         total += schedule.num_layers * fm.modulation(batch)
-        for row in schedule.steps[s]:
+        for l, row in enumerate(schedule.steps[s]):
             for name, action in zip(schedule.modules, row):
                 kind, rate = parse_action(action)
                 if kind == "full":
-                    total += fm.module(name, batch, fm.num_tokens)
+                    total += fm.module(name, batch, fm.num_tokens, l)
                 elif kind == "prune":
-                    total += fm.module(name, batch, kept_tokens(rate, fm.num_tokens))
+                    total += fm.module(name, batch, kept_tokens(rate, fm.num_tokens), l)
     return total

@@ -35,10 +35,23 @@ def parse_labels(text: str, num_classes: int) -> np.ndarray:
     return np.array(labels, dtype=np.int64)
 
 
+def with_video(cond: Conditioning, config: ModelConfig, sampler: SamplerConfig | None) -> Conditioning:
+    """A video model (Open-Sora) is also conditioned on the frame rate of the video the sampler
+    makes (`SamplerConfig.video`); the same for the conditional and unconditional rows."""
+    if "fps" not in config.interface.cond:
+        return cond
+    if sampler is None or sampler.video is None:
+        raise UserError(f"{config.name} needs the video size and frame rate (--height, --width, --num-frames, --fps)")
+    fps = lambda d: np.full(len(next(iter(d.values()))), sampler.video[3], dtype=np.float32)  # noqa: E731
+    return Conditioning({**cond.cond, "fps": fps(cond.cond)},
+                        None if cond.uncond is None else {**cond.uncond, "fps": fps(cond.uncond)})
+
+
 def make_conditioning(config: ModelConfig, labels: str | None, prompt_embeds: str | None,
-                      null_caption: np.ndarray | None = None) -> Conditioning:
+                      null_caption: np.ndarray | None = None, sampler: SamplerConfig | None = None) -> Conditioning:
     """What to generate: class labels for a label-conditioned model, captions from an npz for a
-    text-conditioned one (unconditional rows: its negatives, else `null_caption`)."""
+    text-conditioned one (unconditional rows: its negatives, else `null_caption`); for a video
+    model also the frame rate of `sampler`'s video."""
     if config.interface.cond == ("y",):
         if prompt_embeds:
             raise UserError(f"--prompt-embeds is for text-conditioned models; {config.name} takes --labels")
@@ -50,7 +63,8 @@ def make_conditioning(config: ModelConfig, labels: str | None, prompt_embeds: st
                         "[n, L, C] and prompt_attention_mask [n, L], diffusers' names)")
     from soda.captions import caption_conditioning, load_prompt_embeds
 
-    return caption_conditioning(load_prompt_embeds(prompt_embeds, config.caption_channels), null_caption)
+    cond = caption_conditioning(load_prompt_embeds(prompt_embeds, config.caption_channels), null_caption)
+    return with_video(cond, config, sampler)
 
 
 def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
@@ -61,7 +75,10 @@ def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read {path} as a .npy array ({e})") from None
-    want = (n, config.in_channels, config.input_size, config.input_size)
+    want = (n, *config.latent_shape)
+    if z.shape != want and config.frames is not None:
+        raise UserError(f"noise in {path} has shape {list(z.shape)}, expected {list(want)}: [n, C, T, H, W] with the "
+                        f"latent frames, height and width of --num-frames, --height and --width (one per prompt)")
     if z.shape != want:
         raise UserError(f"noise in {path} has shape {list(z.shape)}, expected {list(want)} (one per label)")
     if not (np.issubdtype(z.dtype, np.floating) or np.issubdtype(z.dtype, np.integer)):
@@ -87,7 +104,7 @@ def generate(
     `seed`'s initial noise) draws DDPM's per-step noise."""
     cond = labels if isinstance(labels, Conditioning) else Conditioning.from_labels(labels, config.null_label)
     diffusion = make_diffusion(sampler, config.learn_sigma)
-    shape = (config.in_channels, config.input_size, config.input_size)
+    shape = config.latent_shape
     z, seed_rng = initial_noise(len(cond), shape, seed)
     rng = seed_rng if rng is None else rng
     if noise is not None:

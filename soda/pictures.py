@@ -85,7 +85,10 @@ def captions_for(labels, n: int) -> list[str]:
 def save_samples_png(samples: np.ndarray, labels, out: str | Path, config, vae: str | None = None,
                      random_init: bool = False) -> None:
     """Pixel-space models are shown as they are; latents are VAE-decoded or previewed. `labels`:
-    class labels, a `soda.sampling.Conditioning`, or None (captions: "prompt i")."""
+    class labels, a `soda.sampling.Conditioning`, or None (captions: "prompt i"). Video latents
+    [n, C, T, H, W]: one row per sample, its T latent frames left to right."""
+    if samples.ndim == 5:
+        return save_video_strips_png(samples, labels, out, config, random_init)
     if vae:
         images, kind = decode_vae(samples, vae), "decoded"
     elif config.in_channels in (1, 3):
@@ -95,6 +98,24 @@ def save_samples_png(samples: np.ndarray, labels, out: str | Path, config, vae: 
     scale = max(1, 64 // images.shape[-1])
     title = f"{config.name} {kind}" + (" RANDOM WEIGHTS" if random_init else "")
     img = grid_image(to_uint8(images), captions_for(labels, len(images)), scale=scale, title=title)
+    from soda.outputs import atomic_output
+
+    with atomic_output(out) as tmp:
+        img.save(tmp)
+
+
+def save_video_strips_png(samples: np.ndarray, labels, out: str | Path, config, random_init: bool = False) -> None:
+    """[n, C, T, H, W] latents -> a strip of T frame previews per sample (first 3 channels,
+    normalised over the whole clip so brightness changes between frames stay visible)."""
+    n, C, T = samples.shape[:3]
+    clips = latent_preview(samples.reshape(n, C, T * samples.shape[3], samples.shape[4]))  # per clip
+    frames = clips.reshape(n, min(C, 3), T, samples.shape[3], samples.shape[4]).transpose(0, 2, 1, 3, 4)
+    tiles = to_uint8(frames.reshape(n * T, *frames.shape[2:]))
+    names = captions_for(labels, n)
+    captions = [f"{names[i]} f{t}" if names else f"f{t}" for i in range(n) for t in range(T)]
+    scale = max(1, 48 // tiles.shape[1])
+    title = f"{config.name} latent frames, one row per sample" + (" RANDOM WEIGHTS" if random_init else "")
+    img = grid_image(tiles, captions, scale=scale, cols=T, title=title)
     from soda.outputs import atomic_output
 
     with atomic_output(out) as tmp:

@@ -189,12 +189,13 @@ class SensitivityRecorder:
     """
 
     def __init__(self, num_steps: int, num_layers: int, modules: tuple[str, ...], intervals, rates,
-                 inputs: "InputTap | None" = None, attention_rows: int = 16, orders=()):
+                 inputs: "InputTap | None" = None, attention_rows: int = 16, orders=(), unprunable=()):
         from soda.selectors.feature_mean import FeatureMeanSelector
 
         self.inputs = inputs  # when given, pruned token-mixing modules are recomputed on the kept tokens
         self.token_mixing = {s.name for s in inputs.specs if s.token_mixing} if inputs is not None else set()
         self.attention_rows = attention_rows
+        self.unprunable = set(unprunable)  # modules declared full-or-reuse only: E_p stays empty (NaN)
         self.modules = tuple(modules)
         self.intervals = tuple(intervals)
         self.rates = tuple(rates)
@@ -242,15 +243,17 @@ class SensitivityRecorder:
             sf = gram[(s_old, s)] if self.orders else np.einsum("bnc,bnc->bn", D_old, D, dtype=np.float64)
             self.sum_c[s, l, m, j] += _cos_distance(sf.sum(1), ss.sum(1), ff_sum).sum()
             self.rows[s, l, m, j] += B
-            self.rows_p[s, l, m, j] += len(rows)
+            if name not in self.unprunable:
+                self.rows_p[s, l, m, j] += len(rows)
             ages.append((j, D_old, ss, sf))
         combos, fd, fsq = self._forecasts(s, gram, [j for j, *_ in ages])
         if combos:
             o_, j_, g_ = (np.array(v) for v in zip(*combos))
             self.sum_f[s, l, m, o_, j_, g_] += _cos_distance(fd.sum(2), fsq.sum(2), ff_sum).sum(1)
             self.rows_f[s, l, m, o_, j_, g_] += B
-            self.rows_pf[s, l, m, o_, j_, g_] += len(rows)
-        for i, a in enumerate(self.rates):
+            if name not in self.unprunable:  # full-or-reuse modules have no prune entries
+                self.rows_pf[s, l, m, o_, j_, g_] += len(rows)
+        for i, a in enumerate(self.rates if name not in self.unprunable else ()):
             idxs = [self.selector.select(s, l, name, kept_tokens(a, N), None, D_old) for _, D_old, _, _ in ages]
             if exact and ages:
                 # Token-mixing module: what the pruned module really computes on the kept tokens,
@@ -403,10 +406,10 @@ def calibrate_batch(
     spec = ScheduleSpec.for_model(config, sampler_cfg.kind, S, modules)
     backend = InputTap(TorchBackend(model))
     recorder = SensitivityRecorder(S, config.depth, modules, intervals, rates, backend if exact_attention else None,
-                                   attention_rows, orders)
+                                   attention_rows, orders, {m.name for m in config.interface.modules if not m.prunable})
     executor = Executor(backend, full_schedule(spec), FlopsModel.for_config(config), recorder=recorder)
     diffusion = make_diffusion(sampler_cfg, config.learn_sigma)
-    shape = (config.in_channels, config.input_size, config.input_size)
+    shape = config.latent_shape
     z, rng = initial_noise(len(labels), shape, noise_seed)
     sample_loop(executor, diffusion, z, labels, config.null_label, config.in_channels, rng, progress)
     return {name: getattr(recorder, name) for name in SUMS}

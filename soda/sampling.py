@@ -14,7 +14,7 @@ import numpy as np
 
 from soda.errors import UserError
 
-SAMPLERS = ("ddim", "ddpm", "dpm-solver")
+SAMPLERS = ("ddim", "ddpm", "dpm-solver", "rflow")
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,18 @@ class SamplerConfig:
     cfg_scale: float = 4.0
     cfg_channels: int | None = 3  # guidance on the first 3 channels (official); None = all eps channels
     num_train_timesteps: int = 1000
+    # rflow only: the pixel video (height, width, num_frames, fps) it makes; the timestep transform
+    # reads the sizes, a video model's conditioning the frame rate
+    video: tuple[int, int, int, float] | None = None
 
     def __post_init__(self):
         if self.kind not in SAMPLERS:
             raise UserError(f"unknown sampler {self.kind!r}; choose one of: {', '.join(SAMPLERS)}")
+        if self.video is not None:
+            h, w, f, fps = self.video  # JSON gives a list
+            object.__setattr__(self, "video", (int(h), int(w), int(f), float(fps)))
+        if (self.kind == "rflow") != (self.video is not None):
+            raise UserError("the rflow sampler (and only it) needs the video size: --height, --width, --num-frames")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         if self.steps > self.num_train_timesteps:
@@ -40,7 +48,12 @@ class SamplerConfig:
         return self.cfg_scale > 1.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["video"] is None:
+            del d["video"]  # an image sampler's dict (and every identity made from it) as before
+        else:
+            d["video"] = list(d["video"])
+        return d
 
 
 def space_timesteps(num_timesteps: int, section_counts: str) -> set[int]:
@@ -139,6 +152,10 @@ def make_diffusion(cfg: SamplerConfig, learn_sigma: bool = True):
         from soda.dpm_solver import DPMSolver
 
         return DPMSolver(cfg, learn_sigma=learn_sigma)
+    if cfg.kind == "rflow":
+        from soda.rflow import RFlow
+
+        return RFlow.from_config(cfg)
     return Diffusion(cfg, learn_sigma=learn_sigma)
 
 
@@ -243,7 +260,7 @@ def sample_loop(
     y = cond.batch(cfg.uses_cfg)
     rows = 2 * n if cfg.uses_cfg else n
     for s in range(diffusion.num_steps):
-        t = np.full(rows, diffusion.model_timestep(s), dtype=np.int64)
+        t = np.full(rows, diffusion.model_timestep(s), dtype=getattr(diffusion, "timestep_dtype", np.int64))
         if cfg.uses_cfg:
             out = model_fn(s, np.concatenate([x, x]), t, y)
             out = cfg_combine(out, n, cfg.cfg_scale, cfg.cfg_channels, in_channels)

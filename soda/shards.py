@@ -121,7 +121,7 @@ def sample_inputs(seed: int, start: int, stop: int, config, n_prompts: int | Non
         labels = np.arange(start, stop, dtype=np.int64) % n_prompts
     else:
         labels = rngs.labels(config.num_classes)  # drawn first, then the noise, from each sample's stream
-    shape = (stop - start, config.in_channels, config.input_size, config.input_size)
+    shape = (stop - start, *config.latent_shape)
     return labels, rngs.standard_normal(shape).astype(np.float32), rngs
 
 

@@ -13,23 +13,27 @@ import pytest
 import torch
 
 from soda.errors import UserError
-from soda.models.opensora import STDiT3, OpenSoraConfig, latent_frames, latent_shape
-from soda.rflow import RFlow, RFlowConfig, check_num_frames, sample_loop
+from soda.models.config import ModelConfig
+from soda.models.opensora import STDiT3, latent_frames, video_config
+from soda.rflow import RFlow, check_num_frames
+from soda.sampling import Conditioning, SamplerConfig, sample_loop
 from tests.reference import official_stdit3 as ref
 
 # 2 spatial + 2 temporal blocks, width 48, 3 heads (head width 16, even for RoPE), 24-wide captions
 # of up to 10 tokens. The latent has an odd width (5), so patch padding and the crop run.
-SMALL = OpenSoraConfig("opensora", depth=2, hidden_size=48, num_heads=3, caption_channels=24, model_max_length=10)
 N, T, H, W = 2, 5, 6, 5
 HEIGHT, WIDTH, FRAMES, FPS = 48, 40, 17, 24
+BASE = ModelConfig("opensora", depth=4, hidden_size=48, patch_size=2, num_heads=3, in_channels=4, num_classes=0,
+                   arch="opensora", caption_channels=24, caption_len=10, qk_norm=True)
+SMALL = video_config(BASE, HEIGHT, WIDTH, FRAMES)
 LENGTHS = (7, 3)
 
 
-def official_kwargs(cfg: OpenSoraConfig) -> dict:
-    return dict(depth=cfg.depth, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, patch_size=cfg.patch_size,
-                in_channels=cfg.in_channels, caption_channels=cfg.caption_channels,
-                model_max_length=cfg.model_max_length, input_sq_size=cfg.input_sq_size, qk_norm=cfg.qk_norm,
-                pred_sigma=cfg.learn_sigma, mlp_ratio=cfg.mlp_ratio)
+def official_kwargs(cfg: ModelConfig) -> dict:
+    return dict(depth=cfg.depth // 2, hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+                patch_size=(1, cfg.patch_size, cfg.patch_size), in_channels=cfg.in_channels,
+                caption_channels=cfg.caption_channels, model_max_length=cfg.caption_len, input_sq_size=512,
+                qk_norm=cfg.qk_norm, pred_sigma=cfg.learn_sigma, mlp_ratio=cfg.mlp_ratio)
 
 
 def rel_err(a, b) -> float:
@@ -51,8 +55,8 @@ def pair():
 def inputs():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(N, 4, T, H, W, generator=g)
-    y = torch.randn(N, SMALL.model_max_length, SMALL.caption_channels, generator=g)
-    mask = torch.zeros(N, SMALL.model_max_length, dtype=torch.long)
+    y = torch.randn(N, SMALL.caption_len, SMALL.caption_channels, generator=g)
+    mask = torch.zeros(N, SMALL.caption_len, dtype=torch.long)
     for i, n in enumerate(LENGTHS):
         mask[i, :n] = 1
     return x, y, mask
@@ -73,8 +77,8 @@ def test_state_dict_keys_match_official(pair):
 def test_layers_interleave_spatial_and_temporal(pair):
     ours, _ = pair
     layers = ours.layers
-    assert len(layers) == 2 * SMALL.depth
-    assert [b.temporal for b in layers] == [False, True] * SMALL.depth
+    assert len(layers) == SMALL.depth == 4
+    assert [b.temporal for b in layers] == [False, True] * 2
     assert layers[1] is ours.temporal_blocks[0] and layers[2] is ours.spatial_blocks[1]
 
 
@@ -105,18 +109,52 @@ def test_rflow_30_step_cfg7_trajectory_matches_official(pair, inputs):
     ref.RFLOW(num_sampling_steps=30, cfg_scale=7.0, use_timestep_transform=True).sample(
         official, enc, x.clone(), ["a", "b"], "cpu", additional_args=dict(info), trajectory=want)
 
-    y2, mask2 = cfg_batch(ours, y, mask)
-    fps = torch.full((2 * N,), float(FPS))
-
-    def model_fn(s, z, t):
-        return ours(torch.from_numpy(z), torch.from_numpy(t), y2, mask2, fps, HEIGHT, WIDTH).numpy()
-
-    got: list = []
-    rflow = RFlow(RFlowConfig(steps=30, cfg_scale=7.0), HEIGHT, WIDTH, FRAMES)
-    sample_loop(model_fn, rflow, x.numpy(), trajectory=got)
+    got = run_rflow(lambda s, z, t, c: forward_fn(ours, z, t, c), ours, x, y, mask)
     assert len(got) == len(want) == 30
     errs = [rel_err(a, b.numpy()) for a, b in zip(got, want)]
     assert max(errs) < 1e-4, errs
+
+
+def conditioning(model, y, mask) -> Conditioning:
+    """[prompts; learned null caption under the prompts' masks], fps per row (the official batch)."""
+    null = model.null_caption_table()[None, : y.shape[1]]
+    fps = np.full(len(y), FPS, dtype=np.float32)
+    m = mask.numpy().astype(np.float32)
+    return Conditioning({"caption": y.numpy(), "mask": m, "fps": fps}, {"caption": null, "mask": m, "fps": fps})
+
+
+def forward_fn(model, z, t, cond):
+    """model_fn for sample_loop through the whole forward (dynamic video size)."""
+    return model(torch.from_numpy(z), torch.from_numpy(t), torch.from_numpy(cond["caption"]),
+                 torch.from_numpy(cond["mask"]), torch.from_numpy(cond["fps"]), HEIGHT, WIDTH).numpy()
+
+
+def run_rflow(model_fn, model, x, y, mask, steps: int = 30) -> list:
+    """z after every step of an rflow CFG-7 generation through soda.sampling.sample_loop."""
+    rflow = RFlow.from_config(SamplerConfig("rflow", steps, 7.0, None, video=(HEIGHT, WIDTH, FRAMES, FPS)))
+    got, step = [], rflow.step
+    rflow.step = lambda s, z, out, noise=None: got.append(step(s, z, out, noise)) or got[-1]
+    sample_loop(model_fn, rflow, x.numpy(), conditioning(model, y, mask), None, 4)
+    return got
+
+
+def test_executor_full_schedule_is_the_model(pair, inputs):
+    """The stitching loop over the adapter protocol (caption K/V once per generation, modules one
+    by one) reproduces the plain forward's trajectory."""
+    from soda.executor import Executor
+    from soda.flops import FlopsModel
+    from soda.policies import ScheduleSpec
+    from soda.policies.full import full_schedule
+    from soda.torch_backend import TorchBackend
+
+    ours, _ = pair
+    x, y, mask = inputs
+    with torch.no_grad():
+        want = run_rflow(lambda s, z, t, c: forward_fn(ours, z, t, c), ours, x, y, mask, steps=6)
+    spec = ScheduleSpec.for_model(SMALL, "rflow", 6)
+    executor = Executor(TorchBackend(ours), full_schedule(spec), FlopsModel.for_config(SMALL))
+    got = run_rflow(executor, ours, x, y, mask, steps=6)
+    assert max(rel_err(a, b) for a, b in zip(got, want)) < 1e-5
 
 
 def test_timestep_grid_equals_official():
@@ -124,16 +162,17 @@ def test_timestep_grid_equals_official():
         info = ref.multi_resolution_info(1, (h, w), f, 24)
         want = [ref.timestep_transform(torch.tensor([(1.0 - i / 30) * 1000]), info, num_timesteps=1000).item()
                 for i in range(30)]
-        got = RFlow(RFlowConfig(), h, w, f).timesteps
+        got = RFlow.from_config(SamplerConfig("rflow", 30, 7.0, None, video=(h, w, f, 24))).timesteps
         np.testing.assert_array_equal(got, np.array(want, dtype=np.float32))
     # 51 frames at 240x426: r = sqrt(240*426/512^2) * sqrt(15) > 1 pushes every time towards the noise end.
-    grid = RFlow(RFlowConfig(), 240, 426, 51).timesteps
+    grid = RFlow.from_config(SamplerConfig("rflow", 30, 7.0, None, video=(240, 426, 51, 24))).timesteps
     assert grid[0] == 1000 and np.all(grid[1:] > np.linspace(1000, 0, 31)[1:-1])
 
 
 def test_latent_frames_follow_the_vae():
     assert [latent_frames(f) for f in (1, 4, 5, 16, 17, 51, 68, 102)] == [1, 1, 2, 4, 5, 15, 20, 30]
-    assert latent_shape(SMALL, 51, 240, 426) == (4, 15, 30, 53)
+    assert video_config(BASE, 240, 426, 51).latent_shape == (4, 15, 30, 53)
+    assert video_config(BASE, 240, 426, 51).num_tokens == 15 * 15 * 27
 
 
 @pytest.mark.parametrize("frames", [0, 2, 16])
@@ -168,7 +207,10 @@ def test_checkpoints_load_from_safetensors_and_bare_state_dicts(pair, tmp_path, 
         want = ours(*args)
         for f in ("model.safetensors", "bare.pt", "train.pt"):
             model, ident = opensora.load("opensora", tmp_path / f)
-            assert model.config == SMALL  # depth, width, heads (from the q/k norm), caption size read back
+            # depth, width, heads (from the q/k norm), caption size read back; the video size is the
+            # official default until set
+            assert video_config(model.config, HEIGHT, WIDTH, FRAMES) == SMALL
+            assert model.config.latent_shape == (4, 15, 30, 53)
             assert len(ident) == 64
             torch.testing.assert_close(model(*args), want, rtol=0, atol=0)
 

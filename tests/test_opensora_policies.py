@@ -55,3 +55,42 @@ def test_wrong_modules_refused():
     dit = ScheduleSpec("dit", "0" * 16, 28, ("attn", "mlp"), 256, "rflow", 30)
     with pytest.raises(UserError, match="for modules attn, cross_attn, mlp"):
         toca_video.build_steps(dit, 3, 0.1)
+
+
+@pytest.mark.parametrize("policy", ["toca", "duca", "fora"])
+def test_scaled_to_a_speedup_on_the_video_flops_model(policy):
+    """--speedup 2.5 on opensora-v1.2's FLOPs model (spatial and temporal attention costed apart):
+    ToCa/DuCa within the 3% tolerance and their fast count equal to schedule_flops on the built
+    schedule; FORA (whole steps only) at the fewest anchors that reach the target."""
+    from soda.flops import FlopsModel, schedule_flops
+    from soda.models.config import get_config
+    from soda.policies import make_schedule
+    from soda.policies.full import full_schedule
+
+    cfg = get_config("opensora-v1.2")
+    spec = ScheduleSpec.for_model(cfg, "rflow", 30)
+    fm = FlopsModel.for_config(cfg)
+    schedule = make_schedule(policy, spec, speedup=2.5, flops=fm)
+    achieved = schedule_flops(full_schedule(spec), fm, 1) / schedule_flops(schedule, fm, 1)
+    assert abs(achieved / 2.5 - 1) <= 0.03 or (policy == "fora" and achieved >= 2.5)
+    assert schedule.params["achieved_speedup"] == pytest.approx(achieved, rel=1e-6)
+    if policy != "fora":
+        N, R = schedule.params["N"], schedule.params["R"]
+        fast = toca_video.fast_flops(spec, fm, N, R, policy == "duca")
+        assert fast == pytest.approx(schedule_flops(schedule, fm, 1), rel=1e-12)
+        assert all(st == SKIP or all(row[0] in ("full", "reuse") for row in st) for st in schedule.steps)
+
+
+def test_video_attention_flops_by_axis():
+    """Spatial layers attend over S = 15*27 patches, temporal ones over T = 15 frames."""
+    from soda.flops import FlopsModel
+    from soda.models.config import get_config
+
+    cfg = get_config("opensora-v1.2")
+    fm = FlopsModel.for_config(cfg)
+    H, n, S, T = 1152, TOKENS, 15 * 27, 15
+    linear = 2 * n * H * 3 * H + 2 * n * H * H
+    assert fm.module("attn", 1, n, 0) == linear + 4 * n * S * H
+    assert fm.module("attn", 1, n, 1) == linear + 4 * n * T * H
+    assert fm.module("attn", 1, n) == pytest.approx(linear + 2 * n * (S + T) * H)
+    assert fm.module("cross_attn", 1, n, 0) == 4 * n * H * H + 4 * n * 300 * H

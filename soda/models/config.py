@@ -26,10 +26,25 @@ class ModelConfig:
     caption_channels: int | None = None  # caption embedding width (T5-XXL: 4096)
     caption_len: int | None = None  # nominal caption length (tokens) the FLOPs model counts
     pe_interpolation: float | None = None  # position-embedding interpolation scale
+    # Video architectures only: latent frames and width (input_size is then the latent height);
+    # the token grid is frames x ceil(H/p) x ceil(W/p), patches padded as Open-Sora's PatchEmbed3D.
+    frames: int | None = None
+    input_width: int | None = None
+    qk_norm: bool | None = None  # RMSNorm on q and k (Open-Sora's STDiT3)
 
     @property
     def num_tokens(self) -> int:
+        if self.frames is not None:
+            p = self.patch_size
+            return self.frames * -(-self.input_size // p) * -(-self.input_width // p)
         return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent: [C, H, W] for an image model, [C, T, H, W] for a video model."""
+        if self.frames is not None:
+            return (self.in_channels, self.frames, self.input_size, self.input_width)
+        return (self.in_channels, self.input_size, self.input_size)
 
     @property
     def out_channels(self) -> int:
@@ -67,7 +82,7 @@ class ModelConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_OPTIONAL = ("caption_channels", "caption_len", "pe_interpolation")
+_OPTIONAL = ("caption_channels", "caption_len", "pe_interpolation", "frames", "input_width", "qk_norm")
 
 
 # The official DiT family (models.py): depth, width, heads per size; patch 2/4/8.
@@ -98,16 +113,34 @@ for _px, _latent in ((256, 32), (512, 64), (1024, 128)):
         pe_interpolation=float(max(_latent // 64, 1)),
     )
 
+# Open-Sora 1.2 STDiT3-XL/2 (hpcaitech/Open-Sora v1.2.0): 28 spatial + 28 temporal blocks, run
+# interleaved, so 56 layers here; T5-XXL captions of 300 tokens. The video size is part of the
+# config, as the resolution is for DiT: the official default, 51 frames of 240 x 426 pixels
+# (15 x 30 x 53 latents), position-embedding scale sqrt(240 * 426) / 512. `opensora-tiny`: a
+# small random-weights video model (17 frames of 64 x 64 -> 5 x 8 x 8 latents, 80 tokens) on
+# which every command runs in seconds; its outputs mean nothing.
+REGISTRY["opensora-v1.2"] = ModelConfig(
+    "opensora-v1.2", depth=56, hidden_size=1152, patch_size=2, num_heads=16, input_size=30, in_channels=4,
+    num_classes=0, learn_sigma=True, arch="opensora", caption_channels=4096, caption_len=300,
+    pe_interpolation=(240 * 426) ** 0.5 / 512, frames=15, input_width=53, qk_norm=True,
+)
+REGISTRY["opensora-tiny"] = ModelConfig(
+    "opensora-tiny", depth=4, hidden_size=64, patch_size=2, num_heads=4, input_size=8, in_channels=4,
+    num_classes=0, learn_sigma=True, arch="opensora", caption_channels=32, caption_len=16,
+    pe_interpolation=64 / 512, frames=5, input_width=8, qk_norm=True,
+)
+
 # Guidance scale each model samples best at (DiT's published 4.0; dit-digits measured in docs/digits.md).
 DEFAULT_CFG_SCALE = {"dit-digits": 2.0, **{f"pixart-alpha-{px}": 4.5 for px in (256, 512, 1024)}}
+ARCH_CFG_SCALE = {"pixart": 4.5, "opensora": 7.0}  # PixArt's and Open-Sora 1.2's official scales
 
 
 def default_cfg_scale(name: str, arch: str = "dit") -> float:
-    """Per model; PixArt's official 4.5 for any PixArt (the generic `pixart` included)."""
-    return DEFAULT_CFG_SCALE.get(name, 4.5 if arch == "pixart" else 4.0)
+    """Per model; the architecture's official scale otherwise (the generic names included)."""
+    return DEFAULT_CFG_SCALE.get(name, ARCH_CFG_SCALE.get(arch, 4.0))
 
 
-GENERIC = {"dit": "dit", "pixart": "pixart"}  # names whose architecture is read from --ckpt
+GENERIC = {"dit": "dit", "pixart": "pixart", "opensora": "opensora"}  # names whose architecture is read from --ckpt
 
 
 def model_names() -> list[str]:
@@ -121,6 +154,6 @@ def get_config(name: str, **overrides) -> ModelConfig:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     heads = overrides.get("num_heads")
     if heads is not None and heads != REGISTRY[name].num_heads:
-        generic = "pixart" if REGISTRY[name].arch == "pixart" else "dit"
+        generic = REGISTRY[name].arch
         raise UserError(f"{name} has {REGISTRY[name].num_heads} heads; --num-heads is for --model {generic}")
     return replace(REGISTRY[name], **overrides)

@@ -46,6 +46,7 @@ class ModuleSpec:
     context: tuple[str, ...] = ()
     axis: str = "spatial"
     score: str | None = None
+    prunable: bool = True  # False: only full or reuse (a video attention needs the whole token grid)
 
     @property
     def emits_received(self) -> bool:
@@ -94,6 +95,10 @@ class Interface:
     condition_inputs: tuple[str, ...] | None = None  # what the condition graph reads (default: cond)
     modulation_step: tuple[str, ...] | None = None  # which step entries modulation reads (default: all)
     flops: Callable[..., dict[str, float]] | None = None  # config -> per-row FLOPs outside the modules
+    # config -> per layer, how many tokens a self-attention query attends to at full compute
+    # (None: all of them, as in an image DiT; a video model alternates patches and frames).
+    mix_lengths: Callable[..., tuple[int, ...]] | None = None
+    timestep_dtype: str = "int64"  # what the sampler feeds as t (rectified flow: float32)
 
     @property
     def condition_reads(self) -> tuple[str, ...]:
@@ -167,7 +172,39 @@ PIXART = Interface(
     flops=_pixart_flops,
 )
 
-INTERFACES = {i.arch: i for i in (DIT, PIXART)}
+def _opensora_flops(config) -> dict[str, float]:
+    """Per step: patch embedding (temporal patch 1), timestep and fps MLPs, t_block; per layer only
+    a table add; the final layer's output projection; the caption projection and each layer's K/V
+    once per generation, at the nominal caption length."""
+    patch, t_mlp, out = _common(config)
+    H, Lc, C = config.hidden_size, config.caption_len, config.caption_channels
+    caption = 2 * Lc * (C * H + H * H) + config.depth * 2 * Lc * H * 2 * H
+    return {"embed": float(patch + 2 * t_mlp + 2 * H * 6 * H), "modulation": 0.0, "final": float(out),
+            "condition": float(caption)}
+
+
+def _opensora_mix(config) -> tuple[int, ...]:
+    """Spatial layers (even) attend over the S patches of a frame, temporal ones over the T frames."""
+    p = config.patch_size
+    S = -(-config.input_size // p) * -(-config.input_width // p)
+    return tuple(S if l % 2 == 0 else config.frames for l in range(config.depth))
+
+
+# A token is one (frame, patch) position. Cross-attention and the MLP are token-wise, so any
+# subset can be recomputed; self-attention reshapes the flat tokens to (B*T) x S or (B*S) x T and
+# needs every one of them, so it is computed in full or reused whole, never pruned.
+OPENSORA = Interface(
+    "opensora",
+    (ModuleSpec("attn", gated=True, token_mixing=True, kind=SELF_ATTN, score="received", axis="spatial|temporal",
+                prunable=False),
+     ModuleSpec("cross_attn", gated=False, token_mixing=False, kind=CROSS_ATTN, args=(), context=("k", "v", "mask")),
+     _MLP),
+    cond=("caption", "mask", "fps"), embed_context=("fps",), step=("t_mlp", "temb"), final_step=("temb",),
+    prepared=("k", "v"), per_layer=("k", "v"), condition_inputs=("caption",), modulation_step=("t_mlp",),
+    flops=_opensora_flops, mix_lengths=_opensora_mix, timestep_dtype="float32",
+)
+
+INTERFACES = {i.arch: i for i in (DIT, PIXART, OPENSORA)}
 
 
 def interface_for(arch: str) -> Interface:

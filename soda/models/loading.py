@@ -113,6 +113,10 @@ def build_model(config: ModelConfig):
         from soda.models.pixart import PixArt
 
         return PixArt(config)
+    if config.arch == "opensora":
+        from soda.models.opensora import STDiT3
+
+        return STDiT3(config)
     raise UserError(f"no adapter for architecture {config.arch!r}")
 
 
@@ -129,8 +133,12 @@ def load_model(
 ) -> tuple[DiT, str]:
     """(model in eval mode, weights identity). The identity is the checkpoint's sha256, or
     "random-init-<seed>" so everything made from such a model says so."""
-    if name not in ("dit", "pixart"):
+    if name not in ("dit", "pixart", "opensora"):
         get_config(name, num_heads=num_heads)  # an unknown name or a wrong head count, said first
+    if _arch_of(name) == "opensora":
+        from soda.models import opensora
+
+        return opensora.load(name, ckpt, num_heads, random_init, seed)
     if _arch_of(name) == "pixart":
         return _load_pixart(name, ckpt, num_heads, random_init, seed)
     if random_init:

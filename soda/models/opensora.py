@@ -18,7 +18,7 @@ temporal `x_mask`), so a full-compute schedule is the official model.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,45 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from soda.errors import UserError
+from soda.models.config import REGISTRY, ModelConfig, get_config
 
-MODULES = ("attn", "cross_attn", "mlp")
-GATED = {"attn": True, "cross_attn": False, "mlp": True}
-TOKENWISE = {"attn": False, "cross_attn": True, "mlp": True}
 VAE_SPATIAL = 8  # OpenSoraVAE_V1_2: SDXL VAE, 8x per side
 VAE_MICRO_FRAMES, VAE_MICRO_LATENTS, VAE_TEMPORAL = 17, 5, 4  # 17 frames -> 5 latents; 4x inside a chunk
+INPUT_SQ_SIZE = 512  # STDiT3Config.input_sq_size: the position embedding's reference resolution
 IMG_FPS = 120  # opensora.datasets.IMG_FPS: the fps the model sees for a single image
-
-
-@dataclass(frozen=True)
-class OpenSoraConfig:
-    """STDiT3 hyper-parameters (the official `STDiT3Config` fields that shape the network)."""
-
-    name: str
-    depth: int = 28  # spatial blocks; as many temporal ones
-    hidden_size: int = 1152
-    num_heads: int = 16
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    in_channels: int = 4
-    learn_sigma: bool = True  # pred_sigma
-    mlp_ratio: float = 4.0
-    caption_channels: int = 4096
-    model_max_length: int = 300
-    input_sq_size: int = 512
-    qk_norm: bool = True
-    arch: str = "opensora"
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def num_layers(self) -> int:
-        return 2 * self.depth
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        return d
+OFFICIAL_VIDEO = (240, 426, 51, 24)  # configs/opensora-v1-2/inference/sample.py: 240p 9:16, 51 frames, 24 fps
 
 
 def latent_frames(num_frames: int) -> int:
@@ -78,11 +46,14 @@ def latent_frames(num_frames: int) -> int:
     return whole * VAE_MICRO_LATENTS + -(-rest // VAE_TEMPORAL)
 
 
-def latent_shape(config: OpenSoraConfig, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """[C, T, H, W] of the latent the sampler starts from (scripts/inference.py: vae.get_latent_size)."""
+def video_config(config: ModelConfig, height: int, width: int, num_frames: int) -> ModelConfig:
+    """`config` for a `height` x `width` pixel video of `num_frames` frames: the latent grid
+    (VAE: 8x per side, Open-Sora 1.2's temporal compression) and the position-embedding scale
+    sqrt(height * width) / 512 (`STDiT3.forward`)."""
     if height < VAE_SPATIAL or width < VAE_SPATIAL:
         raise UserError(f"--height and --width must be at least {VAE_SPATIAL} pixels, got {height}x{width}")
-    return config.in_channels, latent_frames(num_frames), height // VAE_SPATIAL, width // VAE_SPATIAL
+    return replace(config, frames=latent_frames(num_frames), input_size=height // VAE_SPATIAL,
+                   input_width=width // VAE_SPATIAL, pe_interpolation=(height * width) ** 0.5 / INPUT_SQ_SIZE)
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -126,13 +97,16 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.freqs = nn.Parameter(1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)),
                                   requires_grad=False)
+        rot = torch.zeros(dim, dim)
+        rot[torch.arange(1, dim, 2), torch.arange(0, dim, 2)] = -1.0
+        rot[torch.arange(0, dim, 2), torch.arange(1, dim, 2)] = 1.0
+        self.register_buffer("rotate_half", rot, persistent=False)  # a matmul, not a reshape: exports cleanly
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., T, d]: rotate each (2i, 2i+1) pair by angle pos * freqs[i]."""
         pos = torch.arange(x.shape[-2], dtype=x.dtype, device=x.device)
-        angles = (pos[:, None] * self.freqs[None, :]).repeat_interleave(2, dim=-1)  # [T, d]
-        pairs = x.reshape(*x.shape[:-1], -1, 2)
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).reshape(x.shape)
+        angles = pos[:, None] * self.freqs.repeat_interleave(2)[None, :]  # [T, d]: pair i turns by pos * freqs[i]
+        rotated = x @ self.rotate_half  # (x0, x1) -> (-x1, x0) per pair, exact (one +-1 term per output)
         return x * angles.cos() + rotated * angles.sin()
 
 
@@ -305,7 +279,7 @@ class Modulation:
 
 
 class STDiT3Block(nn.Module):
-    modules_order = MODULES
+    modules_order = ("attn", "cross_attn", "mlp")
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool,
                  temporal: bool = False, rope: RotaryEmbedding | None = None):
@@ -356,29 +330,39 @@ class STDiT3(nn.Module):
     """The adapter interface: `encode_caption` (per generation), `step_cond` (per step), `embed`,
     `layers[l].modulation` / `.run_module` (56 interleaved blocks), `final`."""
 
-    def __init__(self, config: OpenSoraConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        D = config.hidden_size
-        if D % config.num_heads or D % 4 or (D // config.num_heads) % 2:
-            raise UserError(f"width {D} with {config.num_heads} heads: STDiT3 needs the width divisible by 4 "
-                            "and by the head count, and an even head width")
-        self.rope = RotaryEmbedding(D // config.num_heads)
-        self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, D)
+        D, heads = config.hidden_size, config.num_heads
+        if D % heads or D % 4 or (D // heads) % 2 or config.depth % 2:
+            raise UserError(f"width {D} with {heads} heads and {config.depth} layers: STDiT3 needs the width "
+                            "divisible by 4 and by the head count, an even head width, and an even layer count "
+                            "(spatial and temporal blocks)")
+        p = config.patch_size
+        self.rope = RotaryEmbedding(D // heads)
+        self.x_embedder = PatchEmbed3D((1, p, p), config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.fps_embedder = TimestepEmbedder(D)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-        self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.model_max_length)
-        block = lambda temporal: STDiT3Block(D, config.num_heads, config.mlp_ratio, config.qk_norm, temporal,
-                                             self.rope)
-        self.spatial_blocks = nn.ModuleList([block(False) for _ in range(config.depth)])
-        self.temporal_blocks = nn.ModuleList([block(True) for _ in range(config.depth)])
-        self.final_layer = T2IFinalLayer(D, int(np.prod(config.patch_size)), config.out_channels)
+        self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.caption_len)
+        qk_norm = config.qk_norm is not False
+        block = lambda temporal: STDiT3Block(D, heads, config.mlp_ratio, qk_norm, temporal, self.rope)  # noqa: E731
+        self.spatial_blocks = nn.ModuleList([block(False) for _ in range(config.depth // 2)])
+        self.temporal_blocks = nn.ModuleList([block(True) for _ in range(config.depth // 2)])
+        self.final_layer = T2IFinalLayer(D, p * p, config.out_channels)
 
     @property
     def layers(self) -> list[STDiT3Block]:
-        """spatial 0, temporal 0, spatial 1, ... (the official execution order)."""
+        """spatial 0, temporal 0, spatial 1, ... (the official execution order): config.depth layers."""
         return [b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair]
+
+    @property
+    def blocks(self) -> list[STDiT3Block]:
+        return self.layers
+
+    def null_caption_table(self) -> np.ndarray:
+        """The learned null caption [caption_len, C] (the unconditional rows without negatives)."""
+        return self.y_embedder.y_embedding.detach().numpy().copy()
 
     def randomize(self, seed: int = 0) -> None:
         """Random weights everywhere with outputs of order one (a random-init model to exercise the
@@ -414,8 +398,8 @@ class STDiT3(nn.Module):
 
     def grid(self, x: torch.Tensor) -> Grid:
         _, _, T, H, W = x.shape
-        pt, ph, pw = self.config.patch_size
-        return Grid(-(-T // pt), -(-H // ph), -(-W // pw), (T, H, W))
+        p = self.config.patch_size
+        return Grid(T, -(-H // p), -(-W // p), (T, H, W))
 
     # --- per step ------------------------------------------------------------------------------
     def step_cond(self, t: torch.Tensor, fps: torch.Tensor) -> StepCond:
@@ -430,7 +414,7 @@ class STDiT3(nn.Module):
         `height` x `width` pixel video (scale = sqrt(h*w) / input_sq_size), and their grid."""
         grid = self.grid(x)
         tokens = self.x_embedder(x)
-        scale = (height * width) ** 0.5 / self.config.input_sq_size
+        scale = (height * width) ** 0.5 / INPUT_SQ_SIZE
         pos = position_embedding(self.config.hidden_size, grid.H, grid.W, float(scale), round(grid.S**0.5))
         B, _, D = tokens.shape
         tokens = (tokens.reshape(B, grid.T, grid.S, D) + pos.to(tokens.dtype)).reshape(B, grid.T * grid.S, D)
@@ -439,10 +423,9 @@ class STDiT3(nn.Module):
     def final(self, tokens: torch.Tensor, cond: StepCond, grid: Grid) -> torch.Tensor:
         """Tokens -> model output [B, C_out, T, H, W] (padding cropped)."""
         x = self.final_layer(tokens, cond.t)
-        B, C = x.shape[0], self.config.out_channels
-        pt, ph, pw = self.config.patch_size
-        x = x.reshape(B, grid.T, grid.H, grid.W, pt, ph, pw, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        x = x.reshape(B, C, grid.T * pt, grid.H * ph, grid.W * pw)
+        B, C, p = x.shape[0], self.config.out_channels, self.config.patch_size
+        x = x.reshape(B, grid.T, grid.H, grid.W, p, p, C).permute(0, 6, 1, 2, 4, 3, 5)
+        x = x.reshape(B, C, grid.T, grid.H * p, grid.W * p)
         T, H, W = grid.raw
         return x[:, :, :T, :H, :W]
 
@@ -455,10 +438,14 @@ class STDiT3(nn.Module):
     def prepare(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per generation: caption [B, L, C] -> each layer's cross-attention K/V [B, L, D] (the mask
         and fps stay in the conditioning, which the loop keeps next to these)."""
-        caption = self.encode_caption(cond["caption"].float(), cond["mask"])
+        caption = cond["caption"].float()
+        if caption.shape[-1] != self.config.caption_channels:
+            raise UserError(f"caption width {caption.shape[-1]} does not match the checkpoint's "
+                            f"{self.config.caption_channels}")
+        y = self.y_embedder(caption)
         ctx = {}
         for l, block in enumerate(self.layers):
-            ctx[f"k.{l}"], ctx[f"v.{l}"] = block.cross_attn.kv_linear(caption.tokens).chunk(2, dim=-1)
+            ctx[f"k.{l}"], ctx[f"v.{l}"] = block.cross_attn.kv_linear(y).chunk(2, dim=-1)
         return ctx
 
     def step_embed(self, x: torch.Tensor, t: torch.Tensor, context: dict) -> tuple[torch.Tensor, tuple]:
@@ -516,17 +503,35 @@ class STDiT3(nn.Module):
         return self.final(tokens, cond, grid)
 
 
-# --- registry and checkpoints -------------------------------------------------------------------
-REGISTRY: dict[str, OpenSoraConfig] = {
-    # STDiT3-XL/2 as configs/opensora-v1-2/inference/sample.py builds it (hpcai-tech/OpenSora-STDiT-v3).
-    "opensora-v1.2": OpenSoraConfig("opensora-v1.2"),
-}
+# --- the video a command makes ------------------------------------------------------------------
+DEFAULT_VIDEO = {"opensora-tiny": (64, 64, 17, 24)}  # (height, width, num_frames, fps); others: OFFICIAL_VIDEO
+
+
+def apply_video(model: "STDiT3", height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                fps: float | None = None) -> tuple[int, int, int, float]:
+    """Set the model's config to a pixel video (unset flags: the model's default video) and return
+    (height, width, num_frames, fps the model sees: 120 for a single image, as the official code)."""
+    from soda.rflow import check_num_frames
+
+    h0, w0, f0, fps0 = DEFAULT_VIDEO.get(model.config.name, OFFICIAL_VIDEO)
+    height, width = height or h0, width or w0
+    num_frames = f0 if num_frames is None else num_frames
+    fps = fps0 if fps is None else fps
+    check_num_frames(num_frames)
+    if not 0 < fps < float("inf"):
+        raise UserError(f"--fps must be a positive number, got {fps}")
+    model.config = video_config(model.config, height, width, num_frames)
+    return height, width, num_frames, float(fps if num_frames > 1 else IMG_FPS)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
 GENERIC = "opensora"
 
 
-def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = GENERIC) -> OpenSoraConfig:
-    """Architecture from the tensors. The head width is read from the q/k norm (or `rope.freqs`);
-    only a checkpoint with neither needs `num_heads`."""
+def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, name: str = GENERIC) -> ModelConfig:
+    """Architecture from the tensors (the video size: the official default until the caller sets
+    one). The head width is read from the q/k norm (or `rope.freqs`); only a checkpoint with
+    neither needs `num_heads`."""
     try:
         proj = state["x_embedder.proj.weight"]  # [D, C, pt, ph, pw]
         hidden, in_ch, patch = proj.shape[0], proj.shape[1], tuple(proj.shape[2:])
@@ -539,6 +544,8 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
             raise KeyError("temporal_blocks / a 3D patch embedding")
     except (KeyError, ValueError, IndexError) as e:
         raise UserError(f"checkpoint does not look like an Open-Sora STDiT3 (missing {e})") from None
+    if patch[0] != 1 or patch[1] != patch[2]:
+        raise UserError(f"patch size {patch}: only (1, p, p) patches are supported (Open-Sora 1.2 uses (1, 2, 2))")
     qk_norm = "spatial_blocks.0.attn.q_norm.weight" in state
     head_dim = (state["spatial_blocks.0.attn.q_norm.weight"].shape[0] if qk_norm
                 else 2 * state["rope.freqs"].shape[0] if "rope.freqs" in state else None)
@@ -552,19 +559,12 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, n
                         f"(width {hidden} means {hidden // head_dim} heads)")
     if num_heads < 1 or hidden % num_heads:
         raise UserError(f"--num-heads {num_heads} does not divide the width {hidden}")
-    out_ch = out_dim // int(np.prod(patch))
-    return OpenSoraConfig(name, depth=depth, hidden_size=hidden, num_heads=num_heads, patch_size=patch,
-                          in_channels=in_ch, learn_sigma=out_ch == 2 * in_ch, mlp_ratio=mlp_hidden / hidden,
-                          caption_channels=caption_channels, model_max_length=max_length, qk_norm=qk_norm)
-
-
-def get_config(name: str, num_heads: int | None = None) -> OpenSoraConfig:
-    if name not in REGISTRY:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(REGISTRY) + [GENERIC])}")
-    base = REGISTRY[name]
-    if num_heads is not None and num_heads != base.num_heads:
-        raise UserError(f"{name} has {base.num_heads} heads; --num-heads is for --model {GENERIC}")
-    return base
+    out_ch = out_dim // (patch[1] * patch[2])
+    height, width, frames, _ = OFFICIAL_VIDEO
+    base = ModelConfig(name, depth=2 * depth, hidden_size=hidden, patch_size=patch[1], num_heads=num_heads,
+                       in_channels=in_ch, num_classes=0, learn_sigma=out_ch == 2 * in_ch, mlp_ratio=mlp_hidden / hidden,
+                       arch="opensora", caption_channels=caption_channels, caption_len=max_length, qk_norm=qk_norm)
+    return video_config(base, height, width, frames)
 
 
 def load(name: str, ckpt=None, num_heads: int | None = None, random_init: bool = False,
@@ -576,11 +576,11 @@ def load(name: str, ckpt=None, num_heads: int | None = None, random_init: bool =
     from soda.models.loading import _check_keys, file_sha256, read_state_dict
 
     if name != GENERIC:
-        get_config(name, num_heads)
+        get_config(name, num_heads=num_heads)
     if random_init:
         if name == GENERIC:
             raise UserError(f"--random-init needs a named config (e.g. opensora-v1.2), not the generic '{GENERIC}'")
-        model = STDiT3(get_config(name, num_heads))
+        model = STDiT3(get_config(name))
         model.randomize(seed)
         return model.eval(), f"random-init-{seed}"
     if ckpt is None:

@@ -32,6 +32,12 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
          step_weight: float | None = None, layer_weight: float | None = None) -> Schedule:
     from soda.policies import scaling
 
+    if spec.sampler == "rflow":  # Open-Sora's DuCa: its own per-module control flow
+        from soda.policies import toca_video
+
+        if step_weight is not None or layer_weight is not None:
+            raise UserError("Open-Sora's DuCa has no layer or step weights")
+        return toca_video.make("duca", spec, speedup, flops, N, R, seed)
     if spec.sampler not in PUBLISHED:
         raise UserError(f"DuCa has no published setting for sampler {spec.sampler!r}")
     if selector not in SELECTORS:

@@ -208,6 +208,12 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     scaling rule; with `speedup` and N (and optionally the weights), R alone is solved."""
     from soda.policies import scaling
 
+    if spec.sampler == "rflow":  # Open-Sora's ToCa: its own per-module control flow
+        from soda.policies import toca_video
+
+        if layer_quirk or step_weight is not None or layer_weight is not None:
+            raise UserError("Open-Sora's ToCa has no layer or step weights and no layer-loop quirk")
+        return toca_video.make("toca", spec, speedup, flops, N, R)
     p = published(spec)
     for key, value in (("N", N), ("R", R), ("step_weight", step_weight), ("layer_weight", layer_weight)):
         if value is not None:

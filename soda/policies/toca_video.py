@@ -92,31 +92,30 @@ def build_steps(spec: ScheduleSpec, N: int, R: float, dual: bool = False) -> lis
 
 
 def fast_flops(spec: ScheduleSpec, fm, N: int, R: float, dual: bool = False) -> float:
-    """schedule_flops(build_steps(...), fm, 1), counted per distinct step row."""
+    """schedule_flops(build_steps(...), fm, 1), summed per step row (every layer has the same row)."""
     from soda.schedule import kept_tokens, parse_action
 
-    total = fm.condition(1) if hasattr(fm, "condition") else 0.0
-    n = spec.num_tokens
+    n, L = spec.num_tokens, spec.num_layers
+    layer_sums: dict[tuple[str, int], float] = {}
+
+    def all_layers(module: str, tokens: int) -> float:
+        if (module, tokens) not in layer_sums:
+            layer_sums[(module, tokens)] = sum(fm.module(module, 1, tokens, l) for l in range(L))
+        return layer_sums[(module, tokens)]
+
+    total = fm.condition(1)
     for s in range(spec.num_steps):
         total += fm.embed(1) + fm.final(1)
         if dual and is_aggressive(s, N):
             continue
-        total += spec.num_layers * fm.modulation(1)
-        for l in range(spec.num_layers):
-            for m in spec.modules:
-                kind, rate = parse_action(_action(s, m, N, R, n))
-                if kind == FULL:
-                    total += _module(fm, m, l, n)
-                elif kind == "prune":
-                    total += _module(fm, m, l, kept_tokens(rate, n))
+        total += L * fm.modulation(1)
+        for m in spec.modules:
+            kind, rate = parse_action(_action(s, m, N, R, n))
+            if kind == FULL:
+                total += all_layers(m, n)
+            elif kind == "prune":
+                total += all_layers(m, kept_tokens(rate, n))
     return total
-
-
-def _module(fm, name: str, layer: int, n: int) -> float:
-    try:
-        return fm.module(name, 1, n, layer=layer)
-    except TypeError:  # a FLOPs model whose module cost does not depend on the layer
-        return fm.module(name, 1, n)
 
 
 def make(policy: str, spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,

@@ -1,0 +1,142 @@
+"""Open-Sora through the toolchain on `opensora-tiny` (random weights: fidelity numbers mean nothing
+here, only agreement does): every policy through the PyTorch executor and the exported graphs on
+numpy + onnxruntime, the CLI end to end, and bad input as one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from soda.schedule import SKIP, parse_action
+
+STEPS = 8
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def run_cli(args: list[str], monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """`cli.main` in this process (a fresh interpreter per call costs seconds on a shared machine)."""
+    import cli
+
+    monkeypatch.setattr(sys, "argv", ["cli.py", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def prompts(n: int = 3, channels: int = 32, L: int = 16) -> dict:
+    rng = np.random.default_rng(0)
+    mask = np.zeros((n, L), dtype=np.int64)
+    for i in range(n):
+        mask[i, : 3 + 5 * i] = 1  # captions of 3, 8, 13 tokens
+    return {"prompt_embeds": rng.standard_normal((n, L, channels)).astype(np.float32), "prompt_attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from soda.models.loading import load_model
+    from soda.models.opensora import apply_video
+
+    model, weights = load_model("opensora-tiny", random_init=True)
+    video = apply_video(model)
+    return model, weights, video
+
+
+def test_all_policies_torch_and_runtime_agree(tiny, tmp_path):
+    """full, FORA, ToCa, DuCa and SODA at 2x FLOPs: the exported graphs (numpy + onnxruntime) give
+    the PyTorch executor's samples to 1e-4; self-attention is never pruned (full or reuse only)."""
+    from export.onnx_export import export_model
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from soda.captions import PromptEmbeds, caption_conditioning
+    from soda.generate import full_flops, generate, with_video
+    from soda.pipeline import resolve_schedule, spec_for
+    from soda.policies import make_schedule
+    from soda.profile import profile
+    from soda.sampling import SamplerConfig, initial_noise
+    from soda.torch_backend import TorchBackend
+
+    model, weights, video = tiny
+    config = model.config
+    sampler = SamplerConfig("rflow", STEPS, 7.0, None, video=video)
+    p = prompts()
+    cond = with_video(caption_conditioning(PromptEmbeds(p["prompt_embeds"], p["prompt_attention_mask"].astype(np.float32)),
+                                           model.null_caption_table()), config, sampler)
+    prof = profile(model, sampler, samples=2, seed=0, batch_size=2, conditioning=cond.rows(slice(0, 2)),
+                   weights=weights, rates=(0.25, 0.5))
+    assert np.isnan(prof.ep()[:, :, 0]).all() and np.isfinite(prof.ep()[1:, :, 2]).any()  # attn: no prune entry
+    export_model(model, weights, make_schedule("full", spec_for(model, sampler)), sampler, tmp_path / "eng",
+                 progress=False, echo=lambda *a: None)
+    engines = open_engines(tmp_path / "eng")
+    x, _ = initial_noise(len(cond), config.latent_shape, 3)
+    for policy in ("full", "fora", "toca", "duca", "soda"):
+        sched = resolve_schedule(model, weights, sampler, policy, speedup=None if policy == "full" else 2.0,
+                                 profile_file=prof, echo=lambda *a: None)
+        for s in range(STEPS):
+            if not sched.is_skip(s):
+                assert all(parse_action(row[0])[0] in ("full", "reuse") for row in sched.steps[s]), (policy, s)
+        want, stats = generate(TorchBackend(model), config, sampler, sched, cond, noise=x)
+        got, _ = generate(OrtBackend(engines, threads=1), config, sampler, sched, cond, noise=x)
+        assert rel(got, want) < 1e-4, policy
+        speed = full_flops(config, sampler, len(cond)) / stats.flops
+        assert speed == pytest.approx(1.0) if policy == "full" else speed >= 2.0 * 0.97, (policy, speed)
+    assert any(step == SKIP for step in make_schedule("duca", spec_for(model, sampler)).steps)
+
+
+def test_cli_sample_run_and_bad_input(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "p.npz", **prompts(2))
+    np.save(tmp_path / "noise.npy", np.random.default_rng(1).standard_normal((2, 4, 5, 8, 8)).astype(np.float32))
+    base = ["--model", "opensora-tiny", "--random-init", "--prompt-embeds", str(tmp_path / "p.npz")]
+    r = run_cli(["sample", *base, "--noise", str(tmp_path / "noise.npy"), "--steps", "3", "--height", "64",
+                 "--width", "64", "--num-frames", "17", "--fps", "24", "--save-latents", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "x.png")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "rflow-3" in r.stdout and np.load(tmp_path / "x.npy").shape == (2, 4, 5, 8, 8)
+    assert (tmp_path / "x.png").stat().st_size > 0
+    # Without --noise the latent follows from the video: 51 frames of 48 x 80 -> 15 x 6 x 10.
+    r = run_cli(["sample", *base, "--steps", "1", "--height", "48", "--width", "80", "--num-frames", "51",
+                 "--save-latents", str(tmp_path / "y.npy"), "--out", str(tmp_path / "y.png")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "y.npy").shape == (2, 4, 15, 6, 10)
+
+    np.savez(tmp_path / "wide.npz", **prompts(2, channels=48))
+    cases = [
+        (["sample", *base, "--noise", str(tmp_path / "noise.npy"), "--height", "96"],
+         "expected [2, 4, 5, 12, 8]: [n, C, T, H, W] with the latent frames, height and width of --num-frames"),
+        (["sample", *base, "--num-frames", "40"], "expected"),  # 40 frames -> 12 latents, noise has 5
+        (["sample", "--model", "opensora-tiny", "--random-init", "--prompt-embeds", str(tmp_path / "wide.npz")],
+         "caption dimension 48, the checkpoint expects 32"),
+        (["sample", *base, "--num-frames", "8"], "--num-frames 8: rflow's timestep transform needs 1 frame"),
+        (["sample", *base, "--num-frames", "0"], "--num-frames must be at least 1"),
+        (["sample", *base, "--sampler", "ddim"], "--sampler rflow is Open-Sora's"),
+        (["sample", "--model", "dit-digits", "--height", "64"], "are for video models; dit-digits is an image model"),
+        (["sample", *base, "--vae", str(tmp_path)], "Open-Sora's video VAE is not supported"),
+    ]
+    for args, msg in cases:
+        if "--num-frames" in args and "40" in args:
+            args = args + ["--noise", str(tmp_path / "noise.npy")]
+        r = run_cli(args + ["--steps", "1", "--out", str(tmp_path / "z.png")], monkeypatch, capsys)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and lines and lines[-1].startswith("error: ") and msg in lines[-1], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_tiny_export_reports_size(tiny, tmp_path, monkeypatch, capsys):
+    r = run_cli(["export", "--model", "opensora-tiny", "--random-init", "--policy", "duca", "--out",
+                 str(tmp_path / "eng")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "the raw fp32 weights" in r.stdout
+    np.savez(tmp_path / "p.npz", **prompts(1))
+    r = run_cli(["run", "--engines", str(tmp_path / "eng"), "--prompt-embeds", str(tmp_path / "p.npz"),
+                 "--out", str(tmp_path / "r.png")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    assert "rflow-30, policy duca" in r.stdout
