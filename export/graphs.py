@@ -104,7 +104,7 @@ class GraphSpec:
             if name == "mask":
                 lengths = torch.randint(1, dims[1] + 1, (dims[0],), generator=gen)
                 out.append((torch.arange(dims[1])[None] < lengths[:, None]).to(torch.float32))
-            elif name in ("t", "fps"):  # a float timestep (rectified flow) or frame rate
+            elif name in ("t", "fps") and dtype == F32:  # a float timestep (rectified flow) or frame rate
                 out.append(torch.rand(dims, generator=gen) * (1000 if name == "t" else 30))
             elif dtype == I64:
                 hi = 1000 if name == "t" else num_classes + 1  # y may be the null label
