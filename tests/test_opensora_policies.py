@@ -94,3 +94,26 @@ def test_video_attention_flops_by_axis():
     assert fm.module("attn", 1, n, 1) == linear + 4 * n * T * H
     assert fm.module("attn", 1, n) == pytest.approx(linear + 2 * n * (S + T) * H)
     assert fm.module("cross_attn", 1, n, 0) == 4 * n * H * H + 4 * n * 300 * H
+
+
+@pytest.mark.parametrize("policy", ["toca", "duca"])
+def test_tuned_setting_fixes_n_and_weights_and_solves_r(policy):
+    """What `bench --tune` builds: N and the official formula's step/layer weights given, R solved."""
+    from soda.flops import FlopsModel, schedule_flops
+    from soda.models.config import get_config
+    from soda.policies import make_schedule
+    from soda.policies.full import full_schedule
+
+    cfg = get_config("opensora-v1.2")
+    spec = ScheduleSpec.for_model(cfg, "rflow", 30)
+    fm = FlopsModel.for_config(cfg)
+    sched = make_schedule(policy, spec, speedup=2.0, flops=fm, N=4, step_weight=2.0, layer_weight=-0.2)
+    assert sched.params["N"] == 4 and sched.params["step_weight"] == 2.0
+    achieved = schedule_flops(full_schedule(spec), fm, 1) / schedule_flops(sched, fm, 1)
+    assert 2.0 <= achieved <= 2.0 * 1.03
+    fast = toca_video.fast_flops(spec, fm, 4, sched.params["R"], policy == "duca", 2.0, -0.2)
+    assert fast == pytest.approx(schedule_flops(sched, fm, 1), rel=1e-12)
+    # The layer weight (-0.2) makes the last blocks refresh more MLP tokens than the first.
+    tokens = lambda l: sum(TOKENS if a == "full" else kept_tokens(parse_action(a)[1], TOKENS)  # noqa: E731
+                           for st in sched.steps if st != SKIP for a in [st[l][2]] if a != "reuse")
+    assert tokens(0) < tokens(55) or policy == "duca"  # DuCa at 2x refreshes every partial MLP whole

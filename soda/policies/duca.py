@@ -35,9 +35,7 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     if spec.sampler == "rflow":  # Open-Sora's DuCa: its own per-module control flow
         from soda.policies import toca_video
 
-        if step_weight is not None or layer_weight is not None:
-            raise UserError("Open-Sora's DuCa has no layer or step weights")
-        return toca_video.make("duca", spec, speedup, flops, N, R, seed)
+        return toca_video.make("duca", spec, speedup, flops, N, R, seed, step_weight, layer_weight)
     if spec.sampler not in PUBLISHED:
         raise UserError(f"DuCa has no published setting for sampler {spec.sampler!r}")
     if selector not in SELECTORS:

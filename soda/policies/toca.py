@@ -211,9 +211,9 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     if spec.sampler == "rflow":  # Open-Sora's ToCa: its own per-module control flow
         from soda.policies import toca_video
 
-        if layer_quirk or step_weight is not None or layer_weight is not None:
-            raise UserError("Open-Sora's ToCa has no layer or step weights and no layer-loop quirk")
-        return toca_video.make("toca", spec, speedup, flops, N, R)
+        if layer_quirk:
+            raise UserError("--toca-official-loop is DiT's layer-loop quirk; Open-Sora's ToCa has none")
+        return toca_video.make("toca", spec, speedup, flops, N, R, step_weight=step_weight, layer_weight=layer_weight)
     p = published(spec)
     for key, value in (("N", N), ("R", R), ("step_weight", step_weight), ("layer_weight", layer_weight)):
         if value is not None:

@@ -43,10 +43,16 @@ def module_factor(module: str) -> float:
     return 1 + MODULE_TIME_WEIGHT * MODULE_WEIGHT
 
 
-def refreshed_tokens(R: float, module: str, num_tokens: int) -> int:
-    """cache_cutfresh: clamp into a float32 tensor, int(rate * N) (truncation)."""
-    rate = np.float32(min(max(R * 1.0 * 1.0 * module_factor(module) * 1.0, 0.0), 1.0))
-    return int(rate * np.float32(num_tokens))
+def refreshed_tokens(R: float, module: str, num_tokens: int, s: int = 0, S: int = 1, block: int = 0,
+                     blocks: int = 28, step_weight: float = 0.0, layer_weight: float = 0.0) -> int:
+    """fresh_ratio_scheduler 'ToCa' then cache_cutfresh: R * layer_factor * step_factor *
+    module_factor (type factor 1), clamped into a float32 tensor, int(rate * N) (truncation).
+    The official step and layer weights are 0; they are the knobs `bench --tune` turns. `block`
+    is the index within the spatial (or temporal) stack; the official code divides by 27."""
+    layer_factor = 1 + layer_weight - 2 * layer_weight * block / max(blocks - 1, 1)
+    step_factor = 1 + step_weight - 2 * step_weight * s / S
+    rate = R * layer_factor * step_factor * module_factor(module) * 1.0
+    return int(np.float32(min(max(rate, 0.0), 1.0)) * np.float32(num_tokens))
 
 
 def cycle(module: str, N: int) -> int:
@@ -62,13 +68,15 @@ def is_aggressive(s: int, N: int) -> bool:
     return s >= FIRST_FULL and s % N != 0 and (s % N) % 2 == 0
 
 
-def _action(s: int, module: str, N: int, R: float, num_tokens: int) -> str:
+def _action(spec: ScheduleSpec, s: int, layer: int, module: str, N: int, R: float, sw: float = 0.0,
+            lw: float = 0.0) -> str:
     if is_full(s, module, N):
         return FULL
     if module == "attn":
         return REUSE
-    k = refreshed_tokens(R, module, num_tokens)
-    return REUSE if k <= 0 else FULL if k >= num_tokens else prune(k / num_tokens)
+    n = spec.num_tokens
+    k = refreshed_tokens(R, module, n, s, spec.num_steps, layer // 2, spec.num_layers // 2, sw, lw)
+    return REUSE if k <= 0 else FULL if k >= n else prune(k / n)
 
 
 def check(spec: ScheduleSpec, N: int) -> None:
@@ -79,29 +87,30 @@ def check(spec: ScheduleSpec, N: int) -> None:
         raise UserError(f"ToCa/DuCa interval N must be at least 2, got {N}")
 
 
-def build_steps(spec: ScheduleSpec, N: int, R: float, dual: bool = False) -> list:
+def build_steps(spec: ScheduleSpec, N: int, R: float, dual: bool = False, sw: float = 0.0, lw: float = 0.0) -> list:
     check(spec, N)
     steps = []
     for s in range(spec.num_steps):
         if dual and is_aggressive(s, N):
             steps.append(SKIP)
             continue
-        row = [_action(s, m, N, R, spec.num_tokens) for m in spec.modules]
-        steps.append([list(row) for _ in range(spec.num_layers)])
+        steps.append([[_action(spec, s, l, m, N, R, sw, lw) for m in spec.modules] for l in range(spec.num_layers)])
     return steps
 
 
-def fast_flops(spec: ScheduleSpec, fm, N: int, R: float, dual: bool = False) -> float:
-    """schedule_flops(build_steps(...), fm, 1), summed per step row (every layer has the same row)."""
+def fast_flops(spec: ScheduleSpec, fm, N: int, R: float, dual: bool = False, sw: float = 0.0,
+               lw: float = 0.0) -> float:
+    """schedule_flops(build_steps(...), fm, 1), with each (module, tokens, layer parity) costed once."""
     from soda.schedule import kept_tokens, parse_action
 
     n, L = spec.num_tokens, spec.num_layers
-    layer_sums: dict[tuple[str, int], float] = {}
+    costs: dict[tuple[str, int, int], float] = {}
 
-    def all_layers(module: str, tokens: int) -> float:
-        if (module, tokens) not in layer_sums:
-            layer_sums[(module, tokens)] = sum(fm.module(module, 1, tokens, l) for l in range(L))
-        return layer_sums[(module, tokens)]
+    def cost(module: str, tokens: int, layer: int) -> float:
+        key = (module, tokens, layer % 2)  # spatial (even) and temporal (odd) layers cost alike among themselves
+        if key not in costs:
+            costs[key] = fm.module(module, 1, tokens, layer)
+        return costs[key]
 
     total = fm.condition(1)
     for s in range(spec.num_steps):
@@ -109,28 +118,37 @@ def fast_flops(spec: ScheduleSpec, fm, N: int, R: float, dual: bool = False) -> 
         if dual and is_aggressive(s, N):
             continue
         total += L * fm.modulation(1)
-        for m in spec.modules:
-            kind, rate = parse_action(_action(s, m, N, R, n))
-            if kind == FULL:
-                total += all_layers(m, n)
-            elif kind == "prune":
-                total += all_layers(m, kept_tokens(rate, n))
+        rows: dict[int, list[str]] = {}  # a step row per block index (one for all when the layer weight is 0)
+        for l in range(L):
+            b = l // 2 if lw else 0
+            if b not in rows:
+                rows[b] = [_action(spec, s, 2 * b, m, N, R, sw, lw) for m in spec.modules]
+            for m, action in zip(spec.modules, rows[b]):
+                kind, rate = parse_action(action)
+                if kind == FULL:
+                    total += cost(m, n, l)
+                elif kind == "prune":
+                    total += cost(m, kept_tokens(rate, n), l)
     return total
 
 
 def make(policy: str, spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
-         R: float | None = None, seed: int = 0) -> Schedule:
+         R: float | None = None, seed: int = 0, step_weight: float | None = None,
+         layer_weight: float | None = None) -> Schedule:
+    """The official setting, or (N, R) searched to hit `speedup`; with `speedup` and N (and
+    optionally the weights: a tuned setting), R alone fills the budget."""
     from soda.policies import scaling
     from soda.policies.toca import to_schedule
 
     dual = policy == "duca"
     name = "DuCa" if dual else "ToCa"
+    sw, lw = step_weight or 0.0, layer_weight or 0.0
 
     def build(n_: int, r_: float) -> Schedule:
-        steps = build_steps(spec, n_, r_, dual)
+        steps = build_steps(spec, n_, r_, dual, sw, lw)
         sel = {"interval": n_, "staleness_weight": STALENESS_WEIGHT, "bonus_ratio": 0.0, "seed": seed,
                "skip_steps": [s for s, step in enumerate(steps) if step == SKIP]}
-        schedule = to_schedule(spec, policy, steps, n_, r_, 0.0, 0.0, sel, "duca-random")
+        schedule = to_schedule(spec, policy, steps, n_, r_, sw, lw, sel, "duca-random")
         schedule.params.update({
             "family": "open-sora", "cycles": {m: cycle(m, n_) for m in spec.modules}, "first_full": FIRST_FULL,
             "module_factor_mlp": 1 + MODULE_TIME_WEIGHT * MODULE_WEIGHT,
@@ -140,8 +158,10 @@ def make(policy: str, spec: ScheduleSpec, speedup: float | None = None, flops=No
 
     if speedup is None:
         return scaling.record(build(N or PUBLISHED["N"], PUBLISHED["R"] if R is None else R), spec, flops, None)
-    if N is not None or R is not None:
-        raise UserError(f"give either a target --speedup or {name}'s N and R, not both")
-    check(spec, PUBLISHED["N"])
-    cost = lambda fm, n_, r_: fast_flops(spec, fm, n_, r_, dual)  # noqa: E731
+    if R is not None:
+        raise UserError(f"give either a target --speedup or {name}'s R, not both (R is solved for the speedup)")
+    check(spec, N or PUBLISHED["N"])
+    cost = lambda fm, n_, r_: fast_flops(spec, fm, n_, r_, dual, sw, lw)  # noqa: E731
+    if N is not None:  # a tuned setting: N (and the weights) fixed, R fills the budget
+        return scaling.fixed_interval(spec, name, build, cost, flops, speedup, N)
     return scaling.search_interval_ratio(name, spec, build, cost, flops, speedup, PUBLISHED["N"], PUBLISHED["R"])
