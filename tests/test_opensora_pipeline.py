@@ -4,7 +4,6 @@ numpy + onnxruntime, the CLI end to end, and bad input as one line."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,17 +19,9 @@ def rel(a, b) -> float:
 
 
 def run_cli(args: list[str], monkeypatch, capsys) -> subprocess.CompletedProcess:
-    """`cli.main` in this process (a fresh interpreter per call costs seconds on a shared machine)."""
-    import cli
+    from tests.conftest import cli_in_process
 
-    monkeypatch.setattr(sys, "argv", ["cli.py", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    return cli_in_process(args, monkeypatch, capsys)
 
 
 def prompts(n: int = 3, channels: int = 32, L: int = 16) -> dict:
