@@ -223,7 +223,9 @@ def test_a_lost_node_loses_nothing(cluster, digits, local_run, tmp_path):
                     removed.append(k)
 
             res = run_job(ShardStore(tmp_path, job()), pool.shards(job().to_dict()), on_shard=remove_the_third_node)
-            assert len(pool.actors) == 3 and len(pool.starting) == 1  # 2 working + 1 replacement still waiting
+            # Whether the removed node's worker held a shard at that moment depends on timing (it may
+            # have finished first); either way no replacement took work without a free CPU.
+            assert len(pool.starting) <= 1 and len(pool.actors) - len(pool.starting) >= 2
     finally:
         if not removed:
             cluster.remove_node(node)
