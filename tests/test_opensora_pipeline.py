@@ -131,3 +131,61 @@ def test_tiny_export_reports_size(tiny, tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "r.png")], monkeypatch, capsys)
     assert r.returncode == 0, r.stderr
     assert "rflow-30, policy duca" in r.stdout
+
+
+def test_forecast_policies_torch_and_runtime_agree(tiny, tmp_path):
+    """TaylorSeer and soda-forecast (Taylor forecasts of cached outputs) on the video model: the
+    exported graphs give the PyTorch executor's samples to 1e-4, at the FLOPs asked for."""
+    from export.onnx_export import export_model
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from soda.captions import PromptEmbeds, caption_conditioning
+    from soda.generate import full_flops, generate, with_video
+    from soda.pipeline import resolve_schedule, spec_for
+    from soda.policies import make_schedule
+    from soda.profile import profile
+    from soda.sampling import SamplerConfig, initial_noise
+    from soda.schedule import forecast_order
+    from soda.torch_backend import TorchBackend
+
+    model, weights, video = tiny
+    config = model.config
+    sampler = SamplerConfig("rflow", STEPS, 7.0, None, video=video)
+    p = prompts(2)
+    cond = with_video(caption_conditioning(PromptEmbeds(p["prompt_embeds"], p["prompt_attention_mask"].astype(np.float32)),
+                                           model.null_caption_table()), config, sampler)
+    prof = profile(model, sampler, samples=2, seed=0, batch_size=2, conditioning=cond, weights=weights,
+                   rates=(0.25, 0.5), orders=(1, 2))
+    export_model(model, weights, make_schedule("full", spec_for(model, sampler)), sampler, tmp_path / "eng",
+                 progress=False, echo=lambda *a: None)
+    engines = open_engines(tmp_path / "eng")
+    x, _ = initial_noise(len(cond), config.latent_shape, 5)
+    for policy in ("taylorseer", "soda-forecast"):
+        sched = resolve_schedule(model, weights, sampler, policy, speedup=2.0, profile_file=prof, echo=lambda *a: None)
+        forecasts = sum(1 for st in sched.steps if st != SKIP for row in st for a in row if forecast_order(a))
+        assert sched.policy == policy and (forecasts > 0 or policy == "soda-forecast"), (policy, forecasts)
+        want, stats = generate(TorchBackend(model), config, sampler, sched, cond, noise=x)
+        got, _ = generate(OrtBackend(engines, threads=1), config, sampler, sched, cond, noise=x)
+        assert rel(got, want) < 1e-4, policy
+        assert full_flops(config, sampler, len(cond)) / stats.flops >= 2.0 * 0.97, policy
+
+
+def test_bench_runs_forecast_policies_on_the_runtime(tmp_path, monkeypatch, capsys):
+    """`bench --backend ort` on opensora-tiny with TaylorSeer and soda-forecast: every row measured."""
+    import json
+
+    np.savez(tmp_path / "p.npz", **prompts(4))
+    r = run_cli(["export", "--model", "opensora-tiny", "--random-init", "--policy", "full", "--steps", "6",
+                 "--out", str(tmp_path / "eng")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["bench", "--model", "opensora-tiny", "--random-init", "--prompt-embeds", str(tmp_path / "p.npz"),
+                 "--policies", "full,taylorseer,soda-forecast", "--speedup", "2", "--samples", "4",
+                 "--profile-samples", "2", "--no-tune", "--steps", "6", "--batch-size", "2", "--backend", "ort",
+                 "--engines", str(tmp_path / "eng"), "--json", str(tmp_path / "b.json")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["backend"].startswith("onnxruntime")
+    rows = {row["policy"]: row for row in out["results"]}
+    assert set(rows) == {"full", "taylorseer", "soda-forecast"}
+    for policy in ("taylorseer", "soda-forecast"):
+        assert rows[policy]["flops_speedup"] >= 2.0 * 0.97 and np.isfinite(rows[policy]["psnr_db"]), rows[policy]
