@@ -4,8 +4,11 @@ The PyTorch reference (`soda.torch_backend`) and the deploy runtime (`runtime/`)
 in the backend: how `prepare`, `embed`, `modulation`, `module` and `final` are computed.
 Everything else -- the per-token caches, Taylor forecasts of cached outputs, the residual
 `x + gate * D` (or `x + D` for an ungated module), token selection, skip steps and FLOPs
-accounting -- lives here once, in numpy, and reads only the modules' declarations
-(`soda.models.interface.ModuleSpec`).
+accounting -- lives here once and reads only the modules' declarations
+(`soda.models.interface.ModuleSpec`). It computes on the namespace of the arrays the backend
+returns (`soda.arrays`: numpy on the CPU, CuPy or torch on a GPU), so tokens, caches and
+conditioning stay where the backend keeps them; only the model output goes to the (numpy)
+sampler, once per step.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from soda.arrays import all_finite, copy as copy_array, namespace, rows as row_index, to_numpy
 from soda.errors import NonFiniteError
 from soda.flops import FlopsModel
 from soda.forecast import TaylorState
@@ -23,7 +27,10 @@ from soda.selectors import TokenSelector, make_selector
 
 
 class Backend(Protocol):
-    """How modules are computed (torch adapter, ORT sessions, TensorRT engines), in numpy.
+    """How modules are computed (torch adapter, ORT sessions, TensorRT engines).
+
+    Inputs from the sampler (`x`, `t`, `cond`) are numpy; everything a backend returns may be
+    numpy, CuPy or torch arrays (one kind per backend), which the loop computes on as they are.
 
     The three conditioning lifetimes (see `soda.models.interface`): `prepare` once per
     generation, `embed` once per step, `modulation` once per layer and step. Their results
@@ -88,11 +95,11 @@ class Executor:
         cache, last = dict(self.cache), self.last_tokens  # shallow: entries are replaced, never edited
         taylor = {key: copy.copy(state) for key, state in self.taylor.items()}  # factors are replaced too
         out = self._step(s, x, t, cond)
-        if not np.isfinite(out).all():  # one cheap check per step; locating the cause only on failure
+        if not all_finite(self.xp, out):  # one cheap device-side check per step; locating the cause only on failure
             self.cache, self.last_tokens, self.taylor = cache, last, taylor
             raise NonFiniteError(f"NaN or inf in the model output at step {s} of {self.schedule.num_steps}, "
                                  f"first in {self._locate(s, x, t, cond)}; check the checkpoint and the noise")
-        return out
+        return to_numpy(out)
 
     def _step(self, s: int, x: np.ndarray, t: np.ndarray, cond, check: Callable | None = None) -> np.ndarray:
         b = self.backend
@@ -103,6 +110,7 @@ class Executor:
             if check:
                 check("prepare", *self.context.values())
         tokens, step = b.embed(x, t, self.context)
+        self.xp = namespace(tokens)
         if check:
             check("embed", tokens, *step)
         self.flops_done += self.flops.embed(B)
@@ -138,7 +146,7 @@ class Executor:
             pass
 
         def check(where, *arrays):
-            if not all(np.isfinite(a).all() for a in arrays):
+            if not all(all_finite(namespace(a), a) for a in arrays):
                 raise Found(where)
 
         try:
@@ -176,11 +184,11 @@ class Executor:
         k = kept_tokens(rate, N)
         cache = self.cache[(l, m)]
         idx = self.selector.select(s, l, name, k, tokens, cache)  # [B, k]
-        rows = np.arange(B)[:, None]  # fancy indexing: 6-18x faster than take/put_along_axis here (docs/runtime.md)
+        rows = row_index(self.xp, B, tokens)  # fancy indexing: 6-18x faster than take/put_along_axis here (docs/runtime.md)
         part = tokens[rows, idx]
         D_part, received = self.backend.module(l, name, part, *args, context=self.context)
         self.flops_done += self.flops.module(name, B, k, l)
-        cache = cache.copy()
+        cache = copy_array(self.xp, cache)
         cache[rows, idx] = D_part
         self.cache[(l, m)] = cache
         self.selector.observe(s, l, name, idx, D_part, received)

@@ -13,13 +13,17 @@ With evenly spaced full steps the factors are backward differences divided by th
 
 A forecast is a fixed linear combination of the last order+1 full outputs, so
 `forecast_weights` gives the profiler those weights by running the very same recursion on
-unit vectors: what the profiler measures is exactly what the executor serves. numpy only.
+unit vectors: what the profiler measures is exactly what the executor serves. The factors
+live on the namespace of the outputs they come from (`soda.arrays`: numpy, CuPy or torch);
+the step distances are Python scalars, which each library applies in the array's float type.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from soda.arrays import copy, namespace
 
 
 class TaylorState:
@@ -35,15 +39,15 @@ class TaylorState:
         for i in range(self.max_order):
             if i >= len(self.factors):
                 break
-            factors.append((factors[i] - self.factors[i]) / np.asarray(s - self.step, dtype=D.dtype))
+            factors.append((factors[i] - self.factors[i]) / (s - self.step))
         self.step, self.factors = s, factors
 
     def predict(self, s: int, order: int) -> np.ndarray:
         """The order-`order` forecast at step s (lower when fewer full computations exist yet)."""
         x = s - self.step
-        out = self.factors[0].copy()
+        out = copy(namespace(self.factors[0]), self.factors[0])
         for i in range(1, min(order, len(self.factors) - 1) + 1):
-            out += np.asarray(x**i / math.factorial(i), dtype=out.dtype) * self.factors[i]
+            out += (x**i / math.factorial(i)) * self.factors[i]
         return out
 
     def extra_bytes(self) -> int:

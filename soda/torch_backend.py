@@ -1,52 +1,94 @@
 """The PyTorch reference backend: any model adapter's generic protocol behind the executor's
-numpy API (`soda.executor.Backend`). Knows no architecture: it converts arrays and calls
-`prepare`, `step_embed`, `layer_modulation`, `module_forward` and `step_final`."""
+Backend API (`soda.executor.Backend`). Knows no architecture: it converts arrays and calls
+`prepare`, `step_embed`, `layer_modulation`, `module_forward` and `step_final`.
+
+Two ways to hand arrays to the loop:
+- `device=None` (the reference everywhere on the CPU): numpy in and out, as onnxruntime CPU.
+- `device="cuda"` (or "cpu", which tests use): the weights and every array the loop holds are
+  torch tensors on that device, so the stitching loop, its caches and the selectors run on
+  torch there (`soda.arrays`); only the sampler's latents cross, once per step each way.
+  `dtype` (torch.float16 / torch.bfloat16) runs weights and activations in that precision;
+  the model output is returned in float32 for the sampler.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from soda.errors import UserError
 
-def _t(a):
-    return torch.from_numpy(np.ascontiguousarray(a))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _np(v):
-    return None if v is None else v.numpy()
+def check_device(device: str) -> torch.device:
+    """The torch device, or one clear error where it does not exist here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown torch device {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only torch build" if torch.version.cuda is None else f"torch with CUDA {torch.version.cuda}"
+        raise UserError(f"--device {device}: no CUDA device here ({build}, torch.cuda.is_available() is False)")
+    return dev
 
 
 class TorchBackend:
-    def __init__(self, model):
+    def __init__(self, model, device: str | None = None, dtype: torch.dtype | None = None):
+        if dtype not in (None, torch.float32) and device is None:
+            raise ValueError("fp16/bf16 needs a device: TorchBackend(model, device=..., dtype=...)")
+        self.device = None if device is None else check_device(device)
+        self.dtype = dtype if dtype is not None else torch.float32
         self.model = model.eval()
+        if self.device is not None:
+            self.model = self.model.to(self.device, self.dtype)
         self.interface = model.config.interface
         self.specs = tuple(self.interface.modules)
         self.modules = tuple(s.name for s in self.specs)
         self.num_layers = len(model.blocks)
 
-    @torch.inference_mode()
+    def describe(self) -> str:
+        where = "numpy arrays" if self.device is None else f"torch tensors on {self.device}"
+        return f"torch {torch.__version__} ({where}, {str(self.dtype).removeprefix('torch.')})"
+
+    def _t(self, a):
+        """To a tensor where the model runs: numpy from the sampler, or the loop's own tensors."""
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+        if self.device is None:
+            return t
+        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+
+    def _out(self, v):
+        """What the loop gets: numpy (device None) or the tensor as it is."""
+        if v is None or self.device is not None:
+            return v
+        return v.numpy()
+
+    @torch.no_grad()
     def prepare(self, cond):
         """The context: the conditioning itself plus what the adapter prepares from it."""
-        prepared = self.model.prepare({k: _t(v) for k, v in cond.items()})
-        return {**cond, **{k: v.numpy() for k, v in prepared.items()}}
+        cond = {k: self._t(v) for k, v in cond.items()}
+        prepared = self.model.prepare(cond)
+        return {k: self._out(v) for k, v in {**cond, **prepared}.items()}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed(self, x, t, context):
-        ctx = {k: _t(context[k]) for k in self.interface.embed_context}
-        tokens, step = self.model.step_embed(_t(x), _t(t), ctx)
-        return tokens.numpy(), tuple(v.numpy() for v in step)
+        ctx = {k: self._t(context[k]) for k in self.interface.embed_context}
+        tokens, step = self.model.step_embed(self._t(x), self._t(t), ctx)
+        return self._out(tokens), tuple(self._out(v) for v in step)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def modulation(self, layer, step):
-        mods = self.model.layer_modulation(layer, tuple(None if v is None else _t(v) for v in step))
-        return {k: (tuple(a.numpy() for a in args), _np(gate)) for k, (args, gate) in mods.items()}
+        mods = self.model.layer_modulation(layer, tuple(None if v is None else self._t(v) for v in step))
+        return {k: (tuple(self._out(a) for a in args), self._out(gate)) for k, (args, gate) in mods.items()}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def module(self, layer, name, tokens, *args, context=None):
         spec = self.specs[self.modules.index(name)]
-        ctx = {k: _t(v) for k, v in zip(spec.context, spec.context_for(context, layer))}
-        D, received = self.model.module_forward(layer, name, _t(tokens), tuple(_t(a) for a in args), ctx)
-        return D.numpy(), _np(received)
+        ctx = {k: self._t(v) for k, v in zip(spec.context, spec.context_for(context, layer))}
+        D, received = self.model.module_forward(layer, name, self._t(tokens), tuple(self._t(a) for a in args), ctx)
+        return self._out(D), self._out(received)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def final(self, tokens, step):
-        return self.model.step_final(_t(tokens), tuple(None if v is None else _t(v) for v in step)).numpy()
+        out = self.model.step_final(self._t(tokens), tuple(None if v is None else self._t(v) for v in step))
+        return self._out(out.float())

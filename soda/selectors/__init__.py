@@ -1,7 +1,9 @@
 """Token selectors: which tokens a `prune@a` action recomputes. Pluggable by name.
 
 A selector sees every module computation (`observe`) and answers `select` with per-batch-row
-token indices [B, k], sorted ascending. numpy only: the runtime uses the same selectors.
+token indices [B, k], sorted ascending. They compute on the namespace of the arrays they are
+given (`soda.arrays`: numpy, CuPy or torch), so the indices stay on the loop's device; the
+runtime uses the same selectors.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from soda.arrays import namespace
 from soda.errors import UserError
 
 
@@ -28,8 +31,9 @@ class TokenSelector(Protocol):
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:
     """Per-row indices of the k largest scores (ties to the lower index), sorted ascending."""
-    order = np.argsort(-score, axis=1, kind="stable")[:, :k]
-    return np.sort(order, axis=1).astype(np.int64)
+    xp = namespace(score)
+    order = xp.argsort(-score, axis=1, stable=True)[:, :k]
+    return xp.astype(xp.sort(order, axis=1), xp.int64)
 
 
 class NoSelector:

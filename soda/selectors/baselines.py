@@ -1,4 +1,6 @@
-"""Token selectors of the baselines, transcribed from the official ToCa/DuCa DiT code. numpy only.
+"""Token selectors of the baselines, transcribed from the official ToCa/DuCa DiT code. They run
+on the namespace of the loop's arrays (`soda.arrays`); DuCa's random base score is drawn by
+numpy from a per-(seed, step, layer, module) seed, identical on every backend, and uploaded.
 
 score = base + staleness_weight * staleness / interval, then the 2x2 spatial bonus, then top-k.
 - base, "toca-attention": the attention each token received in the same layer's attention at
@@ -19,27 +21,30 @@ import zlib
 
 import numpy as np
 
+from soda.arrays import device, namespace, rows
 from soda.selectors import top_k
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+def l2_normalize(x, eps: float = 1e-12):
     """torch.nn.functional.normalize(x, p=2, dim=1)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+    xp = namespace(x)
+    return x / xp.clip(xp.sqrt(xp.sum(x * x, axis=1, keepdims=True)), min=eps)
 
 
-def spatial_bonus(score: np.ndarray, ratio: float, grid: int = 2) -> np.ndarray:
+def spatial_bonus(score, ratio: float, grid: int = 2):
     """In each grid x grid block of the token raster, add ratio * max to the (first) max token."""
+    xp = namespace(score)
     B, N = score.shape
     side = math.isqrt(N)
     if side * side != N or side % grid:
         raise ValueError(f"the spatial bonus needs a square token grid divisible by {grid}, got {N} tokens")
     g = side // grid
-    blocks = score.reshape(B, g, grid, g, grid).transpose(0, 1, 3, 2, 4).reshape(B, g * g, grid * grid)
-    arg = blocks.argmax(axis=2)[..., None]
-    bonus = np.zeros_like(blocks)
-    np.put_along_axis(bonus, arg, np.take_along_axis(blocks, arg, axis=2) * ratio, axis=2)
-    out = (blocks + bonus).reshape(B, g, g, grid, grid).transpose(0, 1, 3, 2, 4)
-    return out.reshape(B, N)
+    blocks = xp.reshape(xp.permute_dims(xp.reshape(score, (B, g, grid, g, grid)), (0, 1, 3, 2, 4)),
+                        (B, g * g, grid * grid))
+    first_max = xp.arange(grid * grid, device=device(score)) == xp.argmax(blocks, axis=2)[..., None]
+    bonus = xp.where(first_max, blocks * ratio, xp.zeros_like(blocks))
+    out = xp.permute_dims(xp.reshape(blocks + bonus, (B, g, g, grid, grid)), (0, 1, 3, 2, 4))
+    return xp.reshape(out, (B, N))
 
 
 class _CacheFrequencySelector:
@@ -57,33 +62,40 @@ class _CacheFrequencySelector:
         self.reset()
 
     def reset(self) -> None:
-        self.last: dict[tuple[int, str], np.ndarray] = {}  # step each token was last computed
+        self.last: dict = {}  # (layer, module) -> step each token was last computed [B, N]
+        self._skips = None  # skip_steps on the loop's device, uploaded once
 
     def observe(self, s, layer, module, idx, D, received) -> None:
         key = (layer, module)
+        xp = namespace(D)
         if idx is None:
-            self.last[key] = np.full(D.shape[:2], s, dtype=np.int64)
+            self.last[key] = xp.full(D.shape[:2], s, dtype=xp.int64, device=device(D))
         else:
-            np.put_along_axis(self.last[key], idx, s, axis=1)
+            self.last[key][rows(xp, idx.shape[0], idx), idx] = s
 
-    def staleness(self, s: int, layer: int, module: str) -> np.ndarray:
+    def staleness(self, s: int, layer: int, module: str):
         if (layer, module) not in self.last:
             raise ValueError(f"layer {layer} {module}: pruned before any full compute")
         last = self.last[(layer, module)]
-        skipped = np.searchsorted(self.skip_steps, s, "left") - np.searchsorted(self.skip_steps, last, "right")
-        return s - last - 1 - skipped
+        xp = namespace(last)
+        if self._skips is None:
+            self._skips = xp.asarray(self.skip_steps, device=device(last))
+        before_s = int(np.searchsorted(self.skip_steps, s, "left"))
+        skipped = before_s - xp.searchsorted(self._skips, xp.reshape(last, (-1,)), side="right")
+        return s - last - 1 - xp.reshape(skipped, last.shape)
 
-    def base_score(self, s: int, layer: int, module: str, B: int, N: int) -> np.ndarray:
+    def base_score(self, s: int, layer: int, module: str, B: int, N: int):
         raise NotImplementedError
 
-    def score(self, s: int, layer: int, module: str, B: int, N: int) -> np.ndarray:
+    def score(self, s: int, layer: int, module: str, B: int, N: int):
         stale = self.staleness(s, layer, module)
-        score = self.base_score(s, layer, module, B, N) + self.staleness_weight * stale / self.interval
+        xp = namespace(stale)  # float64 on every library (torch would make int * float float32)
+        score = self.base_score(s, layer, module, B, N) + self.staleness_weight * xp.astype(stale, xp.float64) / self.interval
         if not self.bonus_ratio:  # off (Open-Sora's ToCa/DuCa): any token layout, square or not
             return score
         return spatial_bonus(score, self.bonus_ratio, self.grid)
 
-    def select(self, s, layer, module, k, tokens, cache) -> np.ndarray:
+    def select(self, s, layer, module, k, tokens, cache):
         B, N = tokens.shape[:2]
         return top_k(self.score(s, layer, module, B, N), k)
 
@@ -95,14 +107,15 @@ class ToCaAttentionSelector(_CacheFrequencySelector):
 
     def reset(self) -> None:
         super().reset()
-        self.received: dict[int, np.ndarray] = {}
+        self.received: dict = {}  # layer -> attention received [B, N], float64
 
     def observe(self, s, layer, module, idx, D, received) -> None:
         super().observe(s, layer, module, idx, D, received)
         if module == "attn" and idx is None and received is not None:
-            self.received[layer] = np.asarray(received, dtype=np.float64)
+            xp = namespace(received)
+            self.received[layer] = xp.astype(received, xp.float64)
 
-    def base_score(self, s, layer, module, B, N) -> np.ndarray:
+    def base_score(self, s, layer, module, B, N):
         if layer not in self.received:
             raise ValueError(f"layer {layer}: no attention map yet (toca-attention needs a full attn compute first)")
         return l2_normalize(self.received[layer])
@@ -118,9 +131,11 @@ class DuCaRandomSelector(_CacheFrequencySelector):
         super().__init__(interval, staleness_weight, bonus_ratio, grid, skip_steps)
         self.seed = seed
 
-    def base_score(self, s, layer, module, B, N) -> np.ndarray:
+    def base_score(self, s, layer, module, B, N):
         rng = np.random.default_rng([self.seed, s, layer, zlib.crc32(module.encode())])
-        return np.broadcast_to(rng.random(N), (B, N))
+        last = self.last[(layer, module)]  # observed before any prune: where the loop's arrays live
+        xp = namespace(last)
+        return xp.broadcast_to(xp.asarray(rng.random(N), device=device(last)), (B, N))
 
 
 class ToCaCrossEntropySelector(_CacheFrequencySelector):
@@ -135,18 +150,19 @@ class ToCaCrossEntropySelector(_CacheFrequencySelector):
 
     def reset(self) -> None:
         super().reset()
-        self.entropy: dict[int, np.ndarray] = {}
+        self.entropy: dict = {}  # layer -> per-token cross-attention entropy [B, N], float64
 
     def observe(self, s, layer, module, idx, D, received) -> None:
         super().observe(s, layer, module, idx, D, received)
         if module != self.module or received is None:
             return
+        xp = namespace(received)
         if idx is None:
-            self.entropy[layer] = np.asarray(received, dtype=np.float64).copy()
+            self.entropy[layer] = xp.astype(received, xp.float64)  # a copy
         else:
-            np.put_along_axis(self.entropy[layer], idx, received, axis=1)
+            self.entropy[layer][rows(xp, idx.shape[0], idx), idx] = xp.astype(received, xp.float64)
 
-    def base_score(self, s, layer, module, B, N) -> np.ndarray:
+    def base_score(self, s, layer, module, B, N):
         if layer not in self.entropy:
             raise ValueError(f"layer {layer}: no cross-attention map yet (needs a full cross-attention first)")
         e = self.entropy[layer]
@@ -154,7 +170,7 @@ class ToCaCrossEntropySelector(_CacheFrequencySelector):
             raise ValueError("toca-cross-entropy needs the CFG-doubled batch [cond; uncond]")
         half = B // 2
         score = l2_normalize(1 + e[:half] + e[half:])
-        return np.concatenate([score, score])
+        return namespace(score).concat([score, score])
 
 
 BASELINE_SELECTORS = {s.name: s for s in (ToCaAttentionSelector, DuCaRandomSelector, ToCaCrossEntropySelector)}

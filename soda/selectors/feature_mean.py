@@ -6,8 +6,7 @@ whose staleness costs most, so they are recomputed first. It works with fused at
 """
 from __future__ import annotations
 
-import numpy as np
-
+from soda.arrays import namespace
 from soda.selectors import top_k
 
 
@@ -20,5 +19,6 @@ class FeatureMeanSelector:
     def observe(self, *args) -> None:
         pass
 
-    def select(self, s, layer, module, k, tokens, cache) -> np.ndarray:
-        return top_k(np.abs(cache).mean(axis=2), k)
+    def select(self, s, layer, module, k, tokens, cache):
+        xp = namespace(cache)
+        return top_k(xp.mean(xp.abs(cache), axis=2), k)
