@@ -35,7 +35,8 @@ class ModuleSpec:
     "<name>.<layer>" in the context; graph input names are the bare names).
     axis: the axis it mixes ("spatial"; a video adapter adds "temporal").
     score: name of a per-token score it also returns for token selectors (self-attention:
-      "received", the attention each token received; PixArt's cross-attention: "entropy").
+      "received", the attention each token received; Open-Sora's "value_norm", DuCa's value
+      norms; cross-attention: "entropy", ToCa's cross-attention entropy).
     """
 
     name: str
@@ -192,12 +193,14 @@ def _opensora_mix(config) -> tuple[int, ...]:
 
 # A token is one (frame, patch) position. Cross-attention and the MLP are token-wise, so any
 # subset can be recomputed; self-attention reshapes the flat tokens to (B*T) x S or (B*S) x T and
-# needs every one of them, so it is computed in full or reused whole, never pruned.
+# needs every one of them, so it is computed in full or reused whole, never pruned. The scores
+# are the official Open-Sora ones: DuCa's value norms (self-attention), ToCa's cross-attention entropy.
 OPENSORA = Interface(
     "opensora",
-    (ModuleSpec("attn", gated=True, token_mixing=True, kind=SELF_ATTN, score="received", axis="spatial|temporal",
+    (ModuleSpec("attn", gated=True, token_mixing=True, kind=SELF_ATTN, score="value_norm", axis="spatial|temporal",
                 prunable=False),
-     ModuleSpec("cross_attn", gated=False, token_mixing=False, kind=CROSS_ATTN, args=(), context=("k", "v", "mask")),
+     ModuleSpec("cross_attn", gated=False, token_mixing=False, kind=CROSS_ATTN, args=(), context=("k", "v", "mask"),
+                score="entropy"),
      _MLP),
     cond=("caption", "mask", "fps"), embed_context=("fps",), step=("t_mlp", "temb"), final_step=("temb",),
     prepared=("k", "v"), per_layer=("k", "v"), condition_inputs=("caption",), modulation_step=("t_mlp",),

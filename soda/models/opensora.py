@@ -124,7 +124,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self._rope = [rope]  # a reference, not a submodule: its weights live once, at `rope.freqs`
 
-    def forward(self, x: torch.Tensor, return_received: bool = False):
+    def forward(self, x: torch.Tensor, return_value_norm: bool = False):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -133,9 +133,10 @@ class Attention(nn.Module):
             q, k = rope.rotate(q), rope.rotate(k)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
         out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
-        if not return_received:
+        if not return_value_norm:
             return out
-        return out, attn.mean(dim=1).sum(dim=1)  # column sums of the head-averaged map, [B, N]
+        # DuCa-Open-Sora's kv-norm score before normalisation: sum over heads of 1 - |v_head|, [B, N]
+        return out, (1 - torch.linalg.vector_norm(v, dim=-1)).sum(dim=1)
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -157,14 +158,23 @@ class MultiHeadCrossAttention(nn.Module):
         k, v = self.kv_linear(y).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, n, D] (any subset of tokens), mask [B, L] bool (True = a caption token)."""
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                return_entropy: bool = False):
+        """x [B, n, D] (any subset of tokens), mask [B, L] bool (True = a caption token). With
+        `return_entropy` also, per token, -sum_j 0.5 p log(0.5 p + 1e-7) of the head-averaged map p
+        over its caption: ToCa-Open-Sora's entropy of the (cond + uncond) / 2 map is this term of a
+        conditional row plus its unconditional row (their maps cover disjoint caption tokens in the
+        official packed sequence; a masked token has p = 0 there and here)."""
         B, n, C = x.shape
         q = self.q_linear(x).view(B, n, self.num_heads, self.head_dim).transpose(1, 2)
         scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        out = scores.softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(B, n, C))
+        attn = scores.softmax(dim=-1)
+        out = self.proj((attn @ v).transpose(1, 2).reshape(B, n, C))
+        if not return_entropy:
+            return out
+        half = 0.5 * attn.mean(dim=1)
+        return out, -(half * torch.log(half + 1e-7)).sum(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -300,19 +310,19 @@ class STDiT3Block(nn.Module):
                 "cross_attn": Modulation(None, None, None),
                 "mlp": Modulation(shift_mlp, scale_mlp, gate_mlp)}
 
-    def mix(self, x: torch.Tensor, grid: Grid, return_received: bool = False):
+    def mix(self, x: torch.Tensor, grid: Grid, return_value_norm: bool = False):
         """Self-attention on flat tokens [B, T*S, D], along this block's axis; with
-        `return_received`, also the attention each token received in its own sequence [B, T*S]."""
+        `return_value_norm`, also DuCa's per-token value-norm score [B, T*S] in the flat layout."""
         B, _, C = x.shape
         T, S = grid.T, grid.S
         if self.temporal:
-            out, received = self.attn(x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C), True)
+            out, score = self.attn(x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C), True)
             out = out.reshape(B, S, T, C).transpose(1, 2).reshape(B, T * S, C)
-            received = received.reshape(B, S, T).transpose(1, 2).reshape(B, T * S)
+            score = score.reshape(B, S, T).transpose(1, 2).reshape(B, T * S)
         else:
-            out, received = self.attn(x.reshape(B * T, S, C), True)
-            out, received = out.reshape(B, T * S, C), received.reshape(B, T * S)
-        return (out, received) if return_received else out
+            out, score = self.attn(x.reshape(B * T, S, C), True)
+            out, score = out.reshape(B, T * S, C), score.reshape(B, T * S)
+        return (out, score) if return_value_norm else out
 
     def run_module(self, name: str, x: torch.Tensor, mod: Modulation, grid: Grid, kv=None,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -468,17 +478,19 @@ class STDiT3(nn.Module):
         return {name: (() if m.shift is None else (m.shift, m.scale), m.gate) for name, m in mods.items()}
 
     def module_forward(self, layer: int, name: str, tokens: torch.Tensor, args: tuple, context: dict | None = None):
-        """(pre-gate D, attention received or None); `attn` always sees every token."""
+        """(pre-gate D, per-token score): `attn` (always on every token) with DuCa's value norms,
+        `cross_attn` with ToCa's entropy half, `mlp` with none."""
         block, grid = self.layers[layer], self.config_grid()
         if name == "attn":
             shift, scale = args
             return block.mix(t2i_modulate(block.norm1(tokens), shift[:, None], scale[:, None]), grid,
-                             return_received=True)
+                             return_value_norm=True)
         if name == "cross_attn":
             B, L, D = context["k"].shape
             heads = self.config.num_heads
             split = lambda a: a.reshape(B, L, heads, D // heads).transpose(1, 2)  # noqa: E731
-            return block.cross_attn(tokens, split(context["k"]), split(context["v"]), context["mask"].bool()), None
+            return block.cross_attn(tokens, split(context["k"]), split(context["v"]), context["mask"].bool(),
+                                    return_entropy=True)
         if name == "mlp":
             shift, scale = args
             return block.mlp(t2i_modulate(block.norm2(tokens), shift[:, None], scale[:, None])), None

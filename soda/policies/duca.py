@@ -35,7 +35,8 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     if spec.sampler == "rflow":  # Open-Sora's DuCa: its own per-module control flow
         from soda.policies import toca_video
 
-        return toca_video.make("duca", spec, speedup, flops, N, R, seed, step_weight, layer_weight)
+        return toca_video.make("duca", spec, speedup, flops, N, R, seed, step_weight, layer_weight,
+                               selector if selector == "duca-random" else None)
     if spec.sampler not in PUBLISHED:
         raise UserError(f"DuCa has no published setting for sampler {spec.sampler!r}")
     if selector not in SELECTORS:

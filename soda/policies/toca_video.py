@@ -17,9 +17,11 @@ of every block is skipped and the last block's output of the previous step is us
 (For N = 3 this is exactly the official lists, cross-attention's 6-cycle included.)
 
 Scaled to a target speedup (`--speedup`), N and R are searched as for DiT (cross-attention keeps
-the cycle 2N). Token choice: ToCa scores tokens by cross-attention entropy, DuCa by the values'
-norm; both need maps our exported graphs do not emit, so both use the "duca-random" selector
-(random base score + the same staleness term, no spatial bonus; the Open-Sora code has it off).
+the cycle 2N). Token choice, the official scores (`cache_type` of each `scripts/inference.py`):
+ToCa 'attention', the entropy of the block's cross-attention map averaged over the CFG halves
+("toca-cross-entropy"); DuCa 'kv-norm', the self-attention values' norms ("duca-value-norm");
+both plus 0.25 x staleness / N, no spatial bonus (the Open-Sora code has it off). The modules
+emit what the scores need (soda/models/opensora.py), in PyTorch and in the exported graphs.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ FIRST_FULL = 3  # steps 0, 1, 2
 MODULE_WEIGHT, MODULE_TIME_WEIGHT = 1.5, 0.33
 STALENESS_WEIGHT = 0.25
 MODULES = ("attn", "cross_attn", "mlp")
+SELECTORS = {"toca": "toca-cross-entropy", "duca": "duca-value-norm"}  # cache_type 'attention' / 'kv-norm'
 
 
 def module_factor(module: str) -> float:
@@ -134,21 +137,28 @@ def fast_flops(spec: ScheduleSpec, fm, N: int, R: float, dual: bool = False, sw:
 
 def make(policy: str, spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | None = None,
          R: float | None = None, seed: int = 0, step_weight: float | None = None,
-         layer_weight: float | None = None) -> Schedule:
+         layer_weight: float | None = None, selector: str | None = None) -> Schedule:
     """The official setting, or (N, R) searched to hit `speedup`; with `speedup` and N (and
-    optionally the weights: a tuned setting), R alone fills the budget."""
+    optionally the weights: a tuned setting), R alone fills the budget. `selector`: the official
+    score (default), or "duca-random" (DuCa's FlashAttention-free choice, drawn from `seed`)."""
     from soda.policies import scaling
     from soda.policies.toca import to_schedule
 
     dual = policy == "duca"
     name = "DuCa" if dual else "ToCa"
+    name_sel = SELECTORS[policy] if selector in (None, SELECTORS[policy]) else selector
+    if name_sel not in (SELECTORS[policy], "duca-random"):
+        raise UserError(f"{name} on Open-Sora scores tokens with {SELECTORS[policy]} (official) or duca-random, "
+                        f"not {selector}")
     sw, lw = step_weight or 0.0, layer_weight or 0.0
 
     def build(n_: int, r_: float) -> Schedule:
         steps = build_steps(spec, n_, r_, dual, sw, lw)
-        sel = {"interval": n_, "staleness_weight": STALENESS_WEIGHT, "bonus_ratio": 0.0, "seed": seed,
+        sel = {"interval": n_, "staleness_weight": STALENESS_WEIGHT, "bonus_ratio": 0.0,
                "skip_steps": [s for s, step in enumerate(steps) if step == SKIP]}
-        schedule = to_schedule(spec, policy, steps, n_, r_, sw, lw, sel, "duca-random")
+        if name_sel == "duca-random":
+            sel["seed"] = seed
+        schedule = to_schedule(spec, policy, steps, n_, r_, sw, lw, sel, name_sel)
         schedule.params.update({
             "family": "open-sora", "cycles": {m: cycle(m, n_) for m in spec.modules}, "first_full": FIRST_FULL,
             "module_factor_mlp": 1 + MODULE_TIME_WEIGHT * MODULE_WEIGHT,

@@ -173,4 +173,27 @@ class ToCaCrossEntropySelector(_CacheFrequencySelector):
         return namespace(score).concat([score, score])
 
 
-BASELINE_SELECTORS = {s.name: s for s in (ToCaAttentionSelector, DuCaRandomSelector, ToCaCrossEntropySelector)}
+class DuCaValueNormSelector(_CacheFrequencySelector):
+    """DuCa-Open-Sora's `kv_norm_score`: per token, the sum over heads of 1 - |v_head| of the
+    self-attention values at the layer's last full attention (the module returns that sum),
+    L2-normalised per row (`F.normalize(p=2)`); each row its own (no CFG pairing)."""
+
+    name = "duca-value-norm"
+
+    def reset(self) -> None:
+        super().reset()
+        self.value_norm: dict[int, np.ndarray] = {}
+
+    def observe(self, s, layer, module, idx, D, received) -> None:
+        super().observe(s, layer, module, idx, D, received)
+        if module == "attn" and idx is None and received is not None:
+            self.value_norm[layer] = np.asarray(received, dtype=np.float64)
+
+    def base_score(self, s, layer, module, B, N) -> np.ndarray:
+        if layer not in self.value_norm:
+            raise ValueError(f"layer {layer}: no value norms yet (duca-value-norm needs a full attn compute first)")
+        return l2_normalize(self.value_norm[layer])
+
+
+BASELINE_SELECTORS = {s.name: s for s in (ToCaAttentionSelector, DuCaRandomSelector, ToCaCrossEntropySelector,
+                                          DuCaValueNormSelector)}
