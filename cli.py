@@ -538,9 +538,11 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime: CUDA EP when onnxruntime-gpu has a GPU (auto), or force one.")
 @toca_official_loop_option
+@video_options
 def run(engines_dir, policy, schedule_file, speedup, labels, prompt_embeds, seed, noise, save_latents, out, backend,
-        sampler, steps, cfg_scale, threads, device, toca_official_loop):
-    """Generate with exported graphs: numpy + onnxruntime (or TensorRT), no torch."""
+        sampler, steps, cfg_scale, threads, device, toca_official_loop, height, width, num_frames, fps):
+    """Generate with exported graphs: numpy + onnxruntime (or TensorRT), no torch. A video model runs
+    at any --height/--width/--num-frames (default: the exported video)."""
     from runtime.run import run_command
 
     check_out_suffix(out, "--out")
@@ -548,7 +550,7 @@ def run(engines_dir, policy, schedule_file, speedup, labels, prompt_embeds, seed
 
     run_command(engines_dir, labels, policy, schedule_file, speedup, seed, noise, save_latents, out, backend,
                 sampler, steps, cfg_scale, threads, device, echo=click.echo, toca_official_loop=toca_official_loop,
-                prompt_embeds=prompt_embeds)
+                prompt_embeds=prompt_embeds, video=(height, width, num_frames, fps))
 
 
 # --- generate (issue 14) ---------------------------------------------------------------------

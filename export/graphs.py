@@ -2,7 +2,8 @@
 
 One graph per (layer, module) with a dynamic token axis "n" serves full compute AND every
 prune rate (pruning gathers tokens before the module); reuse needs no graph; the residual
-`x + gate * D` is done by the runtime. A "condition" graph (architectures with per-generation
+`x + gate * D` is done by the runtime. A video model's graphs also take the video as dynamic
+axes (latent frames "T", height "H", width "W", tokens "N"), so one export runs any video size. A "condition" graph (architectures with per-generation
 work, e.g. PixArt's caption K/V) runs once per generation. Names and shapes here ARE the
 runtime interface; they come from the architecture's `soda.models.interface.Interface`.
 """
@@ -95,13 +96,20 @@ class GraphSpec:
     def file(self) -> str:
         return f"{self.name}.onnx"
 
-    def example(self, B: int, n: int, gen: torch.Generator, num_classes: int, L: int | None = None) -> tuple:
-        """Random inputs of the declared shapes with B rows, n tokens and L caption tokens; a
-        "mask" input gets a different valid length per row (at least one token)."""
+    def example(self, B: int, n: int, gen: torch.Generator, num_classes: int, L: int | None = None,
+                video: dict | None = None) -> tuple:
+        """Random inputs of the declared shapes with B rows, n tokens and L caption tokens (and a
+        video model's `video` axes, `video_axes`); a "mask" input gets a different valid length per
+        row (at least one token), a "grid" the video's latent size, a "pe_scale" one scale for all rows."""
+        sizes = {"B": B, "n": n, "L": L or 1, **(video or {})}
         out = []
         for name, shape, dtype in self.inputs:
-            dims = [B if d == "B" else n if d == "n" else (L or 1) if d == "L" else d for d in shape]
-            if name == "mask":
+            dims = [sizes[d] if isinstance(d, str) else d for d in shape]
+            if name == "grid":
+                out.append(torch.tensor([[sizes["T"], sizes["H"], sizes["W"]]] * dims[0]))
+            elif name == "pe_scale":
+                out.append(torch.full(dims, 0.05 + 0.5 * float(torch.rand((), generator=gen))))
+            elif name == "mask":
                 lengths = torch.randint(1, dims[1] + 1, (dims[0],), generator=gen)
                 out.append((torch.arange(dims[1])[None] < lengths[:, None]).to(torch.float32))
             elif name in ("t", "fps") and dtype == F32:  # a float timestep (rectified flow) or frame rate
@@ -125,9 +133,27 @@ def _cond_shape(cfg, name: str) -> tuple[list, str]:
         return ["B", "L", cfg.caption_channels], F32
     if name == "mask":
         return ["B", "L"], F32
-    if name == "fps":
+    if name in ("fps", "pe_scale"):
         return ["B"], F32
+    if name == "grid":
+        return ["B", 3], I64
     raise KeyError(f"no graph shape for conditioning input {name!r}")
+
+
+def video_axes(cfg) -> dict:
+    """A video model's size axes at `cfg`'s video (frames, latent height and width, tokens); {} for
+    an image model, whose graphs keep these sizes static."""
+    if cfg.frames is None:
+        return {}
+    return {"T": cfg.frames, "H": cfg.input_size, "W": cfg.input_width, "N": cfg.num_tokens}
+
+
+def _step_shape(cfg, name: str) -> tuple[list, str]:
+    """Per-step entries the embed graph emits: shared modulation [B, 6D], embeddings [B, D], a video's
+    latent grid [B, 3]."""
+    if name == "grid":
+        return ["B", 3], I64
+    return ["B", 6 * cfg.hidden_size if name in ("t0", "t_mlp") else cfg.hidden_size], F32
 
 
 def _context_shape(cfg, name: str) -> list:
@@ -141,7 +167,9 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
     limits the (layer, module) graphs (default: all)."""
     cfg = model.config
     iface = cfg.interface
-    D, N = cfg.hidden_size, cfg.num_tokens
+    D = cfg.hidden_size
+    video = bool(video_axes(cfg))
+    N = "N" if video else cfg.num_tokens  # a video's token count is an axis, like its frames and size
     specs = []
     cond_io = {name: _cond_shape(cfg, name) for name in iface.cond}
     if iface.prepared:
@@ -149,8 +177,8 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
         specs.append(GraphSpec("condition", ConditionGraph(model, iface.condition_reads, outs),
                                [(n, *cond_io[n]) for n in iface.condition_reads],
                                [(o, _context_shape(cfg, o), F32) for o in outs]))
-    step_io = [(n, ["B", 6 * D if n in ("t0", "t_mlp") else D], F32) for n in iface.step]
-    latent = list(cfg.latent_shape)  # [C, H, W], or [C, T, H, W] for a video model
+    step_io = [(n, *_step_shape(cfg, n)) for n in iface.step]
+    latent = [cfg.in_channels, "T", "H", "W"] if video else list(cfg.latent_shape)  # [C, H, W] for an image
     specs.append(GraphSpec("embed", EmbedGraph(model, iface.embed_context),
                            [("x", ["B", *latent], F32), ("t", ["B"], iface.timestep_dtype)]
                            + [(n, *cond_io[n]) for n in iface.embed_context],
@@ -164,7 +192,7 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
                 continue
             n = "n" if m.prunable else N  # a module that is never pruned sees every token: a static axis
             ins = [("tokens", ["B", n, D], F32)] + [(a, ["B", D], F32) for a in m.args]
-            ins += [(c, cond_io[c][0] if c in cond_io else _context_shape(cfg, c), F32) for c in m.context]
+            ins += [(c, *cond_io[c]) if c in cond_io else (c, _context_shape(cfg, c), F32) for c in m.context]
             outs = [("D", ["B", n, D], F32)] + ([(m.score, ["B", n], F32)] if m.score else [])
             specs.append(GraphSpec(f"{m.name}.{l}", ModuleGraph(model, l, m.name), ins, outs))
     final_in = [s for s in step_io if s[0] in iface.final_step]

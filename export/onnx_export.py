@@ -21,14 +21,14 @@ import numpy as np
 import onnx
 import torch
 
-from export.graphs import GraphSpec, graph_specs
+from export.graphs import GraphSpec, graph_specs, video_axes
 from export.manifest import (FORMAT, MANIFEST, describe_files, load_manifest, reuse_key, write_manifest)
 from export.weights_store import WeightsStore
 from soda.errors import UserError
 from soda.schedule import Schedule
 from soda.torch_backend import TorchBackend
 
-EXPORT_VERSION = 1  # bump when the graphs or their layout change: old folders are then re-exported
+EXPORT_VERSION = 2  # bump when the graphs or their layout change: old folders are then re-exported
 WEIGHTS_FILE = "weights.bin"
 SCHEDULE_FILE = "schedule.json"
 NULL_CAPTION_FILE = "null_caption.npy"  # a text model's learned unconditional caption, when it has one
@@ -94,6 +94,9 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
     out = Path(out)
     schedule.check_fits(config.name, config.hash(), sampler_cfg.kind, sampler_cfg.steps)
     if exporter == "dynamo":
+        if video_axes(config):
+            raise UserError("video graphs take the video size as dynamic axes, which the dynamo exporter cannot "
+                            "trace (attention reshapes by the frame count); use --exporter legacy")
         opset = max(opset, 18)  # the dynamo exporter emits opset >= 18
     key_data = {"format": FORMAT, "model_hash": config.hash(), "weights": weights_id, "schedule_hash": schedule.hash(),
                 "sampler": sampler_cfg.to_dict(), "opset": opset, "tools": tool_versions(exporter)}
@@ -237,7 +240,7 @@ def raw_fp32_bytes(model) -> int:
 def export_graph(spec: GraphSpec, config, opset: int, exporter: str, gen: torch.Generator) -> onnx.ModelProto:
     """One subgraph as an in-memory ModelProto with weights inline (moved out by WeightsStore)."""
     N = config.num_tokens
-    args = spec.example(PARITY_BATCH, N, gen, config.num_classes, config.caption_len)
+    args = spec.example(PARITY_BATCH, N, gen, config.num_classes, config.caption_len, video_axes(config))
     names_in, names_out = [n for n, _, _ in spec.inputs], [n for n, _, _ in spec.outputs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -278,10 +281,23 @@ def _reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -
     return [D] + ([received] if received is not None else [])
 
 
+def other_video(config) -> dict:
+    """Another video size than the exported one (one more latent frame, a larger height that is
+    not a multiple of the patch, a smaller width: another token count and position-embedding base),
+    at which video graphs are checked too: their size axes are dynamic."""
+    axes = video_axes(config)
+    if not axes:
+        return {}
+    p = config.patch_size
+    T, H, W = axes["T"] + 1, axes["H"] + 2 * p + 1, max(1, axes["W"] - p)
+    return {"T": T, "H": H, "W": W, "N": T * -(-H // p) * -(-W // p)}
+
+
 def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, counts: list[int],
                  gen: torch.Generator) -> float:
     """Max abs error of onnxruntime (CPU) vs PyTorch over random inputs; module graphs are run
-    at every token count the schedule uses (and N/4, so the dynamic axis is always exercised)."""
+    at every token count the schedule uses (and N/4, so the dynamic axis is always exercised),
+    video graphs also at another video size (`other_video`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -289,11 +305,13 @@ def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, cou
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     has_n = any("n" in shape for _, shape, _ in spec.inputs)
     token_ns = sorted({*counts, max(1, config.num_tokens // 4)}) if has_n else [config.num_tokens]
+    sized = any(d in ("T", "N") for _, shape, _ in spec.inputs + spec.outputs for d in shape)
+    videos = [video_axes(config)] + ([other_video(config)] if sized else [])
     worst = 0.0
-    for n in token_ns:
+    for n, video in [(n, v) for v in videos for n in token_ns]:
         # Caption graphs are checked at a caption length other than the traced one (dynamic L).
         args = [a.numpy() for a in spec.example(PARITY_BATCH, n, gen, config.num_classes,
-                                                 max(1, (config.caption_len or 2) // 2))]
+                                                 max(1, (config.caption_len or 2) // 2), video)]
         got = sess.run(None, {name: a for (name, _, _), a in zip(spec.inputs, args)})
         want = _reference(spec, backend, args)
         err = _max_err(spec, n, got, want)

@@ -67,10 +67,14 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     builder = trt.Builder(logger)
     counts = manifest["token_counts"]
     max_caption = manifest["model"].get("caption_len") or 1
+    from export.graphs import video_axes
+    from soda.models.config import ModelConfig
+
+    video = video_axes(ModelConfig.from_dict(manifest["model"]))  # engines are built for the exported video
     engines = {}
     for name, art in manifest["artefacts"].items():
         plan = out / f"{name}.{precision}.plan"
-        profiles = _profiles(art, counts, max_batch, max_caption)
+        profiles = _profiles(art, counts, max_batch, max_caption, video)
         key = {"onnx_sha256": art["sha256"], "precision": precision, "profiles": profiles}
         entry = {"file": str(plan.relative_to(folder)), "precision": precision, "profiles": profiles,
                  "onnx_sha256": art["sha256"]}
@@ -90,17 +94,21 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
             "timing_cache": str(cache_file.relative_to(folder)), "engines": engines}
 
 
-def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1) -> list[dict]:
+def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1, video: dict | None = None
+              ) -> list[dict]:
     """One profile per token count for graphs with a token axis, else one profile.
     Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch, a caption axis L
-    from 1 to the model's caption length)."""
+    from 1 to the model's caption length; a video model's size axes fixed at the exported video,
+    so TensorRT engines serve that size only, onnxruntime any)."""
+    video = video or {}
     has_n = any("n" in t["shape"] for t in art["inputs"])
     out = []
     for n in (counts if has_n else [None]):
         shapes = {}
         for t in art["inputs"]:
-            lo = [1 if d in ("B", "L") else n if d == "n" else d for d in t["shape"]]
-            opt = [max_batch if d == "B" else max_caption if d == "L" else n if d == "n" else d for d in t["shape"]]
+            lo = [1 if d in ("B", "L") else n if d == "n" else video.get(d, d) for d in t["shape"]]
+            opt = [max_batch if d == "B" else max_caption if d == "L" else n if d == "n" else video.get(d, d)
+                   for d in t["shape"]]
             shapes[t["name"]] = [lo, opt, opt]
         out.append({"n": n, "shapes": shapes})
     return out

@@ -82,6 +82,27 @@ class Engines:
         spec = iface.spec(kind)
         return spec.inputs, spec.outputs
 
+    def at_video(self, height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                 fps: float | None = None) -> "Engines":
+        """The engines for another video (a video model's graphs take its size as dynamic axes):
+        the config and sampler at that size; unset flags keep the exported video's."""
+        if all(v is None for v in (height, width, num_frames, fps)):
+            return self
+        if self.config.frames is None or self.sampler.video is None:
+            raise UserError(f"--height, --width, --num-frames and --fps are for video models; {self.config.name} "
+                            "is an image model")
+        from soda.models.video import DEFAULT_VIDEO, OFFICIAL_VIDEO, resolve_video
+
+        h, w, f, seen = self.sampler.video
+        fps0 = seen if f > 1 else DEFAULT_VIDEO.get(self.config.name, OFFICIAL_VIDEO)[3]  # an image's 120 is not a rate
+        config, video = resolve_video(self.config, height, width, num_frames, fps, default=(h, w, f, fps0))
+        return replace(self, config=config, sampler=replace(self.sampler, video=video))
+
+    @property
+    def exported_video(self) -> bool:
+        """Whether the config is the exported one (a video model may run at another size)."""
+        return self.config.hash() == self.manifest.model_hash
+
     def sampler_with(self, kind: str | None = None, steps: int | None = None,
                      cfg_scale: float | None = None) -> SamplerConfig:
         """The exported sampler with any of its fields overridden from the command line."""
@@ -149,6 +170,11 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
         schedule = Schedule.load(schedule_file)
     elif policy is None or policy in PROFILED:
         schedule = engines.exported_schedule
+        if not engines.exported_video:
+            h, w, f, _ = engines.manifest.sampler["video"]
+            raise UserError(f"{engines.folder}'s {schedule.policy} schedule was made for the exported video "
+                            f"({h}x{w}, {f} frames); at another size give --policy full, fora, toca, duca or "
+                            "taylorseer, or --schedule FILE made for that size (`cli.py sample` / `schedule`)")
         if policy is not None and schedule.policy != policy:
             raise UserError(f"{engines.folder} was exported with a {schedule.policy!r} schedule, not a {policy} one; "
                             f"re-export with `cli.py export --policy {policy}` or pick another --policy")

@@ -44,12 +44,14 @@ def run_command(
     progress: Callable[[int], None] | None = None,
     toca_official_loop: bool = False,
     prompt_embeds: str | None = None,
+    video: tuple | None = None,
 ) -> np.ndarray:
     """Generate with the deployed graphs; returns the final samples [n, C, H, W]. `labels` for a
-    label-conditioned model (None: 0,1,2,3), `prompt_embeds` (an npz) for a text-conditioned one."""
+    label-conditioned model (None: 0,1,2,3), `prompt_embeds` (an npz) for a text-conditioned one;
+    `video` (height, width, num_frames, fps; None entries: the exported video's) for a video model."""
     from soda.generate import full_flops, generate, load_noise, make_conditioning
 
-    engines = open_engines(engines_dir)
+    engines = open_engines(engines_dir).at_video(*(video or ()))
     config = engines.config
     sampler_cfg = engines.sampler_with(sampler, steps, cfg_scale)
     ys = make_conditioning(config, labels, prompt_embeds, engines.null_caption(), sampler_cfg)

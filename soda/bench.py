@@ -52,6 +52,8 @@ def backend_for(kind: str, model, engines_dir: str | None = None):
         except ImportError as e:
             raise UserError(f"--backend ort needs the runtime package ({e})") from None
         engines = open_engines(engines_dir)
+        if getattr(model, "video", None):  # a video model's engines run any video size
+            engines = engines.at_video(*model.video)
         if engines.config.hash() != model.config.hash():
             raise UserError(f"{engines_dir} was exported from {engines.config.name}, not {model.config.name}")
         return make_backend(engines, "ort")

@@ -36,15 +36,22 @@ def parse_labels(text: str, num_classes: int) -> np.ndarray:
 
 
 def with_video(cond: Conditioning, config: ModelConfig, sampler: SamplerConfig | None) -> Conditioning:
-    """A video model (Open-Sora) is also conditioned on the frame rate of the video the sampler
-    makes (`SamplerConfig.video`); the same for the conditional and unconditional rows."""
+    """A video model (Open-Sora) is also conditioned on the video the sampler makes
+    (`SamplerConfig.video`) and `config` holds: its frame rate ("fps" [n]), its latent grid ("grid"
+    [n, 3]: frames, height, width) and position-embedding scale ("pe_scale" [n]); the same for the
+    conditional and unconditional rows."""
     if "fps" not in config.interface.cond:
         return cond
     if sampler is None or sampler.video is None:
         raise UserError(f"{config.name} needs the video size and frame rate (--height, --width, --num-frames, --fps)")
-    fps = lambda d: np.full(len(next(iter(d.values()))), sampler.video[3], dtype=np.float32)  # noqa: E731
-    return Conditioning({**cond.cond, "fps": fps(cond.cond)},
-                        None if cond.uncond is None else {**cond.uncond, "fps": fps(cond.uncond)})
+
+    def video(d: dict) -> dict:
+        n = len(next(iter(d.values())))
+        return {**d, "fps": np.full(n, sampler.video[3], dtype=np.float32),
+                "grid": np.tile(np.array(config.latent_shape[1:], dtype=np.int64), (n, 1)),
+                "pe_scale": np.full(n, config.pe_interpolation, dtype=np.float32)}
+
+    return Conditioning(video(cond.cond), None if cond.uncond is None else video(cond.uncond))
 
 
 def make_conditioning(config: ModelConfig, labels: str | None, prompt_embeds: str | None,

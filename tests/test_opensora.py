@@ -116,11 +116,14 @@ def test_rflow_30_step_cfg7_trajectory_matches_official(pair, inputs):
 
 
 def conditioning(model, y, mask) -> Conditioning:
-    """[prompts; learned null caption under the prompts' masks], fps per row (the official batch)."""
+    """[prompts; learned null caption under the prompts' masks], the video (fps, latent grid,
+    position-embedding scale) per row (the official batch)."""
+    from soda.generate import with_video
+
     null = model.null_caption_table()[None, : y.shape[1]]
-    fps = np.full(len(y), FPS, dtype=np.float32)
     m = mask.numpy().astype(np.float32)
-    return Conditioning({"caption": y.numpy(), "mask": m, "fps": fps}, {"caption": null, "mask": m, "fps": fps})
+    sampler = SamplerConfig("rflow", 30, 7.0, None, video=(HEIGHT, WIDTH, FRAMES, FPS))
+    return with_video(Conditioning({"caption": y.numpy(), "mask": m}, {"caption": null, "mask": m}), SMALL, sampler)
 
 
 def forward_fn(model, z, t, cond):

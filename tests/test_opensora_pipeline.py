@@ -189,3 +189,62 @@ def test_bench_runs_forecast_policies_on_the_runtime(tmp_path, monkeypatch, caps
     assert set(rows) == {"full", "taylorseer", "soda-forecast"}
     for policy in ("taylorseer", "soda-forecast"):
         assert rows[policy]["flops_speedup"] >= 2.0 * 0.97 and np.isfinite(rows[policy]["psnr_db"]), rows[policy]
+
+
+def test_one_export_runs_other_video_sizes(tmp_path, monkeypatch, capsys):
+    """The video graphs take the latent size as dynamic axes: one export (17 frames of 64 x 64)
+    runs 17 frames and 34 frames of 104 x 80 (13 x 10 latents: patch padding, another position-
+    embedding base), each equal to
+    `sample` at that size to 1e-4; the exported schedule is refused at another size, one line."""
+    np.savez(tmp_path / "p.npz", **prompts(2))
+    base = ["--prompt-embeds", str(tmp_path / "p.npz"), "--steps", "4", "--policy", "toca", "--seed", "3"]
+    r = run_cli(["export", "--model", "opensora-tiny", "--random-init", "--policy", "toca", "--steps", "4",
+                 "--out", str(tmp_path / "eng")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    for video in ([], ["--num-frames", "34", "--height", "104", "--width", "80"]):
+        r = run_cli(["run", "--engines", str(tmp_path / "eng"), *base, *video, "--save-latents", str(tmp_path / "r.npy"),
+                     "--out", str(tmp_path / "r.png")], monkeypatch, capsys)
+        assert r.returncode == 0, r.stderr
+        r = run_cli(["sample", "--model", "opensora-tiny", "--random-init", *base, *video, "--save-latents",
+                     str(tmp_path / "s.npy"), "--out", str(tmp_path / "s.png")], monkeypatch, capsys)
+        assert r.returncode == 0, r.stderr
+        got, want = np.load(tmp_path / "r.npy"), np.load(tmp_path / "s.npy")
+        assert got.shape == want.shape == ((2, 4, 10, 13, 10) if video else (2, 4, 5, 8, 8))
+        assert rel(got, want) < 1e-4, video
+
+    bad = ["run", "--engines", str(tmp_path / "eng"), "--prompt-embeds", str(tmp_path / "p.npz"), "--steps", "2",
+           "--out", str(tmp_path / "z.png")]
+    np.save(tmp_path / "noise.npy", np.zeros((2, 4, 5, 8, 8), dtype=np.float32))
+    np.savez(tmp_path / "wide.npz", **prompts(2, channels=48))
+    cases = [
+        (bad + ["--num-frames", "34"], "toca schedule was made for the exported video (64x64, 17 frames)"),
+        (bad + ["--policy", "full", "--num-frames", "8"], "--num-frames 8: rflow's timestep transform needs 1 frame"),
+        (bad + ["--policy", "full", "--num-frames", "34", "--noise", str(tmp_path / "noise.npy")],
+         "expected [2, 4, 10, 8, 8]: [n, C, T, H, W] with the latent frames, height and width of --num-frames"),
+        ([a if a != str(tmp_path / "p.npz") else str(tmp_path / "wide.npz") for a in bad],
+         "caption dimension 48, the checkpoint expects 32"),
+    ]
+    for args, msg in cases:
+        r = run_cli(args, monkeypatch, capsys)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and lines and lines[-1].startswith("error: ") and msg in lines[-1], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_trt_profiles_fix_the_exported_video():
+    """TensorRT optimization profiles take a video graph's size axes at the exported video (the
+    engines serve that size; onnxruntime any)."""
+    from export.trt import _profiles
+
+    art = {"inputs": [{"name": "x", "shape": ["B", 4, "T", "H", "W"]}, {"name": "grid", "shape": ["B", 3]}]}
+    (prof,) = _profiles(art, [80], max_batch=8, video={"T": 5, "H": 8, "W": 8, "N": 80})
+    assert prof["shapes"]["x"] == [[1, 4, 5, 8, 8], [8, 4, 5, 8, 8], [8, 4, 5, 8, 8]]
+    assert prof["shapes"]["grid"] == [[1, 3], [8, 3], [8, 3]]
+
+
+def test_dynamo_exporter_refuses_video_graphs(tmp_path, monkeypatch, capsys):
+    r = run_cli(["export", "--model", "opensora-tiny", "--random-init", "--exporter", "dynamo", "--steps", "2",
+                 "--out", str(tmp_path / "eng")], monkeypatch, capsys)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: video graphs take the video "
+                                                                              "size as dynamic axes"), r.stderr
+    assert not (tmp_path / "eng").exists()

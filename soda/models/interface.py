@@ -195,14 +195,18 @@ def _opensora_mix(config) -> tuple[int, ...]:
 # subset can be recomputed; self-attention reshapes the flat tokens to (B*T) x S or (B*S) x T and
 # needs every one of them, so it is computed in full or reused whole, never pruned. The scores
 # are the official Open-Sora ones: DuCa's value norms (self-attention), ToCa's cross-attention entropy.
+# The video size is an input, so one export runs any video: the conditioning's "grid" ([B, 3] latent
+# frames, height, width; attention reshapes by it) and "pe_scale" ([B], the position-embedding scale
+# of the pixel size), and the step's "grid" (read from the latent by embed, for the final layer).
 OPENSORA = Interface(
     "opensora",
     (ModuleSpec("attn", gated=True, token_mixing=True, kind=SELF_ATTN, score="value_norm", axis="spatial|temporal",
-                prunable=False),
+                context=("grid",), prunable=False),
      ModuleSpec("cross_attn", gated=False, token_mixing=False, kind=CROSS_ATTN, args=(), context=("k", "v", "mask"),
                 score="entropy"),
      _MLP),
-    cond=("caption", "mask", "fps"), embed_context=("fps",), step=("t_mlp", "temb"), final_step=("temb",),
+    cond=("caption", "mask", "fps", "grid", "pe_scale"), embed_context=("fps", "pe_scale"),
+    step=("t_mlp", "temb", "grid"), final_step=("temb", "grid"),
     prepared=("k", "v"), per_layer=("k", "v"), condition_inputs=("caption",), modulation_step=("t_mlp",),
     flops=_opensora_flops, mix_lengths=_opensora_mix, timestep_dtype="float32",
 )

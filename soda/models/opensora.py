@@ -18,8 +18,7 @@ temporal `x_mask`), so a full-compute schedule is the official model.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,31 +28,8 @@ import torch.nn.functional as F
 
 from soda.errors import UserError
 from soda.models.config import REGISTRY, ModelConfig, get_config
-
-VAE_SPATIAL = 8  # OpenSoraVAE_V1_2: SDXL VAE, 8x per side
-VAE_MICRO_FRAMES, VAE_MICRO_LATENTS, VAE_TEMPORAL = 17, 5, 4  # 17 frames -> 5 latents; 4x inside a chunk
-INPUT_SQ_SIZE = 512  # STDiT3Config.input_sq_size: the position embedding's reference resolution
-IMG_FPS = 120  # opensora.datasets.IMG_FPS: the fps the model sees for a single image
-OFFICIAL_VIDEO = (240, 426, 51, 24)  # configs/opensora-v1-2/inference/sample.py: 240p 9:16, 51 frames, 24 fps
-
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames Open-Sora 1.2's VAE makes of `num_frames` pixel frames (`get_latent_size`):
-    17-frame chunks of 5 latents each, the remainder padded to a multiple of 4 and divided by 4."""
-    if num_frames < 1:
-        raise UserError(f"--num-frames must be at least 1, got {num_frames}")
-    whole, rest = divmod(num_frames, VAE_MICRO_FRAMES)
-    return whole * VAE_MICRO_LATENTS + -(-rest // VAE_TEMPORAL)
-
-
-def video_config(config: ModelConfig, height: int, width: int, num_frames: int) -> ModelConfig:
-    """`config` for a `height` x `width` pixel video of `num_frames` frames: the latent grid
-    (VAE: 8x per side, Open-Sora 1.2's temporal compression) and the position-embedding scale
-    sqrt(height * width) / 512 (`STDiT3.forward`)."""
-    if height < VAE_SPATIAL or width < VAE_SPATIAL:
-        raise UserError(f"--height and --width must be at least {VAE_SPATIAL} pixels, got {height}x{width}")
-    return replace(config, frames=latent_frames(num_frames), input_size=height // VAE_SPATIAL,
-                   input_width=width // VAE_SPATIAL, pe_interpolation=(height * width) ** 0.5 / INPUT_SQ_SIZE)
+from soda.models.video import (DEFAULT_VIDEO, IMG_FPS, INPUT_SQ_SIZE, OFFICIAL_VIDEO, latent_frames,  # noqa: F401
+                               resolve_video, video_config)
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -69,11 +45,15 @@ class PatchEmbed3D(nn.Module):
         self.patch_size = tuple(patch_size)
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] -> [B, D, T, H/ph, W/pw] (sizes from the input: any video in a graph)."""
         pt, ph, pw = self.patch_size
         _, _, T, H, W = x.shape
         x = F.pad(x, (0, -W % pw, 0, -H % ph, 0, -T % pt))
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, T*H*W, D], frame-major
+        return self.proj(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patches(x).flatten(2).transpose(1, 2)  # [B, T*H*W, D], frame-major
 
 
 class RMSNorm(nn.Module):
@@ -104,7 +84,7 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., T, d]: rotate each (2i, 2i+1) pair by angle pos * freqs[i]."""
-        pos = torch.arange(x.shape[-2], dtype=x.dtype, device=x.device)
+        pos = torch.ones_like(x[(0,) * (x.dim() - 2)][:, 0]).cumsum(0) - 1  # 0..T-1 from the shape: any T in a graph
         angles = pos[:, None] * self.freqs.repeat_interleave(2)[None, :]  # [T, d]: pair i turns by pos * freqs[i]
         rotated = x @ self.rotate_half  # (x0, x1) -> (-x1, x0) per pair, exact (one +-1 term per output)
         return x * angles.cos() + rotated * angles.sin()
@@ -228,20 +208,34 @@ class T2IFinalLayer(nn.Module):
         return self.linear(t2i_modulate(self.norm_final(x), shift, scale))
 
 
-@lru_cache(maxsize=64)
-def position_embedding(dim: int, h: int, w: int, scale: float, base_size: int) -> torch.Tensor:
-    """PositionEmbedding2D: [1, h*w, dim], row-major patches; the first half encodes the patch's
-    column, the second its row, each as [sin, cos] of coordinate / scale * base_size / side."""
+def position_embedding(dim: int, patches: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """PositionEmbedding2D of an h x w patch grid (`patches` [h, w]: only its shape is read): [h, w,
+    dim]; the first half encodes the patch's column, the second its row, each as [sin, cos] of
+    coordinate / scale * base_size / side with base_size = round(sqrt(h * w)). Built from tensor
+    ops on the grid's shape (no Python sizes), so an exported graph takes any grid."""
     half = dim // 2
     inv_freq = 1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))
-    col = (torch.arange(w) / scale * (base_size / w)).repeat(h)
-    row = (torch.arange(h) / scale * (base_size / h)).repeat_interleave(w)
+    ones = torch.ones_like(patches, dtype=torch.float32)
+    h, w = ones[:, 0].sum(), ones[0].sum()
+    base_size = torch.round(torch.sqrt(h * w))
+    col = (ones[0].cumsum(0) - 1) / scale * (base_size / w)  # [w]
+    row = (ones[:, 0].cumsum(0) - 1) / scale * (base_size / h)  # [h]
 
     def sincos(c: torch.Tensor) -> torch.Tensor:
         out = c[:, None] * inv_freq[None]
         return torch.cat([torch.sin(out), torch.cos(out)], dim=-1)
 
-    return torch.cat([sincos(col), sincos(row)], dim=-1)[None]
+    zeros = (ones - 1)[:, :, None]
+    return torch.cat([sincos(col)[None] + zeros, sincos(row)[:, None] + zeros], dim=-1)
+
+
+def unpatchify(x: torch.Tensor, T, H, W, p: int, C: int) -> torch.Tensor:
+    """Final-layer tokens [B, T*Hp*Wp, p*p*C] -> [B, C, T, H, W], the patch padding cropped (sizes
+    may be ints or 0-dim tensors, so a graph takes any video)."""
+    B = x.shape[0]
+    Hp, Wp = (H + p - 1) // p, (W + p - 1) // p
+    x = x.reshape(B, T, Hp, Wp, p, p, C).permute(0, 6, 1, 2, 4, 3, 5)
+    return x.reshape(B, C, T, Hp * p, Wp * p)[:, :, :, :H, :W]
 
 
 # --- what the loop hands back to the modules --------------------------------------------------
@@ -310,25 +304,26 @@ class STDiT3Block(nn.Module):
                 "cross_attn": Modulation(None, None, None),
                 "mlp": Modulation(shift_mlp, scale_mlp, gate_mlp)}
 
-    def mix(self, x: torch.Tensor, grid: Grid, return_value_norm: bool = False):
-        """Self-attention on flat tokens [B, T*S, D], along this block's axis; with
-        `return_value_norm`, also DuCa's per-token value-norm score [B, T*S] in the flat layout."""
-        B, _, C = x.shape
-        T, S = grid.T, grid.S
+    def mix(self, x: torch.Tensor, T, return_value_norm: bool = False):
+        """Self-attention on flat tokens [B, T*S, D] of T frames (an int, or a 0-dim tensor in a
+        graph), along this block's axis; with `return_value_norm`, also DuCa's per-token value-norm
+        score [B, T*S] in the flat layout."""
+        B, N, C = x.shape
+        frames = x.reshape(B, T, -1, C)  # [B, T, S, C]
         if self.temporal:
-            out, score = self.attn(x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C), True)
-            out = out.reshape(B, S, T, C).transpose(1, 2).reshape(B, T * S, C)
-            score = score.reshape(B, S, T).transpose(1, 2).reshape(B, T * S)
+            out, score = self.attn(frames.transpose(1, 2).flatten(0, 1), True)  # (B*S) x T
+            out = out.reshape(B, -1, T, C).transpose(1, 2).reshape(B, N, C)
+            score = score.reshape(B, -1, T).transpose(1, 2).reshape(B, N)
         else:
-            out, score = self.attn(x.reshape(B * T, S, C), True)
-            out, score = out.reshape(B, T * S, C), score.reshape(B, T * S)
+            out, score = self.attn(frames.flatten(0, 1), True)  # (B*T) x S
+            out, score = out.reshape(B, N, C), score.reshape(B, N)
         return (out, score) if return_value_norm else out
 
     def run_module(self, name: str, x: torch.Tensor, mod: Modulation, grid: Grid, kv=None,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-gate output of module `name`: on all tokens for `attn`, on any subset for the others."""
         if name == "attn":
-            return self.mix(t2i_modulate(self.norm1(x), mod.shift[:, None], mod.scale[:, None]), grid)
+            return self.mix(t2i_modulate(self.norm1(x), mod.shift[:, None], mod.scale[:, None]), grid.T)
         if name == "cross_attn":
             return self.cross_attn(x, kv[0], kv[1], mask)
         if name == "mlp":
@@ -422,32 +417,27 @@ class STDiT3(nn.Module):
     def embed(self, x: torch.Tensor, height: float, width: float) -> tuple[torch.Tensor, Grid]:
         """Latents [B, C, T, H, W] -> tokens [B, T*S, D] with the position embedding of a
         `height` x `width` pixel video (scale = sqrt(h*w) / input_sq_size), and their grid."""
-        grid = self.grid(x)
-        tokens = self.x_embedder(x)
-        scale = (height * width) ** 0.5 / INPUT_SQ_SIZE
-        pos = position_embedding(self.config.hidden_size, grid.H, grid.W, float(scale), round(grid.S**0.5))
-        B, _, D = tokens.shape
-        tokens = (tokens.reshape(B, grid.T, grid.S, D) + pos.to(tokens.dtype)).reshape(B, grid.T * grid.S, D)
-        return tokens, grid
+        scale = torch.tensor((height * width) ** 0.5 / INPUT_SQ_SIZE, dtype=torch.float32)
+        return self.patch_tokens(x, scale), self.grid(x)
+
+    def patch_tokens(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, T, H, W] -> tokens [B, T*S, D] plus the position embedding at `scale`."""
+        patches = self.x_embedder.patches(x)  # [B, D, T, Hp, Wp]
+        pos = position_embedding(self.config.hidden_size, patches[0, 0, 0], scale)  # [Hp, Wp, D]
+        return (patches.permute(0, 2, 3, 4, 1) + pos.to(patches.dtype)).flatten(1, 3)
 
     def final(self, tokens: torch.Tensor, cond: StepCond, grid: Grid) -> torch.Tensor:
         """Tokens -> model output [B, C_out, T, H, W] (padding cropped)."""
-        x = self.final_layer(tokens, cond.t)
-        B, C, p = x.shape[0], self.config.out_channels, self.config.patch_size
-        x = x.reshape(B, grid.T, grid.H, grid.W, p, p, C).permute(0, 6, 1, 2, 4, 3, 5)
-        x = x.reshape(B, C, grid.T, grid.H * p, grid.W * p)
-        T, H, W = grid.raw
-        return x[:, :, :T, :H, :W]
+        return unpatchify(self.final_layer(tokens, cond.t), *grid.raw, self.config.patch_size,
+                          self.config.out_channels)
 
-    # --- the generic adapter protocol (soda.models.interface) on the configured video size ------
-    def config_grid(self) -> Grid:
-        """The token grid of the video size in the config (latent frames x H x W, patch-padded)."""
-        c, p = self.config, self.config.patch_size
-        return Grid(c.frames, -(-c.input_size // p), -(-c.input_width // p), (c.frames, c.input_size, c.input_width))
-
+    # --- the generic adapter protocol (soda.models.interface) --------------------------------------
+    # The video size comes with the inputs, never from the config: the latent's own shape (embed),
+    # the conditioning's "grid" (latent frames, height, width: attention) and "pe_scale" (the
+    # position-embedding scale), and the step's "grid" (final). So the exported graphs take any video.
     def prepare(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per generation: caption [B, L, C] -> each layer's cross-attention K/V [B, L, D] (the mask
-        and fps stay in the conditioning, which the loop keeps next to these)."""
+        """Per generation: caption [B, L, C] -> each layer's cross-attention K/V [B, L, D] (the mask,
+        fps and video size stay in the conditioning, which the loop keeps next to these)."""
         caption = cond["caption"].float()
         if caption.shape[-1] != self.config.caption_channels:
             raise UserError(f"caption width {caption.shape[-1]} does not match the checkpoint's "
@@ -459,19 +449,12 @@ class STDiT3(nn.Module):
         return ctx
 
     def step_embed(self, x: torch.Tensor, t: torch.Tensor, context: dict) -> tuple[torch.Tensor, tuple]:
-        """Per step: tokens (patches + position embedding at the config's scale) and
-        (t_mlp [B, 6D] for every block, t [B, D] for the final layer)."""
-        grid = self.config_grid()
-        if tuple(x.shape[2:]) != grid.raw:
-            raise UserError(f"latent of {tuple(x.shape[2:])} (frames, height, width) but the model is configured "
-                            f"for {grid.raw}")
-        tokens = self.x_embedder(x)
-        pos = position_embedding(self.config.hidden_size, grid.H, grid.W, float(self.config.pe_interpolation),
-                                 round(grid.S**0.5))
-        B, _, D = tokens.shape
-        tokens = (tokens.reshape(B, grid.T, grid.S, D) + pos.to(tokens.dtype)).reshape(B, grid.T * grid.S, D)
+        """Per step: tokens (patches + position embedding at the conditioning's scale) and
+        (t_mlp [B, 6D] for every block, t [B, D] for the final layer, the latent's grid [B, 3])."""
+        tokens = self.patch_tokens(x, context["pe_scale"][0].float())
         cond = self.step_cond(t.float(), context["fps"].float())
-        return tokens, (cond.t_mlp, cond.t)
+        grid = torch.zeros_like(t[:, None], dtype=torch.int64) + torch._shape_as_tensor(x)[2:]  # [B, 3]: T, H, W
+        return tokens, (cond.t_mlp, cond.t, grid)
 
     def layer_modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, torch.Tensor | None]]:
         mods = self.layers[layer].modulation(step[0])
@@ -480,10 +463,10 @@ class STDiT3(nn.Module):
     def module_forward(self, layer: int, name: str, tokens: torch.Tensor, args: tuple, context: dict | None = None):
         """(pre-gate D, per-token score): `attn` (always on every token) with DuCa's value norms,
         `cross_attn` with ToCa's entropy half, `mlp` with none."""
-        block, grid = self.layers[layer], self.config_grid()
+        block = self.layers[layer]
         if name == "attn":
             shift, scale = args
-            return block.mix(t2i_modulate(block.norm1(tokens), shift[:, None], scale[:, None]), grid,
+            return block.mix(t2i_modulate(block.norm1(tokens), shift[:, None], scale[:, None]), context["grid"][0, 0],
                              return_value_norm=True)
         if name == "cross_attn":
             B, L, D = context["k"].shape
@@ -497,7 +480,9 @@ class STDiT3(nn.Module):
         raise KeyError(name)
 
     def step_final(self, tokens: torch.Tensor, step: tuple) -> torch.Tensor:
-        return self.final(tokens, StepCond(step[1], step[0]), self.config_grid())
+        grid = step[2]
+        T, H, W = grid[0, 0], grid[0, 1], grid[0, 2]
+        return unpatchify(self.final_layer(tokens, step[1]), T, H, W, self.config.patch_size, self.config.out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
                 fps: torch.Tensor, height: float, width: float) -> torch.Tensor:
@@ -516,24 +501,12 @@ class STDiT3(nn.Module):
 
 
 # --- the video a command makes ------------------------------------------------------------------
-DEFAULT_VIDEO = {"opensora-tiny": (64, 64, 17, 24)}  # (height, width, num_frames, fps); others: OFFICIAL_VIDEO
-
-
 def apply_video(model: "STDiT3", height: int | None = None, width: int | None = None, num_frames: int | None = None,
                 fps: float | None = None) -> tuple[int, int, int, float]:
     """Set the model's config to a pixel video (unset flags: the model's default video) and return
     (height, width, num_frames, fps the model sees: 120 for a single image, as the official code)."""
-    from soda.rflow import check_num_frames
-
-    h0, w0, f0, fps0 = DEFAULT_VIDEO.get(model.config.name, OFFICIAL_VIDEO)
-    height, width = height or h0, width or w0
-    num_frames = f0 if num_frames is None else num_frames
-    fps = fps0 if fps is None else fps
-    check_num_frames(num_frames)
-    if not 0 < fps < float("inf"):
-        raise UserError(f"--fps must be a positive number, got {fps}")
-    model.config = video_config(model.config, height, width, num_frames)
-    return height, width, num_frames, float(fps if num_frames > 1 else IMG_FPS)
+    model.config, video = resolve_video(model.config, height, width, num_frames, fps)
+    return video
 
 
 # --- checkpoints --------------------------------------------------------------------------------
