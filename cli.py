@@ -232,26 +232,38 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
 
 # --- train (issue 3) -------------------------------------------------------------------------
 @cli.command()
-@click.option("--model", "model_name", default="dit-digits", show_default=True, help="A registered digits-shaped config.")
+@click.option("--model", "model_name", default="dit-digits", show_default=True,
+              help="A registered digits-shaped config: dit-digits (class labels) or pixart-digits (captions).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--steps", type=int, default=7000, show_default=True, help="7000 = the shipped weights.")
+@click.option("--steps", type=int, default=None, help="Default: the shipped weights' recipe (dit-digits 7000, pixart-digits 4000).")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--ema", "ema_decay", type=float, default=0.999, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads (results are bitwise reproducible for the same count).")
+@click.option("--warm-start", default=None, metavar="MODEL|FILE|none",
+              help="Seed the init with the same-named tensors of a shipped model or a weights file. "
+                   "Default: the recipe's (pixart-digits: dit-digits; dit-digits: none).")
 @click.option("--out", type=click.Path(dir_okay=False), default="dit_digits.safetensors", show_default=True)
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="Loss log, JSON lines (default: OUT with .log.jsonl).")
-def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_file):
-    """Train dit-digits from scratch on scikit-learn's digits (EMA weights -> safetensors)."""
+def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, warm_start, out, log_file):
+    """Train dit-digits or pixart-digits on scikit-learn's digits (EMA weights -> safetensors)."""
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from soda.digits.train import TrainConfig, digits_config, train as run_training
+    from soda.digits.train import TrainConfig, digits_config, recipe, train as run_training
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, threads=threads)
-    digits_config(model_name)  # refuse a non-digits model before the progress bar starts
+    digits_config(model_name)  # refuse a non-digits model before anything else
+    steps = steps if steps is not None else recipe(model_name)["steps"]
+    warm_start = recipe(model_name)["warm_start"] if warm_start is None else None if warm_start == "none" else warm_start
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, threads=threads,
+                      warm_start=warm_start)
+    if warm_start:
+        from soda.models.loading import PACKAGED
+
+        if not Path(PACKAGED.get(warm_start, warm_start)).is_file():
+            raise UserError(f"--warm-start {warm_start}: no such shipped model or file")
     log_file = log_file or str(Path(out).with_suffix(".log.jsonl"))
     check_out_suffix(out, "--out", (".safetensors",))
     check_out_suffix(log_file, "--log", (".jsonl", ".json", ".log", ".txt"))
@@ -264,6 +276,26 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, out, log_
         result = run_training(model_name, cfg, out, log_file, progress)
     click.echo(f"{steps} steps in {result['seconds']:.0f} s, last loss {result['last']['loss']:.4f}; "
                f"weights -> {out}, loss log -> {log_file}")
+
+
+@cli.command()
+@click.option("--model", "model_name", default="pixart-digits", show_default=True,
+              help="The model whose word table encodes the captions (pixart-digits).")
+@click.option("--captions", "caption_text", required=True,
+              help='Comma-separated captions, e.g. "a thin seven,a bold zero,a two".')
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="The .npz to write (--prompt-embeds reads it).")
+def encode(model_name, caption_text, out):
+    """Captions -> prompt embeddings (.npz with diffusers' names) from pixart-digits' shipped word table."""
+    from soda.digits.captions import parse_caption_list, save_captions
+    from soda.models.config import get_config
+
+    if get_config(model_name).name != "pixart-digits":
+        raise UserError(f"encode knows pixart-digits' word table only; {model_name} needs its own text encoder "
+                        "(write its prompt_embeds npz with it)")
+    check_out_suffix(out, "--out", (".npz",))
+    captions = parse_caption_list(caption_text)
+    save_captions(captions, out)
+    click.echo(f"{len(captions)} captions -> {out}")
 
 
 # --- profile / schedule / bench (issue 4) ----------------------------------------------------

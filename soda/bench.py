@@ -15,7 +15,7 @@ What a reviewer needs from a comparison, in one run:
   in the same round (`soda.timing.wall_speedup`, the runtime report's definition).
 
 Fidelity is measured against the full model's samples from the same noise (PSNR and cosine,
-`soda.metrics`); for `dit-digits` the digit classifier adds accuracy on the requested labels and
+`soda.metrics`); for `dit-digits` and `pixart-digits` the digit classifier adds accuracy on the requested labels (on the classes the captions name) and
 a Frechet distance to held-out real digits. The backend is pluggable: `backend_for("torch",
 ...)` is the PyTorch reference; `"ort"` runs an exported engines folder through the runtime's
 `make_backend` (imported lazily, so bench works without the runtime package).
@@ -180,6 +180,25 @@ def draw(seq, n: int, config) -> np.ndarray:
     return np.random.default_rng(seq).standard_normal((n, *shape)).astype(np.float32)
 
 
+DIGITS_MODELS = ("dit-digits", "pixart-digits")
+
+
+def caption_classes(setup: BenchSetup, k: int, n: int) -> np.ndarray | None:
+    """The digit each of the n evaluation samples' captions names (prompts k.. cycled, as
+    `conditions` cycles them), from the npz's `captions`; None where the file has none."""
+    from soda.captions import load_caption_texts
+    from soda.digits.captions import caption_labels
+
+    texts = load_caption_texts(setup.prompt_embeds)
+    if texts is None:
+        return None
+    try:
+        classes = caption_labels(texts[k:])
+    except UserError:
+        return None
+    return classes[np.arange(n) % len(classes)]
+
+
 def _scores(model_name: str, echo):
     """(metrics module, classifier or None)."""
     try:
@@ -187,7 +206,7 @@ def _scores(model_name: str, echo):
     except ImportError:
         raise UserError("bench needs soda/metrics.py (psnr, cosine), which this checkout lacks") from None
     classifier = None
-    if model_name == "dit-digits":
+    if model_name in DIGITS_MODELS:
         try:
             from soda.digits.classifier import DigitClassifier
 
@@ -353,6 +372,11 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
 
     groups = np.array_split(np.arange(setup.samples), setup.eval_seeds)
     labels = conditions(setup.samples, calibration=False)
+    truth = labels  # the class each evaluation sample should show
+    if eval_cond is not None:
+        truth = caption_classes(setup, len(cal_cond), setup.samples) if classifier is not None else None
+        if classifier is not None and truth is None:
+            echo("note: --prompt-embeds has no digit captions; class accuracy is null")
     outs = {id(c): [] for c in all_cells}
     secs = {id(c): [] for c in all_cells}
     flops = {id(c): 0.0 for c in all_cells}
@@ -396,7 +420,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
             "psnr_ci95": None if is_full or ci is None else [round(ci[0], 4), round(ci[1], 4)],
             "psnr_per_seed": None if is_full else [round(v, 4) for v in per_seed],
             "cosine": round(float(metrics.cosine(view(x), view(full_x))), 6),
-            "class_accuracy": None if classifier is None else round(float(classifier.accuracy(images, labels)), 4),
+            "class_accuracy": None if classifier is None or truth is None else round(float(classifier.accuracy(images, truth)), 4),
             "frechet": None if classifier is None else round(float(classifier.frechet(images)), 4),
             "pruned_share": None if is_full else pruned_share(c.schedule),
             "seconds": round(sum(secs[id(c)]), 3),

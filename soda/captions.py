@@ -97,6 +97,16 @@ def load_prompt_embeds(path: str | Path, channels: int | None = None) -> PromptE
     return PromptEmbeds(emb, mask, nemb, nmask)
 
 
+def load_caption_texts(path: str | Path) -> list[str] | None:
+    """The optional `captions` array (one string per prompt) that `cli.py encode` writes next to
+    the embeddings, or None; the embeddings' readers ignore it."""
+    with np.load(path, allow_pickle=False) as z:
+        if "captions" not in z.files or z["captions"].ndim != 1 or z["captions"].dtype.kind != "U":
+            return None
+        texts = [str(c) for c in z["captions"]]
+        return texts if len(texts) == len(z["prompt_embeds"]) else None
+
+
 def _pad(a: np.ndarray, L: int) -> np.ndarray:
     if a.shape[1] == L:
         return a

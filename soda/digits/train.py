@@ -2,6 +2,12 @@
 uniform timesteps over 1000, q_sample, MSE on epsilon plus the variational-bound term that
 teaches the learned-range variance, class dropout for classifier-free guidance, AdamW, EMA.
 
+The same loop trains `pixart-digits` (PixArt-alpha's blocks, which train with the same
+diffusion loss): what differs is only the conditioning (`ClassLabels`, `Captions` below), i.e.
+which model is built and what it is fed. PixArt's captions come from the shipped word table
+(soda/digits/captions.py) and are dropped to the null caption for CFG as the official
+`token_drop` does.
+
 Everything random is drawn from the seed, so `cli.py train --seed S` reproduces a file bit
 for bit on the same torch build and thread count. The output is the EMA weights as
 safetensors (the format `load_model` reads), with the recipe in the file's metadata.
@@ -35,6 +41,7 @@ class TrainConfig:
     threads: int = 1
     log_every: int = 50
     save_every: int = 500  # EMA weights written to `out` this often, so a long run can be checked early
+    warm_start: str | None = None  # a model name (its shipped weights) or file whose same-named tensors seed the init
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -45,14 +52,102 @@ class TrainConfig:
             raise UserError("--lr must be positive and --threads at least 1")
 
 
+# Per-model defaults of `cli.py train` (the shipped weights were made with these).
+RECIPES = {
+    "dit-digits": {"steps": 7000, "warm_start": None},
+    # The blocks' attention/MLP, the patch and timestep embedders and the output linear start from
+    # the shipped dit-digits weights (same names and shapes); everything PixArt adds starts from
+    # the official init. This is what makes 4000 steps enough (docs/pixart.md).
+    "pixart-digits": {"steps": 4000, "warm_start": "dit-digits"},
+}
+
+
+def recipe(model_name: str) -> dict:
+    return RECIPES.get(model_name, {"steps": 7000, "warm_start": None})
+
+
 def digits_config(model_name: str):
-    """The registered config, refused unless it fits the digits data (1x16x16, 10 classes)."""
+    """The registered config, refused unless it fits the digits data (1x16x16) and is conditioned
+    on its 10 classes (DiT) or on captions of the shipped word table's width (PixArt)."""
+    from soda.digits.captions import WIDTH
     from soda.models.config import get_config
 
     config = get_config(model_name)
-    if (config.in_channels, config.input_size, config.num_classes) != (1, 16, 10):
-        raise UserError(f"train knows the digits data only (1x16x16, 10 classes); {model_name} is not such a model")
+    fits = (config.in_channels, config.input_size) == (1, 16) and (
+        config.num_classes == 10 if config.arch == "dit" else config.arch == "pixart" and config.caption_channels == WIDTH)
+    if not fits:
+        raise UserError(f"train knows the digits data only (1x16x16, 10 classes or {WIDTH}-d captions); "
+                        f"{model_name} is not such a model")
     return config
+
+
+class ClassLabels:
+    """dit-digits: the class label; DiT's LabelEmbedder drops it to the null class itself
+    (`torch.rand` from the global generator, as the official code)."""
+
+    def __init__(self, config, data):
+        self.config = config
+        self.labels = torch.from_numpy(data.train_labels)
+
+    def build(self) -> torch.nn.Module:
+        from soda.models.dit import DiT
+
+        return DiT(self.config)
+
+    def forward(self, model, xt: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, gen: torch.Generator):
+        return model(xt, t, self.labels[idx])
+
+
+class Captions:
+    """pixart-digits: each image's caption from the shipped word table. A thin or bold digit is
+    captioned "a thin seven" or "a seven" (a fair coin from `gen`, so the plain caption covers
+    every stroke); then, as PixArt's `token_drop`, a `class_dropout_prob` share of the rows
+    (global `torch.rand`) gets the null caption under the same mask."""
+
+    def __init__(self, config, data):
+        from soda.digits.captions import WordTable, training_captions
+
+        self.config = config
+        table = WordTable.load()
+        self.table = torch.from_numpy(table.table)
+        ids_p, mask_p, ids_a, mask_a = training_captions(table, data.train_images, data.train_labels)
+        self.ids = torch.from_numpy(np.stack([ids_p, ids_a]))  # [2, n, L]
+        self.mask = torch.from_numpy(np.stack([mask_p, mask_a]))
+
+    def build(self) -> torch.nn.Module:
+        from soda.models.pixart import PixArt
+
+        model = PixArt(self.config)
+        model.initialize_weights()
+        return model
+
+    def forward(self, model, xt: torch.Tensor, t: torch.Tensor, idx: torch.Tensor, gen: torch.Generator):
+        which = (torch.rand(len(idx), generator=gen) < 0.5).long()
+        ids, mask = self.ids[which, idx], self.mask[which, idx]
+        caption = self.table[ids] * mask[..., None]
+        drop = torch.rand(len(idx)) < self.config.class_dropout_prob
+        return model(xt, t, model.y_embedder.token_drop(caption, drop), mask)
+
+
+def conditioning_for(config, data):
+    return ClassLabels(config, data) if config.arch == "dit" else Captions(config, data)
+
+
+def warm_start(model: torch.nn.Module, source: str) -> list[str]:
+    """Copy every tensor of `source` (a shipped model's name, or a weights file) whose name and
+    shape the model shares, except the fixed position embedding; returns the names copied."""
+    from soda.models.loading import PACKAGED, read_state_dict
+
+    path = PACKAGED.get(source, source)
+    state = read_state_dict(path)
+    own = model.state_dict()
+    shared = sorted(k for k, v in state.items() if k in own and own[k].shape == v.shape and k != "pos_embed")
+    if not shared:
+        raise UserError(f"--warm-start {source}: no tensor of it fits {model.config.name}")
+    with torch.no_grad():
+        for k in shared:
+            own[k].copy_(state[k])
+    return shared
 
 
 # --- the official loss (diffusion/gaussian_diffusion.py, losses.py), torch, linear betas ----
@@ -169,23 +264,24 @@ def train(
     log_path: str | Path | None = None,
     progress: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train from scratch and write the EMA weights to `out`; returns a summary dict."""
+    """Train (from the init, or warm-started) and write the EMA weights to `out`; returns a summary."""
     import copy
 
     from soda.digits.data import load_split
-    from soda.models.dit import DiT
 
     config = digits_config(model_name)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # restored on return; results depend on it
-    torch.manual_seed(cfg.seed)  # init and class dropout draw from the global generator
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # batches, timesteps, noise
+    torch.manual_seed(cfg.seed)  # init and caption/class dropout draw from the global generator
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # batches, timesteps, noise (and caption words)
     data = load_split()
     images = torch.from_numpy(data.train_images)
-    labels = torch.from_numpy(data.train_labels)
-    model = DiT(config)
+    cond = conditioning_for(config, data)
+    model = cond.build()
+    if cfg.warm_start:
+        warm_start(model, cfg.warm_start)
     ema = copy.deepcopy(model).requires_grad_(False)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.train()
@@ -197,11 +293,11 @@ def train(
     try:
         for step in range(1, cfg.steps + 1):
             idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-            x0, y = images[idx], labels[idx]
+            x0 = images[idx]
             t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen)
             noise = torch.randn(x0.shape, generator=gen)
             xt = diffusion.q_sample(x0, t, noise)
-            terms = diffusion.training_losses(model(xt, t, y), x0, xt, t, noise)
+            terms = diffusion.training_losses(cond.forward(model, xt, t, idx, gen), x0, xt, t, noise)
             loss = terms["loss"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -130,6 +130,13 @@ REGISTRY["opensora-tiny"] = ModelConfig(
     pe_interpolation=64 / 512, frames=5, input_width=8, qk_norm=True,
 )
 
+# The project's trained text-conditioned model: PixArt-alpha's blocks at dit-digits' size, pixel space,
+# conditioned only through captions of fixed 32-d word vectors (soda/digits/captions.py).
+REGISTRY["pixart-digits"] = ModelConfig(
+    "pixart-digits", depth=4, hidden_size=64, patch_size=2, num_heads=4, input_size=16, in_channels=1,
+    num_classes=0, learn_sigma=True, arch="pixart", caption_channels=32, caption_len=3, pe_interpolation=1.0,
+)
+
 # Guidance scale each model samples best at (DiT's published 4.0; dit-digits measured in docs/digits.md).
 DEFAULT_CFG_SCALE = {"dit-digits": 2.0, **{f"pixart-alpha-{px}": 4.5 for px in (256, 512, 1024)}}
 ARCH_CFG_SCALE = {"pixart": 4.5, "opensora": 7.0}  # PixArt's and Open-Sora 1.2's official scales

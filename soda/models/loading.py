@@ -18,7 +18,8 @@ from soda.models.config import REGISTRY, HEADS_BY_WIDTH, ModelConfig, get_config
 from soda.models.dit import DiT
 
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
-PACKAGED = {"dit-digits": Path(__file__).resolve().parent.parent / "assets" / "dit_digits.safetensors"}
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+PACKAGED = {"dit-digits": _ASSETS / "dit_digits.safetensors", "pixart-digits": _ASSETS / "pixart_digits.safetensors"}
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -199,7 +200,8 @@ def _load_pixart(name: str, ckpt, num_heads: int | None, random_init: bool, seed
     else:
         weights_file = path
         state = read_state_dict(path)
-        config = pixart.official_config(state, name, num_heads)
+        heads = num_heads if name == "pixart" else get_config(name).num_heads  # a named config knows its heads
+        config = pixart.official_config(state, name, heads)
     if name != "pixart":
         base = get_config(name, num_heads=num_heads)
         # Named configs fix the architecture; the checkpoint says its resolution and position scale.

@@ -61,6 +61,12 @@ class CaptionEmbedder(nn.Module):
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
         return self.y_proj(caption)
 
+    def token_drop(self, caption: torch.Tensor, drop_ids: torch.Tensor) -> torch.Tensor:
+        """Training's caption dropout (official `token_drop`): rows in `drop_ids` [B] (bool) get
+        the null caption's first L tokens; their mask stays the caption's, as in the official code."""
+        null = self.y_embedding[: caption.shape[1]].to(caption.dtype)
+        return torch.where(drop_ids[:, None, None], null[None], caption)
+
 
 class CrossAttention(nn.Module):
     """MultiHeadCrossAttention: queries from the image tokens, keys/values from the caption.
@@ -148,6 +154,32 @@ class PixArt(nn.Module):
         self.blocks = nn.ModuleList([PixArtBlock(H, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
         self.final_layer = T2IFinalLayer(H, config.patch_size, self.out_channels)
         self.has_null_caption = True  # False for diffusers checkpoints (no y_embedding there)
+
+    def initialize_weights(self) -> None:
+        """The official initialisation (`PixArt.initialize_weights`): xavier linears, the patch
+        embedding as a linear, N(0, 0.02) timestep/t_block/caption MLPs, and zeros for every
+        cross-attention output and the final linear. The null caption `y_embedding` is a buffer
+        (randn / sqrt(C)) there too, so the official optimiser never updates it."""
+
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.cross_attn.proj.weight, 0)
+            nn.init.constant_(block.cross_attn.proj.bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def randomize(self, seed: int = 0, std: float = 0.02) -> None:
         """Small random weights everywhere (the official init zeroes the output and each
