@@ -10,7 +10,7 @@ import click
 from soda.errors import UserError
 
 MODEL_HELP = ("dit-xl-2 | dit-l-4 | ... | dit-digits (shipped) | dit (infer from --ckpt) | "
-              "pixart-alpha-256 | pixart-alpha-512 | pixart (infer from --ckpt: official .pth or diffusers folder) | "
+              "pixart-alpha-256 | pixart-alpha-512 | pixart-digits (shipped, captions) | pixart (infer from --ckpt: official .pth or diffusers folder) | "
               "opensora-v1.2 | opensora-tiny (random-weights toy) | opensora (infer from --ckpt)")
 
 
