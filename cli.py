@@ -442,11 +442,13 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
               help="torch threads; 1 is fastest on a shared machine (10x faster than 2 under a load of 10).")
 @video_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default="bench.json", show_default=True)
+@click.option("--grid", "grid_png", type=click.Path(dir_okay=False), default=None,
+              help="PNG of the first 10 evaluation samples of every policy at --speedup, one row per policy.")
 @ray_options
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
               samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, eval_seeds,
               tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads, height, width,
-              num_frames, fps, json_out, ray_address, workers):
+              num_frames, fps, json_out, grid_png, ray_address, workers):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
@@ -459,7 +461,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
                        engines_dir, profile_file, profile_samples, batch_size,
                        eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
                        tune_samples=tune_samples, planner=planner, ablation=ablation, prompt_embeds=prompt_embeds,
-                       calibration_prompts=calibration_prompts)
+                       calibration_prompts=calibration_prompts, keep_samples=min(10, samples) if grid_png else 0)
     if not 1 <= speedup < float("inf"):
         raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
     check_setup(setup)
@@ -469,6 +471,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
         raise UserError(f"--profile-samples must be at least 1, got {profile_samples}")
     check_out_suffix(plot, "--plot", (".png", ".pdf", ".svg", ".jpg"))
     check_out_suffix(json_out, "--json", (".json",))
+    check_out_suffix(grid_png, "--grid", (".png",))
     if samples < 1:
         raise UserError(f"--samples must be at least 1, got {samples}")
     import torch
@@ -483,6 +486,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     with worker_pool(spec, ray_address, workers, click.echo) as pool:
         report = bench(model, weights, sampler_cfg, setup, echo=click.echo, progress=bar, pool=pool)
     report["command"] = "python cli.py " + shlex.join(sys.argv[1:])
+    kept = report.pop("kept_samples", None)
     write_json_atomic(json_out, report)
     click.echo(format_table(report["results"]))
     if report["frontier"]:
@@ -502,6 +506,19 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
                       title=f"{model.config.name} {sampler_cfg.kind}-{sampler_cfg.steps}, {samples} samples"
                       + random_note(weights))
         click.echo(f"frontier plot -> {plot}")
+    if grid_png:
+        from soda.pictures import policy_grid_png
+
+        what = "labels"
+        if prompt_embeds:
+            from soda.captions import load_caption_texts
+
+            texts = load_caption_texts(prompt_embeds)  # the first evaluation prompts are the grid's columns
+            texts = texts[(calibration_prompts or len(texts) // 2):][:len(next(iter(kept.values())))] if texts else None
+            what = f"captions ({texts[0]!r} .. {texts[-1]!r})" if texts else "captions"
+        policy_grid_png(kept, model.config, report["results"], grid_png, weights.startswith("random-init"),
+                        title=f"{model.config.name} at {speedup:g}x: one row per policy, same noise and {what}")
+        click.echo(f"samples per policy -> {grid_png}")
     click.echo(f"results -> {json_out}")
     click.echo(f"reproduce: {report['command']}")
 

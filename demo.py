@@ -106,7 +106,9 @@ def run_demo(model, weights: str, sampler, cfg: DemoConfig, echo: Callable[[str]
         echo("\n".join(runtime_lines(report["runtime"])))
 
     stages.start("report: sample grid and report.md")
-    _sample_grid(kept, model.config, report["results"], out / "samples.png", weights.startswith("random-init"))
+    from soda.pictures import policy_grid_png
+
+    policy_grid_png(kept, model.config, report["results"], out / "samples.png", weights.startswith("random-init"))
     timings = stages.close()
     path = out / "report.md"
     with atomic_output(path) as tmp:
@@ -132,27 +134,6 @@ def _reusable_profile(path: Path, model, weights: str, sampler, samples: int, ec
         return None
     echo(f"  reusing {path} ({prof.samples} generations)")
     return prof
-
-
-def _sample_grid(kept: dict[str, np.ndarray], config, rows: list[dict], path: Path, random_init: bool = False) -> None:
-    """One row per policy, same noise and labels in every row."""
-    from soda.pictures import grid_image, latent_preview, to_uint8
-
-    label = lambda r: r["policy"] if r.get("variant", "-") == "-" else f"{r['policy']} {r['variant']}"  # noqa: E731
-    rows = [r for r in rows if label(r) in kept]
-    names = [label(r) for r in rows]
-    if not names:
-        raise UserError("no samples were kept for the grid")
-    n = len(kept[names[0]])
-    tiles = np.concatenate([kept[p] for p in names])
-    if config.in_channels not in (1, 3):
-        tiles = latent_preview(tiles)
-    captions = [f"{p} {r['flops_speedup']:.2f}x" if i == 0 else "" for p, r in zip(names, rows) for i in range(n)]
-    scale = max(1, 48 // tiles.shape[-1])
-    with atomic_output(path) as tmp:
-        grid_image(to_uint8(np.clip(tiles, -1, 1)), captions, scale=scale, cols=n,
-                   title="one row per policy, same noise and labels" + (" - RANDOM WEIGHTS" if random_init else "")
-                   ).save(tmp)
 
 
 def _fmt(v, digits=3) -> str:

@@ -120,3 +120,25 @@ def save_video_strips_png(samples: np.ndarray, labels, out: str | Path, config, 
 
     with atomic_output(out) as tmp:
         img.save(tmp)
+
+
+def policy_grid_png(kept: dict[str, np.ndarray], config, rows: list[dict], path: str | Path,
+                    random_init: bool = False, title: str = "one row per policy, same noise and labels") -> None:
+    """The bench's kept samples: one row per policy (each row's first caption: the policy and its
+    FLOPs speedup), the same noise and conditioning in every row."""
+    from soda.outputs import atomic_output
+
+    label = lambda r: r["policy"] if r.get("variant", "-") == "-" else f"{r['policy']} {r['variant']}"  # noqa: E731
+    rows = [r for r in rows if label(r) in kept]
+    names = [label(r) for r in rows]
+    if not names:
+        raise UserError("no samples were kept for the grid")
+    n = len(kept[names[0]])
+    tiles = np.concatenate([kept[p] for p in names])
+    if config.in_channels not in (1, 3):
+        tiles = latent_preview(tiles)
+    captions = [f"{p} {r['flops_speedup']:.2f}x" if i == 0 else "" for p, r in zip(names, rows) for i in range(n)]
+    scale = max(1, 48 // tiles.shape[-1])
+    with atomic_output(path) as tmp:
+        grid_image(to_uint8(np.clip(tiles, -1, 1)), captions, scale=scale, cols=n,
+                   title=title + (" - RANDOM WEIGHTS" if random_init else "")).save(tmp)
