@@ -621,12 +621,14 @@ def run(engines_dir, policy, schedule_file, speedup, labels, prompt_embeds, seed
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--vae", type=click.Path(file_okay=False), default=None, help="Local diffusers AutoencoderKL folder "
               "(latent models: the .npz holds decoded images).")
+@video_options
 @click.option("--out", type=click.Path(), required=True, help="Folder: manifest.json, shards/, samples.npz.")
 @ray_options
 def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, engines_dir,
                  backend, policy, schedule_file, speedup, profile_file, num_samples, prompt_embeds, shard_size, seed,
-                 vae, out, ray_address, workers):
-    """Many samples, sharded and resumable (optionally on Ray) -> shards + ADM-layout samples.npz for FID."""
+                 vae, height, width, num_frames, fps, out, ray_address, workers):
+    """Many samples, sharded and resumable (optionally on Ray) -> shards + ADM-layout samples.npz for FID
+    (a video model: its latents, [N, C, T, H, W] float32)."""
     from pathlib import Path
 
     from tqdm import tqdm
@@ -643,20 +645,25 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
         raise UserError(f"VAE folder not found: {vae}")
     if engines_dir and (ckpt or random_init):
         raise UserError("give --engines or --ckpt/--random-init, not both")
-    spec = WorkerSpec(model_name, ckpt, num_heads, random_init, engines_dir, backend if engines_dir else "torch",
-                      vae=vae)
+    video = (height, width, num_frames, fps)
     if engines_dir:
         from runtime.engines import open_engines
 
-        engines = open_engines(engines_dir)
+        engines = open_engines(engines_dir).at_video(*video)  # a video model's engines run any size
         config, weights, loaded = engines.config, engines.weights, None  # the local worker opens the engines
         random_init = engines.random_init
+        given = lambda name, v: None if click.get_current_context().get_parameter_source(name).name == "DEFAULT" else v
+        sampler_cfg = engines.sampler_with(given("sampler", sampler), given("steps", steps), cfg_scale)
     else:
-        model, weights = load(model_name, ckpt, num_heads, random_init)
+        model, weights = load(model_name, ckpt, num_heads, random_init, video)
         config = model.config
         from soda.torch_backend import TorchBackend
 
         loaded = (TorchBackend(model), config, model, weights)
+        sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
+    # Workers load the model (or engines) themselves: they get the resolved video too.
+    spec = WorkerSpec(model_name, ckpt, num_heads, random_init if not engines_dir else False, engines_dir,
+                      backend if engines_dir else "torch", vae=vae, video=sampler_cfg.video)
     prompts = None  # a text model's captions, read and checked here, handed to each worker once
     if config.interface.cond == ("y",):
         if prompt_embeds:
@@ -665,10 +672,14 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
     else:
         from soda.generate import make_conditioning
 
-        prompts = make_conditioning(config, None, prompt_embeds, engines.null_caption()) if engines_dir else \
-            conditioning(model, None, prompt_embeds)
+        prompts = make_conditioning(config, None, prompt_embeds, engines.null_caption(), sampler_cfg) \
+            if engines_dir else conditioning(model, None, prompt_embeds, sampler_cfg)
     pixels = config.in_channels in (1, 3)
-    if not pixels and not vae:
+    if config.frames is not None:  # a video model: the .npz holds its latents (no video VAE here)
+        if vae:
+            raise UserError("--vae decodes image latents; Open-Sora's video VAE is not supported (the .npz holds "
+                            "the latents)")
+    elif not pixels and not vae:
         raise UserError(f"{config.name} makes {config.in_channels}-channel latents: give --vae DIR so the .npz "
                         f"holds images")
     if pixels and vae:
@@ -676,13 +687,10 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
     if engines_dir:
         from runtime.engines import resolve_schedule
 
-        given = lambda name, v: None if click.get_current_context().get_parameter_source(name).name == "DEFAULT" else v
-        sampler_cfg = engines.sampler_with(given("sampler", sampler), given("steps", steps), cfg_scale)
         schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup)
     else:
         from soda.pipeline import resolve_schedule
 
-        sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels)
         schedule = resolve_schedule(model, weights, sampler_cfg, policy_or_schedule(policy, schedule_file),
                                     schedule_file, speedup, profile_file, echo=click.echo, progress=progress_bar)
     if random_init:
@@ -699,7 +707,8 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
     click.echo(f"{len(res['computed'])} shards generated by {len(res['workers'])} worker(s) in {res['seconds']:.1f} s, "
                f"{res['skipped']} reused")
     labels = f"prompt indices (i % {len(prompts)})" if prompts is not None else "class labels"
-    click.echo(f"samples -> {res['npz']} (arr_0: uint8 {res['shape']}, arr_1: {labels})")
+    what = "float32 latents" if config.frames is not None else "uint8"
+    click.echo(f"samples -> {res['npz']} (arr_0: {what} {res['shape']}, arr_1: {labels})")
 
 
 # --- demo (issue 7) --------------------------------------------------------------------------

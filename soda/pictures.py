@@ -104,14 +104,16 @@ def save_samples_png(samples: np.ndarray, labels, out: str | Path, config, vae: 
         img.save(tmp)
 
 
-def save_video_strips_png(samples: np.ndarray, labels, out: str | Path, config, random_init: bool = False) -> None:
+def save_video_strips_png(samples: np.ndarray, labels, out: str | Path, config, random_init: bool = False,
+                          names: list[str] | None = None) -> None:
     """[n, C, T, H, W] latents -> a strip of T frame previews per sample (first 3 channels,
-    normalised over the whole clip so brightness changes between frames stay visible)."""
+    normalised over the whole clip so brightness changes between frames stay visible); `names`
+    (one per sample) replace the captions made from `labels`."""
     n, C, T = samples.shape[:3]
     clips = latent_preview(samples.reshape(n, C, T * samples.shape[3], samples.shape[4]))  # per clip
     frames = clips.reshape(n, min(C, 3), T, samples.shape[3], samples.shape[4]).transpose(0, 2, 1, 3, 4)
     tiles = to_uint8(frames.reshape(n * T, *frames.shape[2:]))
-    names = captions_for(labels, n)
+    names = names or captions_for(labels, n)
     captions = [f"{names[i]} f{t}" if names else f"f{t}" for i in range(n) for t in range(T)]
     scale = max(1, 48 // tiles.shape[1])
     title = f"{config.name} latent frames, one row per sample" + (" RANDOM WEIGHTS" if random_init else "")

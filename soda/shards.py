@@ -64,12 +64,13 @@ class WorkerSpec:
     device: str = "auto"  # onnxruntime: auto | cpu | cuda
     threads: int | None = None  # torch / onnxruntime intra-op threads in the worker
     vae: str | None = None  # diffusers AutoencoderKL folder (latent models, for the .npz)
+    video: tuple | None = None  # a video model's (height, width, num_frames, fps the model sees)
 
     def absolute(self) -> "WorkerSpec":
         """The same spec with absolute paths, so a worker with another working directory finds them."""
         fix = lambda p: None if p is None else str(Path(p).resolve())
         return WorkerSpec(self.model, fix(self.ckpt), self.num_heads, self.random_init, fix(self.engines),
-                          self.backend, self.device, self.threads, fix(self.vae))
+                          self.backend, self.device, self.threads, fix(self.vae), self.video)
 
 
 def load_backend(spec: WorkerSpec):
@@ -78,7 +79,7 @@ def load_backend(spec: WorkerSpec):
         from runtime.engines import open_engines
         from runtime.run import make_backend
 
-        engines = open_engines(spec.engines)
+        engines = open_engines(spec.engines).at_video(*(spec.video or ()))
         return make_backend(engines, spec.backend, device=spec.device, threads=spec.threads), engines.config, None, \
             engines.weights
     from soda.models.loading import load_model
@@ -89,6 +90,10 @@ def load_backend(spec: WorkerSpec):
 
         torch.set_num_threads(spec.threads)
     model, weights = load_model(spec.model, spec.ckpt, spec.num_heads, spec.random_init)
+    if spec.video:
+        from soda.models.opensora import apply_video
+
+        model.video = apply_video(model, *spec.video)
     return TorchBackend(model), model.config, model, weights
 
 
@@ -244,13 +249,15 @@ class ShardWorker:
                                             None if self.prompts is None else len(self.prompts))
         cond = labels if self.prompts is None else self.prompts.rows(labels)
         x, flops, seconds = self.generate(job.sampler, job.schedule, cond, job.seed, noise, rng=rngs)
-        if self.config.in_channels in (1, 3):
-            pixels = x
+        if self.config.frames is not None:  # a video model: no video decoder here, the .npz holds its latents
+            images = np.asarray(x, dtype=np.float32)
+        elif self.config.in_channels in (1, 3):
+            images = adm_uint8(x)
         else:
             from soda.pictures import decode_vae
 
-            pixels = decode_vae(x, self.vae())
-        return {"k": k, "indices": np.arange(start, stop), "labels": labels, "samples": x, "images": adm_uint8(pixels),
+            images = adm_uint8(decode_vae(x, self.vae()))
+        return {"k": k, "indices": np.arange(start, stop), "labels": labels, "samples": x, "images": images,
                 "flops": flops, "seconds": seconds, "worker": self.where}
 
     def calibrate(self, sampler: dict, labels: np.ndarray, noise_seed: int, options: dict) -> dict:
@@ -344,7 +351,8 @@ class ShardStore:
 
     def write_npz(self) -> Path:
         """Stream every shard's images into OUT/samples.npz (arr_0 images, arr_1 labels), one shard in
-        memory at a time; written atomically. Needs every shard."""
+        memory at a time; written atomically. Needs every shard. (A video model's "images" are its
+        latents, float32 [n, C, T, H, W].)"""
         missing = self.todo()
         if missing:
             raise RuntimeError(f"shards {missing[:5]} are missing")
@@ -356,11 +364,11 @@ class ShardStore:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 with zf.open("arr_0.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array_header_2_0(
-                        member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                        member, {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
                                  "shape": shape})
                     for k in range(self.job.num_shards):
                         images = self.load_shard(k)["images"]
-                        assert images.dtype == np.uint8 and images.shape[1:] == shape[1:]
+                        assert images.dtype == first.dtype and images.shape[1:] == shape[1:]
                         member.write(np.ascontiguousarray(images).tobytes())
                 with zf.open("arr_1.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, labels)
@@ -378,6 +386,17 @@ class ShardStore:
 
         images = np.concatenate([self.load_shard(k)["images"] for k in range(min(self.job.num_shards,
                                                                                  -(-n // self.job.shard_size)))])[:n]
+        random = str(self.job.weights).startswith("random-init")
+        if images.ndim == 5:  # a video model's latents: the latent frames of the first few, one row each
+            from types import SimpleNamespace
+
+            from soda.pictures import save_video_strips_png
+
+            path = self.out / PREVIEW
+            what = "prompt" if self.job.prompt_embeds_sha256 else "class"
+            save_video_strips_png(images[:4], None, path, SimpleNamespace(name=self.job.model), random,
+                                  names=[f"sample {i} ({what} {int(v)})" for i, v in enumerate(labels[:4])])
+            return path
         scale = max(1, 64 // images.shape[1])
         title = f"{self.job.model} {self.job.schedule.get('policy', '')}, samples 0..{len(images) - 1} of " \
                 f"{self.job.num_samples}" + (" RANDOM WEIGHTS" if str(self.job.weights).startswith("random-init") else "")

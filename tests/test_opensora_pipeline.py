@@ -248,3 +248,19 @@ def test_dynamo_exporter_refuses_video_graphs(tmp_path, monkeypatch, capsys):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: video graphs take the video "
                                                                               "size as dynamic axes"), r.stderr
     assert not (tmp_path / "eng").exists()
+
+
+def test_generate_bad_video_input_is_one_line(tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "p.npz", **prompts(2))
+    np.savez(tmp_path / "wide.npz", **prompts(2, channels=48))
+    base = ["generate", "--model", "opensora-tiny", "--random-init", "--num-samples", "2", "--steps", "1"]
+    cases = [
+        (["--prompt-embeds", str(tmp_path / "p.npz"), "--num-frames", "8"], "--num-frames 8: rflow's timestep"),
+        (["--prompt-embeds", str(tmp_path / "p.npz"), "--vae", str(tmp_path)], "Open-Sora's video VAE is not supported"),
+        (["--prompt-embeds", str(tmp_path / "wide.npz")], "caption dimension 48, the checkpoint expects 32"),
+    ]
+    for args, msg in cases:
+        r = run_cli(base + args + ["--out", str(tmp_path / "g")], monkeypatch, capsys)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and lines and lines[-1].startswith("error: ") and msg in lines[-1], (args, r.stderr)
+        assert not (tmp_path / "g").exists()

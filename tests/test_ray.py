@@ -232,3 +232,28 @@ def test_a_lost_node_loses_nothing(cluster, digits, local_run, tmp_path):
     assert sorted(res["computed"]) == list(range(job().num_shards))
     for mine, theirs in zip(shards_of(local_run, job()), shards_of(tmp_path, job())):
         np.testing.assert_array_equal(theirs["samples"], mine["samples"])
+
+
+def test_video_model_on_ray_bit_identical_to_one_process(cluster, tmp_path, monkeypatch, capsys):
+    """opensora-tiny at a video size other than its default (34 frames of 48 x 80): actors on both
+    nodes, which load the model themselves, write the same latents as this process; samples.npz
+    holds them (float32 [N, C, T, H, W]: no video decoder)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "p.npz", prompt_embeds=rng.standard_normal((3, 16, 32)).astype(np.float32),
+             prompt_attention_mask=(np.arange(16)[None] < np.array([[3], [8], [13]])).astype(np.int64))
+    args = ["generate", "--model", "opensora-tiny", "--random-init", "--steps", "2", "--prompt-embeds",
+            str(tmp_path / "p.npz"), "--num-samples", "4", "--shard-size", "1", "--num-frames", "34", "--height", "48",
+            "--width", "80", "--policy", "toca"]
+    code, out, err = run_cli(args + ["--out", str(tmp_path / "here")], monkeypatch, capsys)
+    assert code == 0, err
+    assert "arr_0: float32 latents [4, 4, 10, 6, 10]" in out
+    code, out, err = run_cli(args + ["--out", str(tmp_path / "ray"), "--ray", cluster.address], monkeypatch, capsys)
+    assert code == 0, err
+    assert "ray: 2 workers" in out
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert len({e["worker"].split()[1] for e in manifest["shards"].values()}) == 2
+    with np.load(tmp_path / "here" / "samples.npz") as a, np.load(tmp_path / "ray" / "samples.npz") as b:
+        assert a["arr_0"].shape == (4, 4, 10, 6, 10) and a["arr_0"].dtype == np.float32
+        np.testing.assert_array_equal(b["arr_0"], a["arr_0"])
+        np.testing.assert_array_equal(b["arr_1"], [0, 1, 2, 0])
+    assert (tmp_path / "ray" / "preview.png").stat().st_size > 0

@@ -453,7 +453,8 @@ class STDiT3(nn.Module):
         (t_mlp [B, 6D] for every block, t [B, D] for the final layer, the latent's grid [B, 3])."""
         tokens = self.patch_tokens(x, context["pe_scale"][0].float())
         cond = self.step_cond(t.float(), context["fps"].float())
-        grid = torch.zeros_like(t[:, None], dtype=torch.int64) + torch._shape_as_tensor(x)[2:]  # [B, 3]: T, H, W
+        shape = torch._shape_as_tensor(x)[2:].to(t.device)  # T, H, W of the latent (a Shape op in a graph)
+        grid = torch.zeros_like(t[:, None], dtype=torch.int64) + shape  # [B, 3]
         return tokens, (cond.t_mlp, cond.t, grid)
 
     def layer_modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, torch.Tensor | None]]:

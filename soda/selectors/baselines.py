@@ -182,12 +182,13 @@ class DuCaValueNormSelector(_CacheFrequencySelector):
 
     def reset(self) -> None:
         super().reset()
-        self.value_norm: dict[int, np.ndarray] = {}
+        self.value_norm: dict = {}  # layer -> per-token value-norm sum [B, N], float64
 
     def observe(self, s, layer, module, idx, D, received) -> None:
         super().observe(s, layer, module, idx, D, received)
         if module == "attn" and idx is None and received is not None:
-            self.value_norm[layer] = np.asarray(received, dtype=np.float64)
+            xp = namespace(received)
+            self.value_norm[layer] = xp.astype(received, xp.float64)
 
     def base_score(self, s, layer, module, B, N) -> np.ndarray:
         if layer not in self.value_norm:
