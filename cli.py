@@ -440,6 +440,10 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
                    "[half].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads; 1 is fastest on a shared machine (10x faster than 2 under a load of 10).")
+@click.option("--timing-rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="--backend ort: interleaved rounds of the runtime-vs-monolithic timing.")
+@click.option("--timing-per-module", is_flag=True,
+              help="--backend ort: also time every schedule module by module (no block graphs), in the same rounds.")
 @video_options
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default="bench.json", show_default=True)
 @click.option("--grid", "grid_png", type=click.Path(dir_okay=False), default=None,
@@ -447,8 +451,8 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
 @ray_options
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
               samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, eval_seeds,
-              tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads, height, width,
-              num_frames, fps, json_out, grid_png, ray_address, workers):
+              tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads, timing_rounds,
+              timing_per_module, height, width, num_frames, fps, json_out, grid_png, ray_address, workers):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
@@ -461,7 +465,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
                        engines_dir, profile_file, profile_samples, batch_size,
                        eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
                        tune_samples=tune_samples, planner=planner, ablation=ablation, prompt_embeds=prompt_embeds,
-                       calibration_prompts=calibration_prompts, keep_samples=min(10, samples) if grid_png else 0)
+                       calibration_prompts=calibration_prompts, keep_samples=min(10, samples) if grid_png else 0,
+                       timing_repeats=timing_rounds, timing_per_module=timing_per_module)
     if not 1 <= speedup < float("inf"):
         raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
     check_setup(setup)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from soda.blocks import COMPUTE, GIVEN, Block, context_name
+
 F32, I64 = "float32", "int64"
 
 
@@ -71,6 +73,43 @@ class ModuleGraph(nn.Module):
         return (D, received) if self.spec.emits_received else D
 
 
+class BlockGraph(nn.Module):
+    """One `soda.blocks.Block`: per layer, modulation, then each module by its pattern letter
+    (computed, given, or pruned: gather the indexed tokens, compute, scatter into the cache)
+    and the residual update, all inside one graph."""
+
+    def __init__(self, model, block):
+        super().__init__()
+        self.model, self.block = model, block
+        self.iface = model.config.interface
+        ins, outs = block.tensors(self.iface)
+        self.input_names = [n for n, _ in ins]
+
+    def forward(self, *inputs):
+        given = dict(zip(self.input_names, inputs))
+        x = given["tokens"]
+        step = tuple(given.get(n) for n in self.iface.step)
+        outs = []
+        for l in self.block.layers:
+            mods = self.model.layer_modulation(l, step)
+            for spec, c in zip(self.iface.modules, self.block.code):
+                key = f"{spec.name}.{l}"
+                args, gate = mods[spec.name]
+                ctx = {n: given[context_name(self.iface, n, l)] for n in spec.context} if c != GIVEN else {}
+                if c == GIVEN:
+                    D = given[f"D.{key}"]
+                elif c == COMPUTE:
+                    D, score = self.model.module_forward(l, spec.name, x, tuple(args), ctx)
+                    outs += [D] + ([score] if spec.score else [])
+                else:
+                    at = given[f"idx.{key}"].unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                    part, score = self.model.module_forward(l, spec.name, torch.gather(x, 1, at), tuple(args), ctx)
+                    D = given[f"cache.{key}"].scatter(1, at, part)
+                    outs += [D, part] + ([score] if spec.score else [])
+                x = x + gate.unsqueeze(1) * D if spec.gated else x + D
+        return (x, *outs)
+
+
 class FinalGraph(nn.Module):
     def __init__(self, model, step_names: tuple[str, ...], final_names: tuple[str, ...]):
         super().__init__()
@@ -104,8 +143,11 @@ class GraphSpec:
         sizes = {"B": B, "n": n, "L": L or 1, **(video or {})}
         out = []
         for name, shape, dtype in self.inputs:
-            dims = [sizes[d] if isinstance(d, str) else d for d in shape]
-            if name == "grid":
+            dims = [n if is_token_axis(d) else sizes[d] if isinstance(d, str) else d for d in shape]
+            if name.startswith("idx."):  # a pruned module's token indices: distinct, ascending per row
+                N = self._tokens()
+                out.append(torch.sort(torch.stack([torch.randperm(N, generator=gen)[:dims[1]] for _ in range(B)]))[0])
+            elif name == "grid":
                 out.append(torch.tensor([[sizes["T"], sizes["H"], sizes["W"]]] * dims[0]))
             elif name == "pe_scale":
                 out.append(torch.full(dims, 0.05 + 0.5 * float(torch.rand((), generator=gen))))
@@ -121,8 +163,17 @@ class GraphSpec:
                 out.append(torch.randn(dims, generator=gen))
         return tuple(out)
 
+    def _tokens(self) -> int:
+        """N: the static token axis of the "tokens" input."""
+        return next(shape[1] for name, shape, _ in self.inputs if name == "tokens")
+
     def dynamic_axes(self) -> dict:
         return {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for name, shape, _ in self.inputs + self.outputs}
+
+
+def is_token_axis(d) -> bool:
+    """A dynamic token-count axis: "n" (module graphs) or "n_<module>_<layer>" (block graphs)."""
+    return isinstance(d, str) and (d == "n" or d.startswith("n_"))
 
 
 def _cond_shape(cfg, name: str) -> tuple[list, str]:
@@ -203,4 +254,36 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
     # where DiT's label dropout makes every later PyTorch call random (docs/export.md, "Parity").
     for spec in specs:
         spec.module.eval()
+    return specs
+
+
+def block_specs(model, blocks: list[Block]) -> list[GraphSpec]:
+    """The block graphs (`soda.blocks`), with the shapes of their inputs and outputs."""
+    cfg = model.config
+    iface = cfg.interface
+    D, N = cfg.hidden_size, cfg.num_tokens
+    cond_io = {name: _cond_shape(cfg, name) for name in iface.cond}
+    specs = []
+    for block in blocks:
+        ins, outs = block.tensors(iface)
+
+        def shape(name: str, role: str) -> tuple[list, str]:
+            key = name.split(".", 1)[-1]  # "<module>.<layer>" of a module's tensors
+            n = f"n_{key.replace('.', '_')}"  # one dynamic axis per pruned module
+            if role in ("tokens", "given", "cache", "cache_out"):
+                return ["B", N, D], F32
+            if role == "step":
+                return ["B", 6 * D if name in ("t0", "t_mlp") else D], F32
+            if role == "idx":
+                return ["B", n], I64
+            if role == "context":
+                bare = name.split(".")[0]
+                return (cond_io[bare][0] if bare in cond_io else _context_shape(cfg, bare)), F32
+            pruned = f"idx.{key}" in {i for i, _ in ins}
+            if role == "out":
+                return ["B", n if pruned else N, D], F32
+            return ["B", n if pruned else N], F32  # score
+
+        specs.append(GraphSpec(block.name, BlockGraph(model, block).eval(),
+                               [(n, *shape(n, r)) for n, r in ins], [(n, *shape(n, r)) for n, r in outs]))
     return specs

@@ -46,7 +46,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Artefact:
-    """One ONNX graph: "embed", "modulation.{l}", "{module}.{l}" or "final"."""
+    """One ONNX graph: "embed", "modulation.{l}", "{module}.{l}", "final", or a block graph
+    "block.{l}.{pattern}" / "block.{first}-{last}.{pattern}" (soda.blocks)."""
 
     name: str
     file: str
@@ -137,7 +138,9 @@ class Manifest:
 
 def reuse_key(data: dict) -> dict:
     """What makes two exports identical: same weights, model, schedule, sampler, opset, tools."""
-    return {k: data.get(k) for k in ("format", "model_hash", "weights", "schedule_hash", "sampler", "opset", "tools")}
+    key = {k: data.get(k) for k in ("format", "model_hash", "weights", "schedule_hash", "sampler", "opset", "tools")}
+    key["blocks"] = (data.get("blocks") or {}).get("format")  # block graphs (soda.blocks) or none
+    return key
 
 
 def _short(weights_id: str) -> str:

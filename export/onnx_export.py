@@ -21,14 +21,15 @@ import numpy as np
 import onnx
 import torch
 
-from export.graphs import GraphSpec, graph_specs, video_axes
+from export.graphs import GraphSpec, block_specs, graph_specs, is_token_axis, video_axes
 from export.manifest import (FORMAT, MANIFEST, describe_files, load_manifest, reuse_key, write_manifest)
 from export.weights_store import WeightsStore
+from soda import blocks as block_patterns
 from soda.errors import UserError
 from soda.schedule import Schedule
 from soda.torch_backend import TorchBackend
 
-EXPORT_VERSION = 2  # bump when the graphs or their layout change: old folders are then re-exported
+EXPORT_VERSION = 3  # 3: block graphs (soda.blocks); bump when the graphs or their layout change: old folders are then re-exported
 WEIGHTS_FILE = "weights.bin"
 SCHEDULE_FILE = "schedule.json"
 NULL_CAPTION_FILE = "null_caption.npy"  # a text model's learned unconditional caption, when it has one
@@ -80,13 +81,14 @@ def needed_modules(schedule: Schedule) -> set[tuple[int, str]]:
 
 def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: str | Path, opset: int = 17,
                  exporter: str = "legacy", trt_precision: str | None = None, force: bool = False,
-                 progress: bool = True, echo=print, replace: bool = False) -> ExportResult:
+                 progress: bool = True, echo=print, replace: bool = False, blocks: bool = True) -> ExportResult:
     """Export `model` for `schedule` into `out` (see module doc). trt_precision: None (ONNX only),
     "fp16", "bf16" or "fp32" to also build TensorRT engines where TensorRT and a GPU exist.
 
     A folder holding a *different* export (another schedule, checkpoint, sampler, ...) is refused,
     saying what differs, unless `force` (always re-export) or `replace` (re-export when it differs,
-    reuse when it is the same; for folders a pipeline owns, like the demo's)."""
+    reuse when it is the same; for folders a pipeline owns, like the demo's). `blocks`: also export
+    the block graphs of `soda.blocks.default_blocks` (fewer, larger calls; docs/runtime.md)."""
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     t0 = time.perf_counter()
@@ -100,6 +102,8 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
         opset = max(opset, 18)  # the dynamo exporter emits opset >= 18
     key_data = {"format": FORMAT, "model_hash": config.hash(), "weights": weights_id, "schedule_hash": schedule.hash(),
                 "sampler": sampler_cfg.to_dict(), "opset": opset, "tools": tool_versions(exporter)}
+    if blocks:
+        key_data["blocks"] = {"format": block_patterns.FORMAT}
     seen = _current_key(out)
     reused = None if force else _try_reuse(out, reuse_key(key_data), schedule, replace, echo)
     if reused is not None:
@@ -115,7 +119,8 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        data, rows = _export_into(tmp, model, weights_id, schedule, sampler_cfg, opset, exporter, key_data, progress)
+        data, rows = _export_into(tmp, model, weights_id, schedule, sampler_cfg, opset, exporter, key_data, progress,
+                                  blocks)
         data["files"] = describe_files(tmp, _listed_files(data))
         data["weights_sha256"] = data["files"][WEIGHTS_FILE]["sha256"]
         for a in data["artefacts"].values():
@@ -129,7 +134,7 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
         load_manifest(tmp)  # what the runtime will do: prove the folder validates before publishing it
         now = _current_key(out)
         if not (force or replace) and now not in (seen, reuse_key(key_data)):
-            raise UserError(f"another export wrote {out} while this one ran ({'; '.join(_differences(now, key_data))}); "
+            raise UserError(f"another export wrote {out} while this one ran ({'; '.join(_differences(now, reuse_key(key_data)))}); "
                             "not replacing it: re-run with --force to replace it, or choose another --out")
         _swap_into_place(tmp, out)
     except OSError as e:
@@ -155,7 +160,7 @@ def _current_key(out: Path) -> dict | None:
 
 def _differences(old: dict, new: dict) -> list[str]:
     names = {"format": "format", "model_hash": "model", "weights": "weights", "schedule_hash": "schedule",
-             "sampler": "sampler", "opset": "opset", "tools": "tool versions"}
+             "sampler": "sampler", "opset": "opset", "tools": "tool versions", "blocks": "block graphs"}
     return [f"{names.get(k, k)} {_brief(old.get(k))} -> {_brief(new.get(k))}" for k in new if old.get(k) != new.get(k)]
 
 
@@ -190,11 +195,16 @@ def _try_reuse(out: Path, key: dict, schedule: Schedule, replace: bool, echo):
     return m
 
 
-def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, exporter, key_data, progress):
+def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, exporter, key_data, progress,
+                 blocks: bool = True):
     from tqdm import tqdm
 
     config = model.config
     specs = graph_specs(model, needed_modules(schedule))
+    # Block graphs for image models so far: a video model's token axis is dynamic (docs/opensora.md).
+    chosen = block_patterns.default_blocks(config.interface, config.depth, schedule) \
+        if blocks and not video_axes(config) else []
+    specs += block_specs(model, chosen)
     counts = schedule.token_counts(config.num_tokens)
     schedule.save(folder / SCHEDULE_FILE)
     backend = TorchBackend(model)
@@ -203,7 +213,7 @@ def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, 
     with WeightsStore(folder / WEIGHTS_FILE) as store, torch.inference_mode(False), torch.no_grad():
         for spec in tqdm(specs, desc="export", unit="graph", disable=not progress):
             t = time.perf_counter()
-            proto = export_graph(spec, config, opset, exporter, gen)
+            proto = compact_names(export_graph(spec, config, opset, exporter, gen))
             store.externalize(proto)
             path = folder / spec.file
             onnx.save_model(proto, str(path))
@@ -226,6 +236,8 @@ def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, 
         "weights_bytes": weights_bytes, "raw_fp32_bytes": raw_fp32_bytes(model), "token_counts": counts,
         "artefacts": artefacts, "schedule": SCHEDULE_FILE, "trt": None, "null_caption": None,
     }
+    if blocks:  # absent in older folders: the runtime then runs module by module
+        data["blocks"] = {"format": block_patterns.FORMAT, "graphs": [b.name for b in chosen]}
     null = model.null_caption_table() if hasattr(model, "null_caption_table") else None
     if null is not None:  # the runtime's unconditional rows when --prompt-embeds has no negatives
         np.save(folder / NULL_CAPTION_FILE, null.astype(np.float32))
@@ -250,18 +262,42 @@ def export_graph(spec: GraphSpec, config, opset: int, exporter: str, gen: torch.
                               dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True,
                               dynamo=False)
             return onnx.load_from_string(buf.getvalue())
-        dims = {"B": torch.export.Dim("B", min=1, max=4096), "n": torch.export.Dim("n", min=1, max=max(N, 2)),
-                "L": torch.export.Dim("L", min=1, max=4096)}
+        dims = {"B": torch.export.Dim("B", min=1, max=4096), "L": torch.export.Dim("L", min=1, max=4096)}
+        for _, shape, _ in spec.inputs:
+            dims.update({d: torch.export.Dim(d, min=1, max=max(N, 2)) for d in shape if is_token_axis(d)})
         dynamic = {n: {i: dims[d] for i, d in enumerate(s) if isinstance(d, str)} for n, s, _ in spec.inputs}
         prog = torch.onnx.export(spec.module, args, input_names=names_in, output_names=names_out,
                                  dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False)
         return prog.model_proto
 
 
+def compact_names(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Short names for a graph's intermediate values ("v<i>") and no node names (in place): the
+    exporter's scope paths ("/blocks.1/attn/Reshape_output_0") were 2/3 of a block graph's bytes.
+    Inputs, outputs and initializers keep their names; graphs with subgraphs are left as they are."""
+    g = proto.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return proto
+    keep = {v.name for v in [*g.input, *g.output]} | {t.name for t in g.initializer}
+    names: dict[str, str] = {}
+    for node in g.node:
+        node.name = ""
+        for i, name in enumerate(node.input):
+            node.input[i] = names.get(name, name)
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                names[name] = node.output[i] = f"v{len(names)}"
+    for vi in g.value_info:
+        vi.name = names.get(vi.name, vi.name)
+    return proto
+
+
 def _reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -> list[np.ndarray]:
     """The same computation through TorchBackend (the executor's reference backend)."""
     iface = backend.interface
     kind, _, layer = spec.name.partition(".")
+    if kind == "block":
+        return _block_reference(spec, backend, args)
     if kind == "condition":
         ctx = backend.prepare(dict(zip(iface.condition_reads, args)))
         return [ctx[name] for name, _, _ in spec.outputs]
@@ -293,6 +329,37 @@ def other_video(config) -> dict:
     return {"T": T, "H": H, "W": W, "N": T * -(-H // p) * -(-W // p)}
 
 
+def _block_reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -> list[np.ndarray]:
+    """A block graph's outputs the executor's way: modulation, module calls and numpy residuals."""
+    iface = backend.interface
+    block = block_patterns.parse_name(spec.name)
+    given = dict(zip((n for n, _, _ in spec.inputs), args))
+    x = given["tokens"]
+    step = tuple(given.get(n) for n in iface.step)
+    outs = []
+    for l in block.layers:
+        mods = backend.modulation(l, step)
+        for m, c in zip(iface.modules, block.code):
+            key = f"{m.name}.{l}"
+            margs, gate = mods[m.name]
+            names = [block_patterns.context_name(iface, n, l) for n in m.context] if c != block_patterns.GIVEN else []
+            ctx = {n: given[n] for n in names}
+            if c == block_patterns.GIVEN:
+                D = given[f"D.{key}"]
+            elif c == block_patterns.COMPUTE:
+                D, score = backend.module(l, m.name, x, *margs, context=ctx)
+                outs += [D] + ([score] if m.score else [])
+            else:
+                idx = given[f"idx.{key}"]
+                rows = np.arange(len(idx))[:, None]
+                part, score = backend.module(l, m.name, x[rows, idx], *margs, context=ctx)
+                D = given[f"cache.{key}"].copy()
+                D[rows, idx] = part
+                outs += [D, part] + ([score] if m.score else [])
+            x = x + gate[:, None, :] * D if m.gated else x + D
+    return [x] + outs
+
+
 def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, counts: list[int],
                  gen: torch.Generator) -> float:
     """Max abs error of onnxruntime (CPU) vs PyTorch over random inputs; module graphs are run
@@ -303,7 +370,7 @@ def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, cou
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    has_n = any("n" in shape for _, shape, _ in spec.inputs)
+    has_n = any(is_token_axis(d) for _, shape, _ in spec.inputs for d in shape)
     token_ns = sorted({*counts, max(1, config.num_tokens // 4)}) if has_n else [config.num_tokens]
     sized = any(d in ("T", "N") for _, shape, _ in spec.inputs + spec.outputs for d in shape)
     videos = [video_axes(config)] + ([other_video(config)] if sized else [])
@@ -336,6 +403,8 @@ def _max_err(spec: GraphSpec, n: int, got: list, want: list) -> float:
             raise UserError(f"graph {spec.name}: PyTorch gives non-finite outputs (NaN or inf) on random inputs; "
                             "the weights hold NaN or inf values")
         err = float(np.max(np.abs(g.astype(np.float64) - w)))
+        if spec.name.startswith("block."):  # residual sums grow with the gates: relative above magnitude 1
+            err /= max(1.0, float(np.max(np.abs(w))))
         worst = max(worst, err if np.isfinite(err) else float("inf"))  # max(0.0, nan) would keep 0.0
     return worst
 

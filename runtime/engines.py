@@ -64,6 +64,13 @@ class Engines:
             names += [f"{m}.{l}" for m in self.modules]
         return names + ["final"]
 
+    def block_graphs(self) -> list:
+        """The exported block graphs (`soda.blocks.Block`); none in a folder made before them."""
+        from soda.blocks import parse_name
+
+        section = self.manifest.data.get("blocks") or {}
+        return [parse_name(n) for n in section.get("graphs", [])]
+
     def path(self, name: str) -> Path:
         return self.manifest.path(name)
 
@@ -77,6 +84,10 @@ class Engines:
         if name == "final":
             return ("tokens", *iface.final_step), ("out",)
         kind = name.split(".")[0]
+        if kind == "block":
+            from soda.blocks import parse_name
+
+            return parse_name(name).io(iface)
         if kind == "modulation":
             return iface.modulation_reads, iface.modulation_outputs()
         spec = iface.spec(kind)
@@ -141,7 +152,15 @@ def open_engines(folder: str | Path, verify: str = "sha256") -> Engines:
 
 def _check_interface(engines: Engines) -> None:
     """Every graph the loop calls is exported, with the input and output names it uses."""
-    for name in engines.graph_names():
+    from soda.blocks import FORMAT
+
+    section = engines.manifest.data.get("blocks")
+    if section is not None and (not isinstance(section, dict) or section.get("format") != FORMAT
+                                or not isinstance(section.get("graphs"), list)
+                                or None in [b for b in engines.block_graphs()]):
+        raise UserError(f"{engines.folder}/manifest.json has a block-graph section this version cannot read "
+                        f"(format {FORMAT} expected); re-run `cli.py export`")
+    for name in engines.graph_names() + [b.name for b in engines.block_graphs()]:
         if name not in engines.manifest.artefacts:
             raise UserError(f"{engines.folder} lacks graph {name!r} (a partial export?); re-run `cli.py export`")
         art = engines.manifest.artefacts[name]
@@ -198,12 +217,14 @@ class GraphBackend:
 
     `_run(name, inputs)` feeds the graph's inputs in manifest order and returns its outputs
     (numpy arrays) in manifest order. Which inputs each graph takes comes from the
-    architecture's interface; nothing here names a model.
+    architecture's interface; nothing here names a model. `blocks` lists the block graphs the
+    executor may call (`soda.blocks`; empty: module by module).
     """
 
     engines: Engines
     modules: tuple[str, ...]
     num_layers: int
+    blocks: tuple = ()
 
     def _run(self, name: str, inputs: tuple) -> list:
         raise NotImplementedError
@@ -243,6 +264,14 @@ class GraphBackend:
         ctx = tuple(_feed(n, v) for n, v in zip(spec.context, spec.context_for(context, layer)))
         outs = self._run(f"{name}.{layer}", (tokens, *args, *ctx))
         return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    def block(self, block, tokens, step, feeds: dict, context: dict) -> dict:
+        """Run block graph `block` (`soda.blocks.Block`): `feeds` holds its given D, caches and
+        indices by name, the context its conditioning; returns every output by name."""
+        ins, outs = self.engines.io(block.name)
+        given = {"tokens": tokens, **dict(zip(self.interface.step, step)), **feeds}
+        values = self._run(block.name, tuple(given[n] if n in given else _feed(n, context[n]) for n in ins))
+        return dict(zip(outs, values))
 
     def final(self, tokens, step):
         iface = self.interface

@@ -65,31 +65,45 @@ def _check_declared(engines: Engines, name: str, session) -> None:
 
 
 class OrtBackend(GraphBackend):
-    """The executor's Backend over an engines folder's graphs."""
+    """The executor's Backend over an engines folder's graphs.
 
-    def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None):
-        import onnxruntime as ort
+    The per-module graphs open up front; block graphs (`blocks=True`, when the folder has them)
+    open on their first call, so only the patterns a schedule uses cost a session."""
 
+    def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None, blocks: bool = True):
         self.engines = engines
         self.modules = engines.modules
         self.num_layers = engines.config.depth
         self._setup_interface()
-        so = session_options(threads)
-        providers = choose_providers(device)
+        self._options = session_options(threads)
+        self._providers = choose_providers(device)
         self.sessions = {}
         for name in engines.graph_names():
-            try:
-                self.sessions[name] = ort.InferenceSession(str(engines.path(name)), so, providers=providers)
-            except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-                raise UserError(f"onnxruntime cannot open {engines.path(name)}: {str(e).splitlines()[0]}") from None
+            self.sessions[name] = self._open(name)
         # onnxruntime-gpu without a usable GPU silently falls back to CPU: report what runs.
         self.provider = self.sessions["embed"].get_providers()[0]
         if device == "cuda" and self.provider != CUDA:
             raise UserError(f"--device cuda: onnxruntime-gpu fell back to {self.provider} (no usable GPU/CUDA here)")
         for name, session in self.sessions.items():
             _check_declared(engines, name, session)
-        self._io = {name: engines.io(name) for name in self.sessions}
+        self.blocks = tuple(engines.block_graphs()) if blocks else ()
+        self._io = {name: engines.io(name) for name in [*self.sessions, *(b.name for b in self.blocks)]}
         self._run = self._run_device if self.provider == CUDA else self._run_cpu
+
+    def _open(self, name: str):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.engines.path(name)), self._options, providers=self._providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise UserError(f"onnxruntime cannot open {self.engines.path(name)}: {str(e).splitlines()[0]}") from None
+
+    def _session(self, name: str):
+        session = self.sessions.get(name)
+        if session is None:  # a block graph's first call
+            session = self.sessions[name] = self._open(name)
+            _check_declared(self.engines, name, session)
+        return session
 
     def describe(self) -> str:
         return f"onnxruntime {__import__('onnxruntime').__version__} ({self.provider})"
@@ -98,12 +112,12 @@ class OrtBackend(GraphBackend):
     # --- calls -----------------------------------------------------------------------------------
     def _run_cpu(self, name: str, inputs: tuple) -> list[np.ndarray]:
         ins, outs = self._io[name]
-        return self.sessions[name].run(outs, dict(zip(ins, inputs)))
+        return self._session(name).run(outs, dict(zip(ins, inputs)))
 
     def _run_device(self, name: str, inputs: tuple) -> list[np.ndarray]:
         """CUDA: bind inputs once per call, let ORT allocate outputs on the device, copy back once."""
         ins, outs = self._io[name]
-        session = self.sessions[name]
+        session = self._session(name)
         binding = session.io_binding()
         for key, value in zip(ins, inputs):
             binding.bind_cpu_input(key, np.ascontiguousarray(value))

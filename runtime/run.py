@@ -11,12 +11,14 @@ from runtime.engines import Engines, open_engines, resolve_schedule
 BACKENDS = ("ort", "trt")
 
 
-def make_backend(engines: Engines, backend: str = "ort", device: str = "auto", threads: int | None = None):
-    """An executor Backend over the engines: onnxruntime (CPU or CUDA EP) or TensorRT."""
+def make_backend(engines: Engines, backend: str = "ort", device: str = "auto", threads: int | None = None,
+                 blocks: bool = True):
+    """An executor Backend over the engines: onnxruntime (CPU or CUDA EP) or TensorRT.
+    blocks=False: onnxruntime runs module by module even where block graphs exist."""
     if backend == "ort":
         from runtime.ort_backend import OrtBackend
 
-        return OrtBackend(engines, device=device, threads=threads)
+        return OrtBackend(engines, device=device, threads=threads, blocks=blocks)
     if backend == "trt":
         from runtime.trt_backend import TrtBackend
 

@@ -36,7 +36,7 @@ FIELDS = ("policy", "variant", "target_speedup", "flops_speedup", "wall_speedup"
           "class_accuracy", "frechet")
 
 
-def backend_for(kind: str, model, engines_dir: str | None = None):
+def backend_for(kind: str, model, engines_dir: str | None = None, blocks: bool = True):
     """The backend the bench runs: "torch" (the reference) or "ort" (an exported engines folder,
     opened by the runtime's own `make_backend`, so bench measures exactly what `run` runs)."""
     if kind == "torch":
@@ -56,7 +56,7 @@ def backend_for(kind: str, model, engines_dir: str | None = None):
             engines = engines.at_video(*model.video)
         if engines.config.hash() != model.config.hash():
             raise UserError(f"{engines_dir} was exported from {engines.config.name}, not {model.config.name}")
-        return make_backend(engines, "ort")
+        return make_backend(engines, "ort", blocks=blocks)
     raise UserError(f"unknown backend {kind!r}; choose one of: {', '.join(BACKENDS)}")
 
 
@@ -73,7 +73,8 @@ class BenchSetup:
     profile_samples: int = 32
     batch_size: int = 50
     timing_images: int = 2  # --backend ort: images for the runtime-vs-monolithic timing
-    timing_repeats: int = 3
+    timing_repeats: int = 5  # interleaved rounds of that timing
+    timing_per_module: bool = False  # also time every schedule module by module (no block graphs)
     keep_samples: int = 0  # > 0: report["kept_samples"] = {name: first n samples at `speedup`} (arrays, not JSON)
     eval_seeds: int = 5  # evaluation seeds (= timing rounds); the samples are split evenly over them
     tune: bool = True  # add a "tuned" row for every baseline with a tuning space
@@ -472,8 +473,9 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
 
         echo(f"runtime timing: {setup.timing_images} images x {setup.timing_repeats} interleaved rounds, "
              f"against one monolithic ONNX of the model ...")
+        module_backend = backend_for("ort", model, setup.engines_dir, blocks=False) if setup.timing_per_module else None
         report["runtime"] = runtime_report(model, backend, sampler, main_schedules, labels[:setup.timing_images],
-                                           setup.timing_repeats, progress=progress)
+                                           setup.timing_repeats, progress=progress, module_backend=module_backend)
     if setup.keep_samples > 0:
         report["kept_samples"] = kept
     return report

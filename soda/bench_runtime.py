@@ -42,6 +42,7 @@ class Row:
     flops_speedup: float
     wall_speedup: float  # against the reference entry of the same run
     efficiency: float  # wall_speedup / flops_speedup
+    calls_per_step: float | None = None  # graph calls per sampler step (a graph backend)
 
 
 @dataclass
@@ -58,20 +59,28 @@ class Report:
     paired_step_ratio: float | None = None  # median over steps of stitched / monolithic, back to back
     paired_steps: int = 0
     monolithic_max_rel_diff: float | None = None  # final samples, stitched vs monolithic
+    per_module_vs_monolithic: float | None = None  # the same engines module by module (--per-module)
+    block_graphs: int = 0
 
     def lines(self) -> list[str]:
         out = [f"command: {self.command}",
                f"{self.model}, {self.sampler}, {self.images} images (CFG rows doubled), {self.provider}, "
                f"threads {self.threads or 'default'}, {self.repeats} interleaved rounds; seconds = median, "
                f"wall x = median of per-round ratios to stitched full",
-               f"{'entry':<22} {'seconds':>8} {'FLOPs x':>8} {'wall x':>8} {'wall/FLOPs':>10}  rounds"]
+               f"{self.block_graphs} block graphs; per-module rows: the same engines module by module, their "
+               f"wall x against per-module full",
+               f"{'entry':<24} {'seconds':>8} {'FLOPs x':>8} {'wall x':>8} {'wall/FLOPs':>10} {'calls/step':>10}  rounds"]
         for r in self.rows:
-            out.append(f"{r.name:<22} {r.seconds:8.2f} {r.flops_speedup:8.2f} {r.wall_speedup:8.2f} "
-                       f"{r.efficiency:10.2f}  {' '.join(f'{v:.2f}' for v in r.rounds)}")
+            calls = "-" if r.calls_per_step is None else f"{r.calls_per_step:.1f}"
+            out.append(f"{r.name:<24} {r.seconds:8.2f} {r.flops_speedup:8.2f} {r.wall_speedup:8.2f} "
+                       f"{r.efficiency:10.2f} {calls:>10}  {' '.join(f'{v:.2f}' for v in r.rounds)}")
         if self.stitched_vs_monolithic is not None:
             out.append(f"stitched full / monolithic (median of per-round ratios) = {self.stitched_vs_monolithic:.3f} "
                        f"({(self.stitched_vs_monolithic - 1) * 100:+.1f}%); samples differ by "
                        f"{self.monolithic_max_rel_diff:.1e} of their max")
+        if self.per_module_vs_monolithic is not None:
+            out.append(f"per-module full / monolithic (median of per-round ratios) = {self.per_module_vs_monolithic:.3f} "
+                       f"({(self.per_module_vs_monolithic - 1) * 100:+.1f}%)")
         if self.paired_step_ratio is not None:
             out.append(f"paired per step (same inputs, back to back, order alternating): stitched / monolithic = "
                        f"{self.paired_step_ratio:.3f} (median of {self.paired_steps} steps)")
@@ -148,39 +157,94 @@ def monolithic_session(model, folder: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), session_options(threads), providers=choose_providers())
 
 
+class CallCounter:
+    """Counts a graph backend's graph calls (`_run`), so a report can say how many a step makes."""
+
+    def __init__(self, backend):
+        self.n = 0
+        run = backend._run
+
+        def counted(name, inputs):
+            self.n += 1
+            return run(name, inputs)
+
+        backend._run = counted
+
+
+def counted_loop(loop: Loop, counter: CallCounter | None, steps: int, calls: dict, name: str) -> Loop:
+    """`loop`, recording its graph calls per sampler step into calls[name]."""
+    if counter is None:
+        return loop
+
+    def run():
+        before = counter.n
+        out = loop()
+        calls[name] = round((counter.n - before) / steps, 2)
+        return out
+
+    return run
+
+
 def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[str, Schedule], labels: np.ndarray,
                    repeats: int = 3, threads: int | None = None, echo: Callable[[str], None] = lambda s: None,
-                   mono=None, progress: Callable | None = None) -> dict:
+                   mono=None, progress: Callable | None = None, module_backend=None) -> dict:
     """Measured in one run on `backend` (an OrtBackend): stitched full compute against one
     monolithic ONNX of `model` (`mono`, a session, or exported here), and each schedule's wall
-    speedup against its FLOPs speedup, in interleaved rounds. `schedules` must include "full"."""
+    speedup against its FLOPs speedup, in interleaved rounds. `schedules` must include "full".
+    `module_backend` (the same engines run module by module, no block graphs): every schedule
+    is also timed on it, in the same rounds ("per-module <name>" rows), the before of docs/runtime.md."""
     config = model.config
+    calls: dict[str, float] = {"monolithic full": 1.0}
+    steps = sampler_cfg.steps
     with tempfile.TemporaryDirectory() as tmp:
         mono = mono or monolithic_session(model, Path(tmp), threads)
         loops = {"monolithic full": monolithic_loop(mono, config, sampler_cfg, labels)}
-        loops.update({f"stitched {n}": schedule_loop(backend, config, sampler_cfg, s, labels) for n, s in schedules.items()})
-        for loop in list(loops.values())[:2]:
-            loop()  # warm-up: first-run allocations and kernel selection
+        for prefix, b in (("stitched", backend), ("per-module", module_backend)):
+            if b is None:
+                continue
+            counter = CallCounter(b) if hasattr(b, "_run") else None
+            loops.update({f"{prefix} {n}": counted_loop(schedule_loop(b, config, sampler_cfg, s, labels), counter, steps,
+                                                        calls, f"{prefix} {n}") for n, s in schedules.items()})
+        warm = ["monolithic full", "stitched full"] + (["per-module full"] if module_backend is not None else [])
+        for name in warm:
+            loops[name]()  # warm-up: first-run allocations and kernel selection
         results = interleaved(loops, repeats, echo, progress)
     rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, len(labels), tuple(schedules["full"].modules)))
+    if module_backend is not None:  # per-module rows against per-module full, as before block graphs
+        ref = {k: v for k, v in results.items() if k.startswith("per-module")}
+        per_module = {r.name: r for r in rows_from(ref, "per-module full", full_flops(
+            config, sampler_cfg, len(labels), tuple(schedules["full"].modules)))}
+        rows = [per_module.get(r.name, r) for r in rows]
     mono_x, stitched_x = results["monolithic full"][1], results["stitched full"][1]
-    return {
+
+    def over_mono(name: str) -> float:
+        return statistics.median(s / m for s, m in zip(results[name][0], results["monolithic full"][0]))
+
+    out = {
         "images": len(labels),
         "repeats": repeats,
-        "stitched_over_monolithic": statistics.median(
-            s / m for s, m in zip(results["stitched full"][0], results["monolithic full"][0])),
+        "stitched_over_monolithic": over_mono("stitched full"),
         "monolithic_max_rel_diff": float(np.abs(stitched_x - mono_x).max() / np.abs(mono_x).max()),
-        "rows": [asdict(r) for r in rows],
+        "rows": [dict(asdict(r), calls_per_step=calls.get(r.name)) for r in rows],
+        "block_graphs": len(getattr(backend, "blocks", ())),
     }
+    if module_backend is not None:
+        out["per_module_over_monolithic"] = over_mono("per-module full")
+    return out
 
 
 def runtime_lines(rt: dict) -> list[str]:
-    out = [f"runtime timing ({rt['images']} images, {rt['repeats']} interleaved rounds, medians):",
+    out = [f"runtime timing ({rt['images']} images, {rt['repeats']} interleaved rounds, medians; "
+           f"{rt.get('block_graphs', 0)} block graphs):",
            f"  stitched full / one monolithic ONNX = {rt['stitched_over_monolithic']:.3f} "
            f"({(rt['stitched_over_monolithic'] - 1) * 100:+.1f}%; samples differ by {rt['monolithic_max_rel_diff']:.1e})"]
+    if rt.get("per_module_over_monolithic") is not None:
+        out.append(f"  per-module full / one monolithic ONNX = {rt['per_module_over_monolithic']:.3f} (module by module, "
+                   "no block graphs, same rounds)")
     for r in rt["rows"]:
-        out.append(f"  {r['name']:<20} FLOPs x {r['flops_speedup']:5.2f}  wall x {r['wall_speedup']:5.2f}  "
-                   f"wall/FLOPs {r['efficiency']:.2f}")
+        calls = f"  calls/step {r['calls_per_step']:5.1f}" if r.get("calls_per_step") is not None else ""
+        out.append(f"  {r['name']:<24} FLOPs x {r['flops_speedup']:5.2f}  wall x {r['wall_speedup']:5.2f}  "
+                   f"wall/FLOPs {r['efficiency']:.2f}  {r['seconds']:.2f} s{calls}")
     return out
 
 
@@ -263,8 +327,9 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
                   cfg_scale: float = 4.0, repeats: int = 3, threads: int | None = None,
                   policies: tuple[str, ...] = ("full", "fora", "toca", "duca", "soda"), soda_speedup: float = 2.5,
                   profile_samples: int = 2, workdir: str | None = None, command: str = "",
-                  echo: Callable[[str], None] = print) -> Report:
-    """Export a random-init model (stitched graphs + one monolithic graph) and time everything."""
+                  echo: Callable[[str], None] = print, per_module: bool = False) -> Report:
+    """Export a random-init model (stitched graphs + one monolithic graph) and time everything;
+    `per_module`: also every schedule module by module (no block graphs), in the same rounds."""
     import torch
 
     from export.onnx_export import export_model
@@ -295,12 +360,17 @@ def bench_runtime(model_name: str = "dit-s-2", images: int = 2, steps: int = 20,
     folder = Path(tmp.name)
     echo(f"exporting {model_name} subgraphs into {folder} ...")
     export_model(model, weights, schedules["full"], sampler_cfg, folder / "engines", progress=False, echo=echo)
-    backend = make_backend(open_engines(folder / "engines"), "ort", threads=threads)
+    engines = open_engines(folder / "engines")
+    backend = make_backend(engines, "ort", threads=threads)
+    module_backend = make_backend(engines, "ort", threads=threads, blocks=False) if per_module else None
     mono = monolithic_session(model, folder, threads)
-    echo(f"timing {len(schedules) + 1} entries (with one monolithic ONNX) x {repeats} rounds ...")
-    rt = runtime_report(model, backend, sampler_cfg, schedules, labels, repeats, threads, echo, mono)
+    echo(f"timing {len(schedules) * (2 if per_module else 1) + 1} entries (with one monolithic ONNX) x {repeats} rounds ...")
+    rt = runtime_report(model, backend, sampler_cfg, schedules, labels, repeats, threads, echo, mono,
+                        module_backend=module_backend)
     report = Report(command, model_name, f"{sampler}-{steps} cfg {cfg_scale:g}", images, threads, backend.describe(),
                     repeats, [Row(**r) for r in rt["rows"]])
+    report.per_module_vs_monolithic = rt.get("per_module_over_monolithic")
+    report.block_graphs = rt["block_graphs"]
     report.stitched_vs_monolithic = rt["stitched_over_monolithic"]
     report.monolithic_max_rel_diff = rt["monolithic_max_rel_diff"]
     echo("paired per-step comparison ...")
@@ -325,12 +395,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--policies", default="full,fora,toca,duca,soda")
     ap.add_argument("--soda-speedup", type=float, default=2.5)
+    ap.add_argument("--per-module", action="store_true",
+                    help="Also time every schedule module by module (no block graphs): before/after in one run.")
     ap.add_argument("--json", default=None, help="Also write the report here.")
     args = ap.parse_args(argv)
     command = "python -m soda.bench_runtime " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = bench_runtime(args.model, args.images, args.steps, args.sampler, args.cfg_scale, args.repeats,
                            args.threads, tuple(p for p in args.policies.split(",") if p), args.soda_speedup,
-                           command=command)
+                           command=command, per_module=args.per_module)
     print("\n".join(report.lines()))
     if args.json:
         from soda.schedule import write_json_atomic

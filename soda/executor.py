@@ -22,6 +22,7 @@ from soda.errors import NonFiniteError
 from soda.flops import FlopsModel
 from soda.forecast import TaylorState
 from soda.models.interface import ModuleSpec
+from soda.blocks import COMPUTE, GIVEN, PRUNED, Block, layer_code
 from soda.schedule import FORECAST, FULL, REUSE, Schedule, forecast_order, kept_tokens, parse_action
 from soda.selectors import TokenSelector, make_selector
 
@@ -119,7 +120,13 @@ class Executor:
                 raise ValueError(f"step {s} is a skip step but no earlier step ran the blocks")
             tokens = self.last_tokens
         else:
+            upto = 0  # layers before this one ran inside a block graph
             for l in range(b.num_layers):
+                block = None if check or l < upto else self._block_for(s, l)
+                if block is not None:
+                    tokens, upto = self._run_block(s, block, tokens, step), block.last + 1
+                if l < upto:
+                    continue
                 mods = b.modulation(l, step)
                 if check:
                     check(f"layer {l} modulation",
@@ -198,3 +205,66 @@ class Executor:
         out = self.taylor[(l, m)].predict(s, order)
         out[rows, idx] = D_part
         return out
+
+    # --- block graphs (soda.blocks): one backend call for a layer, or a run of layers ----------
+    def _block_for(self, s: int, l: int) -> Block | None:
+        """The longest block graph of the backend that starts at layer `l` and covers step `s`'s
+        actions there, with every pruned module's token choice makeable before the call."""
+        if not hasattr(self, "_starts"):  # per first layer, longest first
+            self._starts: dict[int, list[Block]] = {}
+            for bl in sorted(getattr(self.backend, "blocks", ()), key=lambda bl: -bl.last):
+                self._starts.setdefault(bl.first, []).append(bl)
+        for block in self._starts.get(l, ()):
+            if block.last < self.backend.num_layers and all(
+                    layer_code(self.schedule.steps[s][j]) == block.code for j in block.layers) and self._ready(block):
+                return block
+        return None
+
+    def _ready(self, block: Block) -> bool:
+        reads = getattr(self.selector, "reads", None)
+        for m, (name, c) in enumerate(zip(self.backend.modules, block.code)):
+            if c != PRUNED:
+                continue
+            if reads is None or block.first != block.last:
+                return m == 0 and block.first == block.last  # unknown needs: only a layer's first module
+            needs = reads(name)
+            if ("tokens" in needs and m > 0) or any(
+                    (self.backend.modules[j] in needs or "*" in needs) and block.code[j] != GIVEN for j in range(m)):
+                return False
+        return True
+
+    def _run_block(self, s: int, block: Block, tokens: np.ndarray, step: tuple) -> np.ndarray:
+        """What the layer loop does for `block`'s layers, in one backend call: the given outputs,
+        caches and token choices go in; caches, forecasts, selectors and FLOPs are updated from
+        what comes out, in the loop's order."""
+        B, N, _ = tokens.shape
+        feeds, kept = {}, {}
+        for l in block.layers:
+            for m, (name, c) in enumerate(zip(self.backend.modules, block.code)):
+                action, key = self.schedule.action(s, l, m), f"{name}.{l}"
+                if c == GIVEN:
+                    order = forecast_order(action)
+                    feeds[f"D.{key}"] = self.taylor[(l, m)].predict(s, order) if order else self.cache[(l, m)]
+                elif c == PRUNED:
+                    k = kept_tokens(parse_action(action)[1], N)
+                    idx = self.selector.select(s, l, name, k, tokens, self.cache[(l, m)])
+                    feeds[f"cache.{key}"], feeds[f"idx.{key}"], kept[(l, m)] = self.cache[(l, m)], idx, k
+        out = self.backend.block(block, tokens, step, feeds, self.context)
+        for l in block.layers:
+            self.flops_done += self.flops.modulation(B)
+            for m, (spec, c) in enumerate(zip(self.backend.specs, block.code)):
+                key = f"{spec.name}.{l}"
+                score = out[f"{spec.score}.{key}"] if spec.score and c != GIVEN else None
+                if c == COMPUTE:
+                    D = self.cache[(l, m)] = out[f"out.{key}"]
+                    self.flops_done += self.flops.module(spec.name, B, N, l)
+                    if (l, m) in self.taylor:
+                        self.taylor[(l, m)].update(s, D)
+                    self.selector.observe(s, l, spec.name, None, D, score)
+                    if self.recorder is not None:
+                        self.recorder(s, l, spec.name, D)
+                elif c == PRUNED:
+                    self.cache[(l, m)] = out[f"cache_out.{key}"]
+                    self.flops_done += self.flops.module(spec.name, B, kept[(l, m)], l)
+                    self.selector.observe(s, l, spec.name, feeds[f"idx.{key}"], out[f"out.{key}"], score)
+        return out["tokens_out"]

@@ -28,6 +28,12 @@ class TokenSelector(Protocol):
                cache: np.ndarray) -> np.ndarray:
         """Indices [B, k] (int64, ascending per row) of the tokens to recompute."""
 
+    def reads(self, module: str) -> tuple[str, ...]:
+        """What `select` for `module` reads besides its own module's cache and history: the
+        same-layer modules whose computation in this step can change the choice ("*": any), and
+        "tokens" when it reads the values of the tokens passed in. A block graph (`soda.blocks`) covers
+        a pruned module only when its choice can be made before the layer runs."""
+
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:
     """Per-row indices of the k largest scores (ties to the lower index), sorted ascending."""
@@ -49,6 +55,9 @@ class NoSelector:
 
     def select(self, s, layer, module, k, tokens, cache):
         raise ValueError("this schedule has prune actions but no token selector")
+
+    def reads(self, module: str) -> tuple[str, ...]:
+        return ()
 
 
 def make_selector(name: str, params: dict | None = None) -> TokenSelector:

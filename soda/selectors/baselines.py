@@ -95,6 +95,13 @@ class _CacheFrequencySelector:
             return score
         return spatial_bonus(score, self.bonus_ratio, self.grid)
 
+    # Same-layer modules whose computation the base score reads (soda.selectors.TokenSelector.reads);
+    # a subclass that does not say is taken to read everything of the layer, tokens included.
+    same_layer: tuple[str, ...] = ("tokens", "*")
+
+    def reads(self, module: str) -> tuple[str, ...]:
+        return self.same_layer  # staleness is the module's own history
+
     def select(self, s, layer, module, k, tokens, cache):
         B, N = tokens.shape[:2]
         return top_k(self.score(s, layer, module, B, N), k)
@@ -104,6 +111,7 @@ class ToCaAttentionSelector(_CacheFrequencySelector):
     """ToCa's s1 + s3 + s4: needs the attention map (non-fused attention)."""
 
     name = "toca-attention"
+    same_layer = ("attn",)  # the layer's attention map, refreshed by a full attention
 
     def reset(self) -> None:
         super().reset()
@@ -125,6 +133,7 @@ class DuCaRandomSelector(_CacheFrequencySelector):
     """DuCa's random choice (+ staleness and bonus): no attention map needed."""
 
     name = "duca-random"
+    same_layer = ()
 
     def __init__(self, interval: int, staleness_weight: float = 0.25, bonus_ratio: float = 0.8,
                  grid: int = 2, skip_steps=(), seed: int = 0):
@@ -146,6 +155,7 @@ class ToCaCrossEntropySelector(_CacheFrequencySelector):
     the official `update_cache` scatters the fresh rows. Needs the [cond; uncond] batch."""
 
     name = "toca-cross-entropy"
+    same_layer = ("cross_attn",)
     module = "cross_attn"
 
     def reset(self) -> None:
@@ -179,6 +189,7 @@ class DuCaValueNormSelector(_CacheFrequencySelector):
     L2-normalised per row (`F.normalize(p=2)`); each row its own (no CFG pairing)."""
 
     name = "duca-value-norm"
+    same_layer = ("attn",)
 
     def reset(self) -> None:
         super().reset()

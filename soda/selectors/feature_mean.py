@@ -19,6 +19,9 @@ class FeatureMeanSelector:
     def observe(self, *args) -> None:
         pass
 
+    def reads(self, module: str) -> tuple[str, ...]:
+        return ()  # the module's own cache only
+
     def select(self, s, layer, module, k, tokens, cache):
         xp = namespace(cache)
         return top_k(xp.mean(xp.abs(cache), axis=2), k)

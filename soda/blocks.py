@@ -1,0 +1,133 @@
+"""Block graphs: one exported graph per (layers, pattern) instead of one call per module.
+
+A block graph runs a layer's modulation, its modules and the residual updates `x + gate * D`
+for one *pattern* of actions, one letter per module:
+
+- "f" full: the module is computed on every token; its pre-gate output (and score) comes out
+  for the cache, the forecast and the selectors;
+- "r" given: the loop supplies D (the cached output for `reuse`, the Taylor prediction for
+  `forecast@O`) and the graph only adds it with the current gate;
+- "p" pruned: the loop supplies the cache and the indices of the tokens to recompute; the
+  graph gathers them, computes the module on them, scatters them into the cache (out comes
+  the new cache and the recomputed part) and adds the result.
+
+`prune@a+forecast@O` has no letter: such a layer runs module by module. A block may span a
+run of consecutive layers with the same pattern (a whole full step: one call). Torch-free:
+the exporter (`export.graphs`) builds the graphs from these names, the runtime feeds them,
+and the executor (`soda.executor`) decides per step and layer which block covers what.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from soda.schedule import FORECAST, FULL, PRUNE, REUSE, forecast_order, parse_action
+
+GIVEN, COMPUTE, PRUNED = "r", "f", "p"
+FORMAT = 1  # the manifest's "blocks" section
+
+
+def module_code(action: str) -> str | None:
+    """The pattern letter of one action; None when no block graph covers it."""
+    kind, _ = parse_action(action)
+    if kind in (REUSE, FORECAST):
+        return GIVEN
+    if kind == FULL:
+        return COMPUTE
+    if kind == PRUNE and not forecast_order(action):
+        return PRUNED
+    return None
+
+
+def layer_code(row) -> str | None:
+    """The pattern of one layer's actions ("fr", "rp", ...), or None."""
+    codes = [module_code(a) for a in row]
+    return None if None in codes else "".join(codes)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Layers first..last (inclusive), each with the same pattern `code`."""
+
+    first: int
+    last: int
+    code: str
+
+    @property
+    def name(self) -> str:
+        span = f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
+        return f"block.{span}.{self.code}"
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def io(self, interface) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Input and output names, in graph order (see `tensors`)."""
+        ins, outs = self.tensors(interface)
+        return tuple(n for n, _ in ins), tuple(n for n, _ in outs)
+
+    def tensors(self, interface) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """[(name, role)] of the inputs and outputs. Roles: "tokens", "step", "given" [B, N, D],
+        "cache" [B, N, D], "idx" [B, n], "context" (a conditioning or per-generation entry),
+        "out" (D of all tokens, or the recomputed part for a pruned module), "score",
+        "cache_out"."""
+        ins = [("tokens", "tokens")] + [(n, "step") for n in interface.modulation_reads]
+        outs = [("tokens_out", "tokens")]
+        seen = set()
+        for l in self.layers:
+            for spec, c in zip(interface.modules, self.code):
+                key = f"{spec.name}.{l}"
+                if c == GIVEN:
+                    ins.append((f"D.{key}", "given"))
+                    continue
+                if c == PRUNED:
+                    ins += [(f"cache.{key}", "cache"), (f"idx.{key}", "idx")]
+                    outs.append((f"cache_out.{key}", "cache_out"))
+                for n in spec.context:
+                    name = context_name(interface, n, l)
+                    if name not in seen:
+                        seen.add(name)
+                        ins.append((name, "context"))
+                outs.append((f"out.{key}", "out"))
+                if spec.score:
+                    outs.append((f"{spec.score}.{key}", "score"))
+        return ins, outs
+
+
+def context_name(interface, name: str, layer: int) -> str:
+    """Graph input name of a module's context entry: per-layer ones carry the layer."""
+    return f"{name}.{layer}" if name in interface.per_layer else name
+
+
+_NAME = re.compile(r"^block\.(\d+)(?:-(\d+))?\.([a-z]+)$")
+
+
+def parse_name(name: str) -> Block | None:
+    m = _NAME.match(name)
+    if not m:
+        return None
+    first = int(m.group(1))
+    return Block(first, int(m.group(2) or first), m.group(3))
+
+
+def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
+    """The block graphs an export writes, per layer: all-full, all-given, each prunable module
+    pruned with the others given (the baselines' patterns: ToCa and DuCa prune the MLP and reuse
+    the rest), and every pattern `schedule` uses (SODA's, fixed at export); plus one block for a
+    whole full step. Chosen by measurement (docs/runtime.md): every pattern of DiT (9 per layer)
+    made dit-digits' folder 1.2x its raw weights, for layers the baselines and SODA never run."""
+    M = len(interface.modules)
+    chosen = [COMPUTE * M, GIVEN * M]
+    chosen += [GIVEN * m + PRUNED + GIVEN * (M - m - 1) for m, spec in enumerate(interface.modules) if spec.prunable]
+    for step in (schedule.steps if schedule is not None else ()):
+        if step == "skip":
+            continue
+        for row in step:
+            code = layer_code(row)
+            if code is not None and code not in chosen:
+                chosen.append(code)
+    blocks = [Block(l, l, c) for l in range(depth) for c in chosen]
+    if depth > 1:
+        blocks.append(Block(0, depth - 1, COMPUTE * M))
+    return blocks

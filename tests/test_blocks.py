@@ -1,0 +1,229 @@
+"""Block graphs (soda.blocks): one graph call per layer pattern, or per whole full step.
+
+The runtime with block graphs equals the PyTorch reference to 1e-4 of the max magnitude on the
+final samples and every step's model output, with the same FLOPs, for every policy; the block
+path is really taken (calls counted per pattern); patterns no graph covers fall back to the
+per-module path and still match; a folder without block graphs (as exported before them) still
+runs; the weights stay stored once. The tiny DiT has STRONG random adaLN weights (std 1,
+tests/conftest.py `strengthen`), so a 0.1% error in one block output fails the tolerance; the
+last test proves that for this file's tolerance.
+
+The per-module path keeps its own parity tests in tests/test_runtime.py (their recording
+backend exposes no block graphs, so the executor runs module by module there).
+"""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from soda.sampling import SamplerConfig
+
+REL_TOL = 1e-4
+STEPS = 10
+POLICIES = ("full", "fora", "toca", "duca", "taylorseer")
+
+
+def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(got.astype(np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+class Counting:
+    """A backend wrapper that keeps every step's model output and counts the graph calls by kind
+    ("block.<pattern>", "block.<pattern>*" for a multi-layer block, "module", "modulation")."""
+
+    def __init__(self, backend, perturb=None):
+        self.backend, self.outputs, self.calls = backend, [], collections.Counter()
+        self.specs, self.modules, self.num_layers = backend.specs, backend.modules, backend.num_layers
+        self.blocks = getattr(backend, "blocks", ())
+        self.perturb = perturb
+
+    def prepare(self, *a):
+        return self.backend.prepare(*a)
+
+    def embed(self, *a):
+        return self.backend.embed(*a)
+
+    def modulation(self, *a):
+        self.calls["modulation"] += 1
+        return self.backend.modulation(*a)
+
+    def module(self, *a, **kw):
+        self.calls["module"] += 1
+        return self.backend.module(*a, **kw)
+
+    def block(self, block, *a):
+        self.calls[f"block.{block.code}{'*' if block.first != block.last else ''}"] += 1
+        out = self.backend.block(block, *a)
+        return self.perturb(block, out) if self.perturb else out
+
+    def final(self, *a):
+        out = self.backend.final(*a)
+        self.outputs.append(out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return SamplerConfig("ddim", STEPS, 4.0, 3)
+
+
+@pytest.fixture(scope="module")
+def soda_schedule(strong_tiny_model, sampler):
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.profile import profile
+
+    prof = profile(strong_tiny_model, sampler, samples=2, seed=0)
+    spec = ScheduleSpec.for_model(strong_tiny_model.config, sampler.kind, sampler.steps)
+    return make_schedule("soda", spec, speedup=2.0, profile=prof)
+
+
+def _export(model, sampler, schedule, out, blocks=True):
+    from export.onnx_export import export_model
+
+    return export_model(model, "random-init-strong", schedule, sampler, out, progress=False, echo=lambda *a: None,
+                        blocks=blocks)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, strong_tiny_model, sampler, soda_schedule):
+    """The same model and schedule exported with and without block graphs."""
+    root = tmp_path_factory.mktemp("blocks")
+    with_blocks = _export(strong_tiny_model, sampler, soda_schedule, root / "blocks")
+    without = _export(strong_tiny_model, sampler, soda_schedule, root / "modules", blocks=False)
+    return with_blocks, without
+
+
+@pytest.fixture(scope="module")
+def backends(folders, strong_tiny_model):
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from soda.torch_backend import TorchBackend
+
+    engines = open_engines(folders[0].folder)
+    return engines, OrtBackend(engines, threads=1), TorchBackend(strong_tiny_model)
+
+
+def _parity(engines, backend, torch_backend, sampler_cfg, schedule, perturb=None):
+    """(worst relative error over the samples and every step's output, graph calls by kind)."""
+    from soda.generate import generate
+
+    ys = np.array([1, 7])
+    got_rec, ref_rec = Counting(backend, perturb), Counting(torch_backend)
+    got, stats = generate(got_rec, engines.config, sampler_cfg, schedule, ys, 3)
+    ref, stats_ref = generate(ref_rec, engines.config, sampler_cfg, schedule, ys, 3)
+    assert stats.flops == stats_ref.flops
+    assert not any(k.startswith("block") for k in ref_rec.calls)  # the reference runs module by module
+    per_step = max(_rel_err(a, b) for a, b in zip(got_rec.outputs, ref_rec.outputs))
+    return max(_rel_err(got, ref), per_step), got_rec.calls
+
+
+@pytest.mark.parametrize("policy, kind", [(p, k) for p in POLICIES for k in ("ddim", "ddpm")] + [("soda", "ddim")])
+def test_block_runtime_equals_torch_reference(backends, policy, kind):
+    from runtime.engines import resolve_schedule
+
+    engines, ort_b, torch_b = backends
+    sampler_cfg = engines.sampler_with(kind=kind)
+    schedule = resolve_schedule(engines, sampler_cfg, policy)
+    err, calls = _parity(engines, ort_b, torch_b, sampler_cfg, schedule)
+    assert err <= REL_TOL
+    full_steps = sum(1 for s in range(STEPS) if not schedule.is_skip(s)
+                     and all(a == "full" for row in schedule.steps[s] for a in row))
+    assert calls["block.ff*"] == full_steps  # a whole full step is one call
+    assert calls["module"] == calls["modulation"] == 0  # every pattern of these schedules is covered
+    if policy in ("toca", "duca", "soda"):
+        assert sum(v for k, v in calls.items() if "p" in k) > 0  # pruned layers ran inside block graphs
+
+
+def test_uncovered_patterns_fall_back_to_modules(backends, sampler):
+    """Patterns no block graph covers: prune on a forecast (no pattern letter), ToCa's MLP pruned
+    after a full attention in the same layer (its choice reads that attention's map), and a
+    pattern not exported (as for a schedule made after export)."""
+    from soda.schedule import FULL, REUSE, Schedule, forecast, prune
+
+    engines, ort_b, torch_b = backends
+    cfg, L = engines.config, engines.config.depth
+    steps = [[[FULL, FULL]] * L, [[FULL, FULL]] * L, [[forecast(1), prune(0.5, 1)]] * L, [[FULL, prune(0.5)]] * L,
+             [[REUSE, prune(0.25)], [FULL, prune(0.5)]], [[prune(0.5), REUSE]] * L, "skip",
+             [[FULL, prune(0.75)]] * L, [[REUSE, REUSE]] * L, [[FULL, FULL], [REUSE, FULL]]]
+    steps = [s if s == "skip" else [list(r) for r in s] for s in steps]
+    params = {"selector_params": {"interval": 3, "skip_steps": [6]}}
+    hand = Schedule("hand", cfg.name, cfg.hash(), "ddim", STEPS, list(engines.modules), L, steps,
+                    selector="toca-attention", params=params).validate()
+    assert "block.1.rf" not in {b.name for b in ort_b.blocks}  # a pattern not exported (see default_blocks)
+    err, calls = _parity(engines, ort_b, torch_b, sampler, hand)
+    assert err <= REL_TOL
+    # module by module: steps 2, 3 and 7 (both layers), step 4's layer 1 and step 9's layer 1 (rf);
+    # pruned MLPs and full modules are module calls, forecast ones are not
+    assert calls["modulation"] == 8 and calls["module"] == 13
+    assert calls["block.ff*"] == 2 and calls["block.rp"] == 1 and calls["block.pr"] == 2
+    assert calls["block.rr"] == 2 and calls["block.ff"] == 1
+
+
+def test_block_graphs_switched_off_run_module_by_module(backends, folders, sampler, soda_schedule):
+    from runtime.ort_backend import OrtBackend
+
+    engines, _, torch_b = backends
+    err, calls = _parity(engines, OrtBackend(engines, threads=1, blocks=False), torch_b, sampler, soda_schedule)
+    assert err <= REL_TOL
+    assert not any(k.startswith("block") for k in calls) and calls["module"] > 0
+
+
+def test_folder_without_block_graphs_still_runs(folders, backends, sampler, soda_schedule):
+    """What an export made before block graphs holds: no "blocks" section, no block files."""
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+
+    _, torch_b = backends[0], backends[2]
+    old = open_engines(folders[1].folder)
+    assert "blocks" not in old.manifest.data and old.block_graphs() == []
+    assert not list(folders[1].folder.glob("block.*"))
+    err, calls = _parity(old, OrtBackend(old, threads=1), torch_b, sampler, soda_schedule)
+    assert err <= REL_TOL and calls["module"] > 0
+
+
+def test_weights_are_stored_once(folders):
+    """The block graphs add no weight bytes: every tensor they hold is already in weights.bin."""
+    with_blocks, without = folders
+    names = json.loads((with_blocks.folder / "manifest.json").read_text())["blocks"]["graphs"]
+    assert {"block.0.ff", "block.1.rr", "block.1.rp", "block.0.pr", "block.0-1.ff"} <= set(names)
+    assert with_blocks.weights_bytes == without.weights_bytes
+    assert with_blocks.weights_bytes <= 1.05 * with_blocks.raw_fp32_bytes
+    import onnx
+
+    for name in names:
+        proto = onnx.load(str(with_blocks.folder / f"{name}.onnx"), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"weights.bin"}, name
+
+
+def test_manifest_block_section_is_checked(folders, tmp_path):
+    import shutil
+
+    from runtime.engines import open_engines
+    from soda.errors import UserError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folders[0].folder, bad)
+    data = json.loads((bad / "manifest.json").read_text())
+    data["blocks"]["format"] = 99
+    (bad / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="block-graph section"):
+        open_engines(bad)
+
+
+def test_the_tolerance_bites(backends, sampler, soda_schedule):
+    """Add 0.1% of one MLP output to the residual stream after each block graph: the parity check
+    must fail (a real bug of that size could not hide)."""
+    engines, ort_b, torch_b = backends
+
+    def perturb(block, out):  # the MLP of a block's last layer, where it is computed in full
+        key = f"out.mlp.{block.last}"
+        if key in out and f"cache_out.mlp.{block.last}" not in out:
+            out = dict(out, tokens_out=out["tokens_out"] + 1e-3 * out[key])
+        return out
+
+    err, _ = _parity(engines, ort_b, torch_b, sampler, soda_schedule, perturb=perturb)
+    assert err > REL_TOL
