@@ -226,7 +226,10 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
         with atomic_output(save_latents) as tmp:
             np.save(tmp, x)
         click.echo(f"latents -> {save_latents}")
-    save_samples_png(x, ys, out, config, vae=vae, random_init=random_init)
+    from soda.captions import load_caption_texts
+
+    texts = load_caption_texts(prompt_embeds) if prompt_embeds else None
+    save_samples_png(x, ys, out, config, vae=vae, random_init=random_init, captions=texts)
     click.echo(f"image -> {out}")
 
 

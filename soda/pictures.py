@@ -83,9 +83,10 @@ def captions_for(labels, n: int) -> list[str]:
 
 
 def save_samples_png(samples: np.ndarray, labels, out: str | Path, config, vae: str | None = None,
-                     random_init: bool = False) -> None:
+                     random_init: bool = False, captions: list[str] | None = None) -> None:
     """Pixel-space models are shown as they are; latents are VAE-decoded or previewed. `labels`:
-    class labels, a `soda.sampling.Conditioning`, or None (captions: "prompt i"). Video latents
+    class labels, a `soda.sampling.Conditioning`, or None (captions: "prompt i"); `captions`, when
+    the prompt file carries their text, replaces those tile captions. Video latents
     [n, C, T, H, W]: one row per sample, its T latent frames left to right."""
     if samples.ndim == 5:
         return save_video_strips_png(samples, labels, out, config, random_init)
@@ -97,7 +98,8 @@ def save_samples_png(samples: np.ndarray, labels, out: str | Path, config, vae: 
         images, kind = latent_preview(samples), "latent preview (no --vae)"
     scale = max(1, 64 // images.shape[-1])
     title = f"{config.name} {kind}" + (" RANDOM WEIGHTS" if random_init else "")
-    img = grid_image(to_uint8(images), captions_for(labels, len(images)), scale=scale, title=title)
+    tiles = captions if captions is not None and len(captions) == len(images) else captions_for(labels, len(images))
+    img = grid_image(to_uint8(images), tiles, scale=scale, title=title)
     from soda.outputs import atomic_output
 
     with atomic_output(out) as tmp:

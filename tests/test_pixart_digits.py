@@ -78,6 +78,10 @@ def test_bad_captions_one_line(tmp_path):
     one_error_line(cli("encode", "--model", "dit-digits", "--captions", "a two", "--out", str(out)),
                    "encode knows pixart-digits' word table only")
     assert not out.exists()
+    np.savez(tmp_path / "wide.npz", prompt_embeds=np.zeros((1, 3, 16), np.float32),
+             prompt_attention_mask=np.ones((1, 3), np.float32))
+    one_error_line(cli("sample", "--model", "pixart-digits", "--prompt-embeds", str(tmp_path / "wide.npz"),
+                       "--out", str(tmp_path / "x.png")), "caption dimension 16, the checkpoint expects 32")
 
 
 def test_token_drop_gives_the_null_caption_under_the_same_mask():
@@ -130,3 +134,77 @@ def test_cli_train_smoke(tmp_path):
     assert out.is_file() and (tmp_path / "w.log.jsonl").is_file() and "train pixart-digits" in r.stderr
     one_error_line(cli("train", "--model", "pixart-digits", "--steps", "1", "--warm-start", str(tmp_path / "no.pt"),
                        "--out", str(out)), "no such shipped model or file")
+
+
+# --- the shipped weights ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    from soda.models.loading import PACKAGED, load_model
+
+    assert PACKAGED["pixart-digits"].is_file()
+    return load_model("pixart-digits")
+
+
+def test_shipped_weights_draw_the_captioned_digit(shipped):
+    """30 samples ("a zero" .. "a nine", "a thin ...", "a bold ..."), DPM-Solver-20 at the
+    default CFG: an independent SVC (fitted on held-out real digits) recognises >= 90%."""
+    from soda.digits.captions import caption_labels, standard_captions
+    from soda.digits.evaluate import caption_conditioning_for, independent_accuracy, sample_digits
+    from soda.models.config import default_cfg_scale
+
+    model, _ = shipped
+    captions = standard_captions()
+    x, _ = sample_digits(model, caption_conditioning_for(model, captions), default_cfg_scale("pixart-digits"), 20,
+                         seed=0, sampler="dpm-solver")
+    assert x.shape == (30, 1, 16, 16) and np.isfinite(x).all()
+    assert independent_accuracy(x, caption_labels(captions)) >= 0.9
+
+
+def test_cli_sample_with_the_shipped_captions(tmp_path):
+    r = cli("sample", "--model", "pixart-digits", "--prompt-embeds", "soda/assets/pixart_digits_captions.npz",
+            "--out", str(tmp_path / "x.png"), "--save-latents", str(tmp_path / "x.npy"))
+    assert r.returncode == 0, r.stderr
+    assert "dpm-solver-20" in r.stdout and np.load(tmp_path / "x.npy").shape == (30, 1, 16, 16)
+
+
+def test_runtime_equals_sample_for_every_policy(shipped, tmp_path):
+    """export + `run --engines DIR --prompt-embeds FILE` equals `sample` (SODA at 2.5x, through
+    the CLI), and the runtime's backend equals the PyTorch executor for full, FORA, ToCa and
+    DuCa at 2.5x on the same engines, to 1e-4 of the samples' magnitude."""
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from soda.captions import caption_conditioning, load_prompt_embeds
+    from soda.generate import generate
+    from soda.pipeline import spec_for
+    from soda.policies import baseline_schedule
+    from soda.torch_backend import TorchBackend
+
+    model, _ = shipped
+    prompts = tmp_path / "p.npz"
+    assert cli("encode", "--captions", "a thin seven,a bold zero,a two,a five", "--out", str(prompts)).returncode == 0
+    noise = np.random.default_rng(0).standard_normal((4, 1, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    common = ["--prompt-embeds", str(prompts), "--noise", str(tmp_path / "noise.npy")]
+    m = ["--model", "pixart-digits"]
+    r = cli("profile", *m, "--prompt-embeds", "soda/assets/pixart_digits_captions.npz", "--samples", "4",
+            "--orders", "none", "--out", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    soda = ["--policy", "soda", "--speedup", "2.5", "--profile", str(tmp_path / "p.json")]
+    r = cli("export", *m, *soda, "--out", str(tmp_path / "eng"))
+    assert r.returncode == 0, r.stderr
+    r = cli("sample", *m, *common, *soda, "--save-latents", str(tmp_path / "s.npy"), "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr
+    r = cli("run", "--engines", str(tmp_path / "eng"), *common, "--policy", "soda", "--save-latents",
+            str(tmp_path / "r.npy"), "--out", str(tmp_path / "r.png"))
+    assert r.returncode == 0, r.stderr
+    assert rel(np.load(tmp_path / "r.npy"), np.load(tmp_path / "s.npy")) < 1e-4
+
+    engines = open_engines(tmp_path / "eng")
+    sampler = engines.sampler_with()  # the exported dpm-solver-20 at pixart-digits' default CFG
+    cond = caption_conditioning(load_prompt_embeds(prompts, 32), engines.null_caption())
+    spec = spec_for(model, sampler)
+    for policy in ("full", "fora", "toca", "duca"):
+        sched = baseline_schedule(policy, spec, model.config, None if policy == "full" else 2.5)
+        got, _ = generate(OrtBackend(engines, threads=1), model.config, sampler, sched, cond, noise=noise)
+        want, _ = generate(TorchBackend(model), model.config, sampler, sched, cond, noise=noise)
+        assert rel(got, want) < 1e-4, policy

@@ -137,8 +137,9 @@ REGISTRY["pixart-digits"] = ModelConfig(
     num_classes=0, learn_sigma=True, arch="pixart", caption_channels=32, caption_len=3, pe_interpolation=1.0,
 )
 
-# Guidance scale each model samples best at (DiT's published 4.0; dit-digits measured in docs/digits.md).
-DEFAULT_CFG_SCALE = {"dit-digits": 2.0, **{f"pixart-alpha-{px}": 4.5 for px in (256, 512, 1024)}}
+# Guidance scale each model samples best at (DiT's published 4.0; dit-digits and pixart-digits measured in
+# docs/digits.md and docs/pixart.md).
+DEFAULT_CFG_SCALE = {"dit-digits": 2.0, "pixart-digits": 2.0, **{f"pixart-alpha-{px}": 4.5 for px in (256, 512, 1024)}}
 ARCH_CFG_SCALE = {"pixart": 4.5, "opensora": 7.0}  # PixArt's and Open-Sora 1.2's official scales
 
 
