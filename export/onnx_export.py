@@ -393,17 +393,22 @@ def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, cou
 
 
 def _max_err(spec: GraphSpec, n: int, got: list, want: list) -> float:
+    """Max abs error over the outputs; block graphs and a module's per-token score count relative to
+    their magnitude when that exceeds 1 (float32 rounding of values in the hundreds is ~1e-4)."""
     if len(got) != len(want):
         raise RuntimeError(f"{spec.name}: {len(got)} outputs, PyTorch gives {len(want)}")
+    score = getattr(getattr(spec.module, "spec", None), "score", None)
     worst = 0.0
-    for g, w in zip(got, want):
+    for (name, _, _), g, w in zip(spec.outputs, got, want):
         if g.shape != w.shape:
             raise RuntimeError(f"{spec.name}: output shape {g.shape} != PyTorch {w.shape} at n={n}")
         if not np.isfinite(w).all():
             raise UserError(f"graph {spec.name}: PyTorch gives non-finite outputs (NaN or inf) on random inputs; "
                             "the weights hold NaN or inf values")
         err = float(np.max(np.abs(g.astype(np.float64) - w)))
-        if spec.name.startswith("block."):  # residual sums grow with the gates: relative above magnitude 1
+        # Relative above magnitude 1: a block graph's residual sums grow with the gates; a module's
+        # per-token score is only ranked, and DuCa's value norms are sums of |v| in the hundreds.
+        if spec.name.startswith("block.") or (score is not None and name == score):
             err /= max(1.0, float(np.max(np.abs(w))))
         worst = max(worst, err if np.isfinite(err) else float("inf"))  # max(0.0, nan) would keep 0.0
     return worst

@@ -189,17 +189,22 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
         schedule = Schedule.load(schedule_file)
     elif policy is None or policy in PROFILED:
         schedule = engines.exported_schedule
-        if not engines.exported_video:
-            h, w, f, _ = engines.manifest.sampler["video"]
-            raise UserError(f"{engines.folder}'s {schedule.policy} schedule was made for the exported video "
-                            f"({h}x{w}, {f} frames); at another size give --policy full, fora, toca, duca or "
-                            "taylorseer, or --schedule FILE made for that size (`cli.py sample` / `schedule`)")
         if policy is not None and schedule.policy != policy:
             raise UserError(f"{engines.folder} was exported with a {schedule.policy!r} schedule, not a {policy} one; "
                             f"re-export with `cli.py export --policy {policy}` or pick another --policy")
         if speedup is not None:
             raise UserError("--speedup does not apply to the exported schedule (SODA's is fixed at export); "
                             "re-export with `cli.py export --speedup X`")
+        if not engines.exported_video and schedule.policy in PROFILED:
+            h, w, f, _ = engines.manifest.sampler["video"]
+            raise UserError(f"{engines.folder}'s {schedule.policy} schedule was planned from a profile of the exported "
+                            f"video ({h}x{w}, {f} frames); at another size give --policy full, fora, toca, duca or "
+                            "taylorseer, or --schedule FILE made for that size (`cli.py profile` and `schedule`)")
+        if not engines.exported_video:  # a baseline needs no profile: its policy and target, at this video size
+            from soda.policies import baseline_schedule
+
+            spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, engines.modules)
+            schedule = baseline_schedule(schedule.policy, spec, config, schedule.params.get("target_speedup"))
     else:
         from soda.policies import baseline_schedule
 

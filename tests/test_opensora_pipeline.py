@@ -202,8 +202,9 @@ def test_one_export_runs_other_video_sizes(tmp_path, monkeypatch, capsys):
                  "--out", str(tmp_path / "eng")], monkeypatch, capsys)
     assert r.returncode == 0, r.stderr
     for video in ([], ["--num-frames", "34", "--height", "104", "--width", "80"]):
-        r = run_cli(["run", "--engines", str(tmp_path / "eng"), *base, *video, "--save-latents", str(tmp_path / "r.npy"),
-                     "--out", str(tmp_path / "r.png")], monkeypatch, capsys)
+        # `run` without --policy: the exported ToCa, rebuilt for the other size (no profile needed)
+        r = run_cli(["run", "--engines", str(tmp_path / "eng"), *base[:-4], "--seed", "3", *video, "--save-latents",
+                     str(tmp_path / "r.npy"), "--out", str(tmp_path / "r.png")], monkeypatch, capsys)
         assert r.returncode == 0, r.stderr
         r = run_cli(["sample", "--model", "opensora-tiny", "--random-init", *base, *video, "--save-latents",
                      str(tmp_path / "s.npy"), "--out", str(tmp_path / "s.png")], monkeypatch, capsys)
@@ -217,7 +218,7 @@ def test_one_export_runs_other_video_sizes(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "noise.npy", np.zeros((2, 4, 5, 8, 8), dtype=np.float32))
     np.savez(tmp_path / "wide.npz", **prompts(2, channels=48))
     cases = [
-        (bad + ["--num-frames", "34"], "toca schedule was made for the exported video (64x64, 17 frames)"),
+        (bad + ["--policy", "soda", "--num-frames", "34"], "exported with a 'toca' schedule, not a soda one"),
         (bad + ["--policy", "full", "--num-frames", "8"], "--num-frames 8: rflow's timestep transform needs 1 frame"),
         (bad + ["--policy", "full", "--num-frames", "34", "--noise", str(tmp_path / "noise.npy")],
          "expected [2, 4, 10, 8, 8]: [n, C, T, H, W] with the latent frames, height and width of --num-frames"),
@@ -229,6 +230,19 @@ def test_one_export_runs_other_video_sizes(tmp_path, monkeypatch, capsys):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and lines and lines[-1].startswith("error: ") and msg in lines[-1], (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+    # A SODA plan comes from a profile of the exported video: another size is refused, one line.
+    tiny = ["--model", "opensora-tiny", "--random-init", "--prompt-embeds", str(tmp_path / "p.npz"), "--steps", "4"]
+    r = run_cli(["profile", *tiny, "--samples", "1", "--intervals", "1,2", "--rates", "0.5", "--orders", "none",
+                 "--out", str(tmp_path / "prof.json")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["export", *tiny[:3], *tiny[5:], "--policy", "soda", "--speedup", "1.5", "--profile", str(tmp_path / "prof.json"),
+                 "--out", str(tmp_path / "soda")], monkeypatch, capsys)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["run", "--engines", str(tmp_path / "soda"), "--prompt-embeds", str(tmp_path / "p.npz"),
+                 "--num-frames", "34", "--out", str(tmp_path / "z.png")], monkeypatch, capsys)
+    assert r.returncode == 2 and "soda schedule was planned from a profile of the exported video (64x64, 17 frames)" \
+        in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_trt_profiles_fix_the_exported_video():
@@ -264,3 +278,17 @@ def test_generate_bad_video_input_is_one_line(tmp_path, monkeypatch, capsys):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and lines and lines[-1].startswith("error: ") and msg in lines[-1], (args, r.stderr)
         assert not (tmp_path / "g").exists()
+
+
+def test_parity_counts_a_large_score_relative_to_its_size():
+    """DuCa's value norms (sums of |v| in the hundreds at the XL width) are compared relative to their
+    magnitude; D stays absolute (1e-4)."""
+    from types import SimpleNamespace
+
+    from export.onnx_export import _max_err
+
+    spec = SimpleNamespace(name="attn.0", module=SimpleNamespace(spec=SimpleNamespace(score="value_norm")),
+                           outputs=[("D", None, None), ("value_norm", None, None)])
+    D, vn = np.ones((1, 4, 2)), np.full((1, 4), 250.0)
+    assert _max_err(spec, 4, [D, vn + 5e-5], [D, vn]) == pytest.approx(5e-5 / 250)
+    assert _max_err(spec, 4, [D + 5e-5, vn], [D, vn]) == pytest.approx(5e-5)
