@@ -241,7 +241,7 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
         for m in iface.modules:
             if needed_modules is not None and (l, m.name) not in needed_modules:
                 continue
-            n = "n" if m.prunable else N  # a module that is never pruned sees every token: a static axis
+            n = "n" if m.prunable else N  # a module that is never pruned sees every token (N: static, or a video axis)
             ins = [("tokens", ["B", n, D], F32)] + [(a, ["B", D], F32) for a in m.args]
             ins += [(c, *cond_io[c]) if c in cond_io else (c, _context_shape(cfg, c), F32) for c in m.context]
             outs = [("D", ["B", n, D], F32)] + ([(m.score, ["B", n], F32)] if m.score else [])
