@@ -428,6 +428,10 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Frontier PNG (PSNR vs FLOPs speedup).")
 @click.option("--backend", type=click.Choice(["torch", "ort"]), default="torch", show_default=True)
 @click.option("--engines", "engines_dir", type=click.Path(file_okay=False), default=None, help="For --backend ort.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: tokens, caches and selectors stay on the GPU (torch tensors; CuPy for --backend ort).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="--backend torch --device cuda: weights and activations in this precision.")
 @click.option("--eval-seeds", type=int, default=None,
               help="Evaluation seeds the samples are split over (mean and 95% interval; timing rounds). "
                    "Default: 5, or --samples if fewer.")
@@ -453,9 +457,9 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
               help="PNG of the first 10 evaluation samples of every policy at --speedup, one row per policy.")
 @ray_options
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
-              samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, eval_seeds,
-              tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads, timing_rounds,
-              timing_per_module, height, width, num_frames, fps, json_out, grid_png, ray_address, workers):
+              samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, device,
+              precision, eval_seeds, tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads,
+              timing_rounds, timing_per_module, height, width, num_frames, fps, json_out, grid_png, ray_address, workers):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
@@ -469,7 +473,16 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
                        eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
                        tune_samples=tune_samples, planner=planner, ablation=ablation, prompt_embeds=prompt_embeds,
                        calibration_prompts=calibration_prompts, keep_samples=min(10, samples) if grid_png else 0,
-                       timing_repeats=timing_rounds, timing_per_module=timing_per_module)
+                       timing_repeats=timing_rounds, timing_per_module=timing_per_module, device=device,
+                       precision=precision)
+    if device == "cuda" and (ray_address or workers):
+        raise UserError("--device cuda runs in this process on this machine's GPU; drop --ray/--workers")
+    if precision != "fp32" and (device != "cuda" or backend != "torch"):
+        raise UserError(f"--precision {precision} needs --backend torch --device cuda")
+    if device == "cuda" and backend == "torch":
+        from soda.torch_backend import check_device
+
+        check_device("cuda")  # one clear line before any loading where there is no GPU
     if not 1 <= speedup < float("inf"):
         raise UserError(f"--speedup must be at least 1 and finite, got {speedup:g}")
     check_setup(setup)

@@ -420,9 +420,18 @@ def _listed_files(data: dict) -> list[str]:
 
 
 def _build_trt(folder: Path, data: dict, precision: str, echo) -> dict | None:
+    """Build (or reuse) the engines, then check each against its ONNX graph in fp32 on recorded
+    activations (`runtime.engine_check`); engines over the tolerance are refused (UserError)."""
     from export.trt import build_engines
 
-    return build_engines(folder, data, precision, echo=echo)
+    section = build_engines(folder, data, precision, echo=echo)
+    if section is None:
+        return None
+    if not (folder / MANIFEST).is_file():  # a fresh export: the graphs' manifest, so the runtime can open them
+        write_manifest(folder, {k: v for k, v in data.items() if k != "trt"})
+    from runtime.engine_check import check_trt_engines
+
+    return check_trt_engines(folder, section, precision, echo=echo)
 
 
 def _add_trt(out: Path, data: dict, precision: str, echo) -> None:

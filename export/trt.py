@@ -6,7 +6,9 @@ manifest), all inside the one engine: the runtime picks the profile whose n equa
 gathered token count. Engines live under `trt/<gpu>/trt-<version>/` in the engines folder,
 so a folder can hold engines for several GPUs and TensorRT versions; a timing cache file in
 that folder makes rebuilds fast. Where `tensorrt` cannot be imported or no GPU is present,
-one line says so and the export stays ONNX only.
+one line says so and the export stays ONNX only. After a build, `cli.py export` checks every
+engine against its ONNX graph in fp32 on recorded activations (`runtime.engine_check`) and
+refuses engines over the tolerance of their precision.
 """
 from __future__ import annotations
 
@@ -94,6 +96,11 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
         echo(f"TensorRT {name}: {len(profiles)} profile(s), {engines[name]['build_seconds']} s")
     return {"gpu": gpu, "version": trt.__version__, "precision": precision, "max_batch": max_batch,
             "timing_cache": str(cache_file.relative_to(folder)), "engines": engines}
+
+
+def profile_counts(entry: dict) -> list[int]:
+    """The token counts an engine entry has optimization profiles for (empty: no token axis)."""
+    return [p["n"] for p in entry.get("profiles", []) if p.get("n") is not None]
 
 
 def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1, video: dict | None = None

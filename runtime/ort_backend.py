@@ -1,15 +1,19 @@
-"""onnxruntime backend: one session per exported graph behind the executor's numpy Backend API.
+"""onnxruntime backend: one session per exported graph behind the executor's Backend API.
 
 CPU: plain `session.run` on numpy arrays (measured against IO binding with preallocated
-outputs: no faster on CPU, see docs/runtime.md). CUDA (onnxruntime-gpu on a machine with a
-GPU): weights live on the device and each call goes through IO binding; the stitching loop
-itself is numpy, so tokens cross the bus once in and once out per module call.
+outputs: no faster on CPU, see docs/runtime.md). CUDA (onnxruntime-gpu, CuPy, a GPU): the
+loop's arrays are CuPy arrays (`runtime.device`), bound to each session by device pointer
+(IO binding); outputs are allocated by CuPy's pool with the shapes the manifest declares and
+bound too, so ORT writes straight into the arrays the loop keeps. Every session runs on
+CuPy's stream (`user_compute_stream`) without a synchronise per run
+(`disable_synchronize_execution_providers`): nothing crosses the bus inside the loop.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from soda.errors import UserError
+from runtime.device import CupyArrays, HostArrays, cuda_availability, named_dims, resolve_shape
 from runtime.engines import Engines, GraphBackend
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -31,7 +35,8 @@ def session_options(threads: int | None = None):
 
 
 def choose_providers(device: str = "auto") -> list[str]:
-    """auto: CUDA when this onnxruntime build has it, else CPU. The session says what it got."""
+    """auto: CUDA when this onnxruntime build has it and CuPy sees a GPU, else CPU. The
+    session says what it got."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -39,7 +44,14 @@ def choose_providers(device: str = "auto") -> list[str]:
         return [CPU]
     if device == "cuda" and CUDA not in available:
         raise UserError(f"--device cuda needs onnxruntime-gpu; this onnxruntime has {', '.join(available)}")
-    return [CUDA, CPU] if CUDA in available else [CPU]
+    if CUDA not in available:
+        return [CPU]
+    cupy, why = cuda_availability()
+    if cupy is None:
+        if device == "cuda":
+            raise UserError(f"--device cuda: onnxruntime has CUDA but the device arrays cannot be made: {why}")
+        return [CPU]
+    return [CUDA, CPU]
 
 
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "float16": "tensor(float16)"}
@@ -70,13 +82,23 @@ class OrtBackend(GraphBackend):
     The per-module graphs open up front; block graphs (`blocks=True`, when the folder has them)
     open on their first call, so only the patterns a schedule uses cost a session."""
 
-    def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None, blocks: bool = True):
+    def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None, blocks: bool = True,
+                 io_binding: bool | None = None):
+        """io_binding: None = on for CUDA (device buffers), off for CPU; True on CPU binds numpy
+        buffers the same way (tests drive the binding code with it)."""
+        import onnxruntime as ort
+
         self.engines = engines
         self.modules = engines.modules
         self.num_layers = engines.config.depth
         self._setup_interface()
         self._options = session_options(threads)
-        self._providers = choose_providers(device)
+        providers = choose_providers(device)
+        self.arrays = CupyArrays() if CUDA in providers else HostArrays()
+        if CUDA in providers:  # every session on CuPy's stream: ordered with the loop's kernels, no syncs
+            providers = [(CUDA, {"device_id": str(self.arrays.device_id),
+                                 "user_compute_stream": str(self.arrays.stream_ptr)}), CPU]
+        self._providers = providers
         self.sessions = {}
         for name in engines.graph_names():
             self.sessions[name] = self._open(name)
@@ -88,7 +110,12 @@ class OrtBackend(GraphBackend):
             _check_declared(engines, name, session)
         self.blocks = tuple(engines.block_graphs()) if blocks else ()
         self._io = {name: engines.io(name) for name in [*self.sessions, *(b.name for b in self.blocks)]}
-        self._run = self._run_device if self.provider == CUDA else self._run_cpu
+        self.run_options = ort.RunOptions()
+        if self.provider == CUDA:  # one stream for everything: the host never waits for a run
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        bind = self.provider == CUDA if io_binding is None else io_binding
+        self._bindings: dict = {}  # graph name -> (its IOBinding, input specs, output specs), made on first call
+        self._run = self._run_bound if bind else self._run_cpu
 
     def _open(self, name: str):
         import onnxruntime as ort
@@ -114,14 +141,35 @@ class OrtBackend(GraphBackend):
         ins, outs = self._io[name]
         return self._session(name).run(outs, dict(zip(ins, inputs)))
 
-    def _run_device(self, name: str, inputs: tuple) -> list[np.ndarray]:
-        """CUDA: bind inputs once per call, let ORT allocate outputs on the device, copy back once."""
+    def _run_bound(self, name: str, inputs: tuple) -> list:
+        """IO binding: inputs and outputs by pointer, in `self.arrays` (CuPy on CUDA). Outputs
+        are fresh arrays of the declared shapes (the loop caches them, so no buffer is reused);
+        an output whose shape the inputs do not fix is left to ORT and taken over by DLPack."""
         ins, outs = self._io[name]
-        session = self._session(name)
-        binding = session.io_binding()
-        for key, value in zip(ins, inputs):
-            binding.bind_cpu_input(key, np.ascontiguousarray(value))
+        if name not in self._bindings:
+            art = self.engines.manifest.artefacts[name]
+            self._bindings[name] = (self._session(name).io_binding(), {t.name: t for t in art.inputs},
+                                    {t.name: t for t in art.outputs})
+        binding, in_specs, out_specs = self._bindings[name]
+        arrays = self.arrays
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        fed = [arrays.put(v, np.dtype(in_specs[k].dtype)) for k, v in zip(ins, inputs)]  # alive until the run is queued
+        for key, a in zip(ins, fed):
+            binding.bind_input(key, arrays.device_type, arrays.device_id, a.dtype, a.shape, arrays.ptr(a))
+        dims = named_dims([in_specs[k] for k in ins], fed)
+        results = []
         for key in outs:
-            binding.bind_output(key, "cuda")
-        session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+            shape = resolve_shape(out_specs[key].shape, dims)
+            if shape is None:
+                binding.bind_output(key, arrays.device_type, arrays.device_id)
+                results.append(None)
+                continue
+            out = arrays.empty(shape, np.dtype(out_specs[key].dtype))
+            binding.bind_output(key, arrays.device_type, arrays.device_id, out.dtype, out.shape, arrays.ptr(out))
+            results.append(out)
+        self._session(name).run_with_iobinding(binding, self.run_options)
+        if any(r is None for r in results):
+            values = binding.get_outputs()
+            results = [arrays.from_ortvalue(values[i]) if r is None else r for i, r in enumerate(results)]
+        return results

@@ -1,75 +1,62 @@
-"""TensorRT backend: the exported engines behind the executor's numpy Backend API.
+"""TensorRT backend: the exported engines behind the executor's Backend API, on the device.
 
-Official TensorRT (>= 10) Python API: deserialize each engine, one execution context each,
-set the input shapes per call (dynamic batch and token axes), point every I/O tensor at a
-device buffer with `set_tensor_address`, `execute_async_v3` on one stream. Module engines hold
-one optimization profile per token count (`export/trt.py`: N and each pruned k of the exported
-schedule); a call selects the profile of its gathered token count, and a schedule that needs a
-count no profile covers is refused before sampling starts (`check_schedule`). Device memory and
-copies use cuda-python (`cuda.bindings.runtime`), not torch. Buffers grow to the largest shape
-seen and are reused. Like the onnxruntime CUDA path, the stitching loop is numpy: each call
-copies its inputs in and its outputs out.
+Official TensorRT (>= 10) Python API: deserialize each engine; one execution context each,
+created with `ExecutionContextAllocationStrategy.USER_MANAGED` and all pointed at ONE scratch
+area (`set_device_memory`) sized to the largest engine's `device_memory_size_v2` -- the
+contexts run one after another on one stream, so they can share it. Per call: select the
+optimization profile of the gathered token count, set the input shapes, point every input at
+the loop's own CuPy array (`set_tensor_address`, no copy) and every output at a fresh CuPy
+array of the shape the context reports, then `execute_async_v3` on the stream CuPy's kernels
+use. There is no synchronise per call: the host waits only for the model output the sampler
+reads (`runtime.device` explains why one stream makes that safe). Module engines hold one
+optimization profile per token count (`export/trt.py`: N and each pruned k of the exported
+schedule); a schedule that needs a count no profile covers is refused before sampling
+starts (`check_schedule`).
 
-Needs TensorRT, cuda-python and a GPU, and engines built by `cli.py export --trt`.
+Needs TensorRT, CuPy and a GPU, and engines built by `cli.py export --trt`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from soda.errors import UserError
+from runtime.device import CupyArrays
 from runtime.engines import Engines, GraphBackend
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise UserError("--backend trt needs cuda-python (pip install cuda-python)") from None
-    return cudart
+def _device_memory_size(engine) -> int:
+    """Scratch bytes a context of `engine` needs (TensorRT >= 10.1: `device_memory_size_v2`)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(engine.device_memory_size if size is None else size)
 
 
-def _check(result):
-    """cuda-python returns (error, *values): raise on error, return the values."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA error {err}")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
+class TrtEngine:
+    """One deserialized engine and its execution context (user-managed scratch memory)."""
 
-
-class _Engine:
-    """One deserialized engine with its context and grow-only device buffers."""
-
-    def __init__(self, trt, runtime, path, cudart, profiles: list[dict]):
-        self.trt, self.cudart = trt, cudart
+    def __init__(self, trt, runtime, path, profiles: list[dict], arrays: CupyArrays):
+        self.trt, self.arrays = trt, arrays
         self.profile_by_n = {p.get("n"): i for i, p in enumerate(profiles)}
         self.active_profile = 0
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise UserError(f"TensorRT cannot deserialize {path} (built by another TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
+        self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        self.scratch_bytes = _device_memory_size(self.engine)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
-    def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, size = self.buffers.get(name, (0, 0))
-        if nbytes > size:
-            if ptr:
-                _check(self.cudart.cudaFree(ptr))
-            ptr, size = _check(self.cudart.cudaMalloc(max(nbytes, 1))), nbytes
-            self.buffers[name] = (ptr, size)
-        return ptr
+    def use_scratch(self, ptr: int, size: int) -> None:
+        """Point the context at the shared scratch area (TensorRT 10.1+: with its size)."""
+        if hasattr(self.context, "set_device_memory"):
+            self.context.set_device_memory(ptr, size)
+        else:  # TensorRT 10.0
+            self.context.device_memory = ptr
 
-    def __call__(self, feeds: dict[str, np.ndarray], wanted: tuple[str, ...], stream) -> list[np.ndarray]:
-        H2D = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        D2H = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    def __call__(self, feeds: dict, wanted: tuple[str, ...]) -> list:
+        """Queue one run on the stream; returns the output arrays (filled when the stream gets there)."""
+        arrays, stream = self.arrays, self.arrays.stream_ptr
         if "tokens" in feeds and None not in self.profile_by_n:
             n = feeds["tokens"].shape[1]
             if n not in self.profile_by_n:
@@ -77,30 +64,18 @@ class _Engine:
             if self.profile_by_n[n] != self.active_profile:
                 self.context.set_optimization_profile_async(self.profile_by_n[n], stream)
                 self.active_profile = self.profile_by_n[n]
+        fed = {}
         for name in self.inputs:
-            host = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            ptr = self._buffer(name, host.nbytes)
-            self.context.set_input_shape(name, host.shape)
-            _check(self.cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, H2D, stream))
-            self.context.set_tensor_address(name, ptr)
+            a = fed[name] = arrays.put(feeds[name], self.dtypes[name])  # the loop's array itself when it fits
+            self.context.set_input_shape(name, a.shape)
+            self.context.set_tensor_address(name, arrays.ptr(a))
         results = {}
         for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            host = np.empty(shape, dtype=self.dtypes[name])
-            self.context.set_tensor_address(name, self._buffer(name, host.nbytes))
-            results[name] = host
+            out = results[name] = arrays.empty(tuple(self.context.get_tensor_shape(name)), self.dtypes[name])
+            self.context.set_tensor_address(name, arrays.ptr(out))
         if not self.context.execute_async_v3(stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
-        for name in wanted:
-            host = results[name]
-            _check(self.cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name][0], host.nbytes, D2H, stream))
-        _check(self.cudart.cudaStreamSynchronize(stream))
-        return [results[n].astype(np.float32, copy=False) for n in wanted]
-
-    def close(self) -> None:
-        for ptr, _ in self.buffers.values():
-            self.cudart.cudaFree(ptr)
-        self.buffers.clear()
+        return [results[n] if results[n].dtype == np.float32 else results[n].astype(np.float32) for n in wanted]
 
 
 class TrtBackend(GraphBackend):
@@ -114,7 +89,6 @@ class TrtBackend(GraphBackend):
         built = engines.manifest.trt
         if not built:
             raise UserError(f"{engines.folder} has no TensorRT engines; export with `cli.py export --trt` on a GPU machine")
-        cudart = _cudart()
         self.version = trt.__version__
         if built.get("version") and built["version"] != trt.__version__:
             raise UserError(f"{engines.folder}: engines were built with TensorRT {built['version']}, "
@@ -130,7 +104,7 @@ class TrtBackend(GraphBackend):
         self.modules = engines.modules
         self.num_layers = engines.config.depth
         self._setup_interface()
-        self.stream = int(_check(cudart.cudaStreamCreate()))  # TensorRT takes the handle as an int
+        self.arrays = CupyArrays()  # the loop's arrays and the one stream every engine runs on
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._io = {name: engines.io(name) for name in engines.graph_names()}
         self._engines = {}
@@ -138,8 +112,13 @@ class TrtBackend(GraphBackend):
             entry = built["engines"].get(name)
             if entry is None:
                 raise UserError(f"{engines.folder} has no TensorRT engine for {name}; rebuild with `cli.py export --trt`")
-            self._engines[name] = _Engine(trt, runtime, engines.folder / entry["file"], cudart,
-                                          entry.get("profiles", [{"n": None}]))
+            self._engines[name] = TrtEngine(trt, runtime, engines.folder / entry["file"],
+                                            entry.get("profiles", [{"n": None}]), self.arrays)
+        # One scratch area for all contexts, sized to the largest: they never run concurrently.
+        self.scratch_bytes = max(e.scratch_bytes for e in self._engines.values())
+        self._scratch = self.arrays.empty((max(self.scratch_bytes, 1),), np.uint8)
+        for e in self._engines.values():
+            e.use_scratch(self.arrays.ptr(self._scratch), self.scratch_bytes)
         self.token_counts = sorted({n for e in self._engines.values() for n in e.profile_by_n if n is not None})
         self.precision = built.get("precision", "?")
 
@@ -157,11 +136,12 @@ class TrtBackend(GraphBackend):
         if self.max_batch and rows > self.max_batch:
             raise UserError(f"{rows} batch rows exceed the engines' max batch {self.max_batch}; use fewer labels")
 
-    def _run(self, name: str, inputs: tuple) -> list[np.ndarray]:
+    def _run(self, name: str, inputs: tuple) -> list:
         ins, outs = self._io[name]
-        return self._engines[name](dict(zip(ins, inputs)), outs, self.stream)
-
+        return self._engines[name](dict(zip(ins, inputs)), outs)
 
     def close(self) -> None:
-        for e in self._engines.values():
-            e.close()
+        """Wait for queued work, then drop the engines and their scratch area."""
+        self.arrays.synchronize()
+        self._engines.clear()
+        self._scratch = None

@@ -36,13 +36,20 @@ FIELDS = ("policy", "variant", "target_speedup", "flops_speedup", "wall_speedup"
           "class_accuracy", "frechet")
 
 
-def backend_for(kind: str, model, engines_dir: str | None = None, blocks: bool = True):
+def backend_for(kind: str, model, engines_dir: str | None = None, blocks: bool = True, device: str = "cpu",
+                precision: str = "fp32"):
     """The backend the bench runs: "torch" (the reference) or "ort" (an exported engines folder,
-    opened by the runtime's own `make_backend`, so bench measures exactly what `run` runs)."""
+    opened by the runtime's own `make_backend`, so bench measures exactly what `run` runs).
+    device "cuda": torch keeps weights and every loop array on the GPU (in `precision`); ort
+    runs the CUDA provider on device arrays."""
     if kind == "torch":
-        from soda.torch_backend import TorchBackend
+        from soda.torch_backend import DTYPES, TorchBackend
 
-        return TorchBackend(model)
+        if device == "cpu":
+            if precision != "fp32":
+                raise UserError(f"--precision {precision} needs --device cuda (the CPU reference is fp32)")
+            return TorchBackend(model)
+        return TorchBackend(model, device=device, dtype=DTYPES[precision])
     if kind == "ort":
         if not engines_dir:
             raise UserError("--backend ort needs --engines DIR (made by `cli.py export`)")
@@ -56,7 +63,9 @@ def backend_for(kind: str, model, engines_dir: str | None = None, blocks: bool =
             engines = engines.at_video(*model.video)
         if engines.config.hash() != model.config.hash():
             raise UserError(f"{engines_dir} was exported from {engines.config.name}, not {model.config.name}")
-        return make_backend(engines, "ort", blocks=blocks)
+        if precision != "fp32":
+            raise UserError(f"--precision {precision} is for --backend torch (onnxruntime runs the exported fp32 graphs)")
+        return make_backend(engines, "ort", device=device, blocks=blocks)
     raise UserError(f"unknown backend {kind!r}; choose one of: {', '.join(BACKENDS)}")
 
 
@@ -83,6 +92,8 @@ class BenchSetup:
     ablation: bool = False  # also SODA with planners fixed / dcs / uas / joint at `speedup`
     prompt_embeds: str | None = None  # text-conditioned models: an npz of captions (soda.captions)
     calibration_prompts: int | None = None  # the first K captions calibrate (profile, tuning); default half
+    device: str = "cpu"  # "cuda": the loop's arrays stay on the GPU (torch tensors, or CuPy for ort)
+    precision: str = "fp32"  # --backend torch --device cuda: fp16 / bf16 weights and activations
 
 
 def parse_policies(text: str) -> list[str]:
@@ -287,7 +298,7 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     check_setup(setup)
     config = model.config
     metrics, classifier = _scores(config.name, echo)
-    backend = backend_for(setup.backend, model, setup.engines_dir)
+    backend = backend_for(setup.backend, model, setup.engines_dir, device=setup.device, precision=setup.precision)
     runner = Runner(backend, model, sampler, setup.batch_size, progress, pool)
     spec, fm = spec_for(model, sampler), FlopsModel.for_config(config)
     targets = list(dict.fromkeys([setup.speedup, *setup.frontier]))
@@ -473,7 +484,8 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
 
         echo(f"runtime timing: {setup.timing_images} images x {setup.timing_repeats} interleaved rounds, "
              f"against one monolithic ONNX of the model ...")
-        module_backend = backend_for("ort", model, setup.engines_dir, blocks=False) if setup.timing_per_module else None
+        module_backend = (backend_for("ort", model, setup.engines_dir, blocks=False, device=setup.device)
+                          if setup.timing_per_module else None)
         report["runtime"] = runtime_report(model, backend, sampler, main_schedules, labels[:setup.timing_images],
                                            setup.timing_repeats, progress=progress, module_backend=module_backend)
     if setup.keep_samples > 0:

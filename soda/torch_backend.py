@@ -4,13 +4,20 @@ Backend API (`soda.executor.Backend`). Knows no architecture: it converts arrays
 
 Two ways to hand arrays to the loop:
 - `device=None` (the reference everywhere on the CPU): numpy in and out, as onnxruntime CPU.
-- `device="cuda"` (or "cpu", which tests use): the weights and every array the loop holds are
-  torch tensors on that device, so the stitching loop, its caches and the selectors run on
+- `device="cuda"` (or "cpu", which tests use): a copy of the model on that device (the caller's
+  model stays where it is, for profiling and the CPU reference), and every array the loop holds
+  is a torch tensor there, so the stitching loop, its caches and the selectors run on
   torch there (`soda.arrays`); only the sampler's latents cross, once per step each way.
-  `dtype` (torch.float16 / torch.bfloat16) runs weights and activations in that precision;
-  the model output is returned in float32 for the sampler.
+  `dtype` (torch.float16 / torch.bfloat16) runs the modules under `torch.autocast` in that
+  precision (PyTorch's own mixed precision: matmuls in it, reductions like LayerNorm kept in
+  float32, weights stay float32), so the cached module outputs are half-size; the model output
+  is returned in float32 for the sampler.
 """
 from __future__ import annotations
+
+import contextlib
+import copy
+import functools
 
 import numpy as np
 import torch
@@ -32,6 +39,15 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def _compute(method):
+    """No autograd, and autocast to the backend's reduced precision when it has one."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with torch.no_grad(), self._autocast():
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
 class TorchBackend:
     def __init__(self, model, device: str | None = None, dtype: torch.dtype | None = None):
         if dtype not in (None, torch.float32) and device is None:
@@ -40,7 +56,7 @@ class TorchBackend:
         self.dtype = dtype if dtype is not None else torch.float32
         self.model = model.eval()
         if self.device is not None:
-            self.model = self.model.to(self.device, self.dtype)
+            self.model = copy.deepcopy(model).to(self.device)
         self.interface = model.config.interface
         self.specs = tuple(self.interface.modules)
         self.modules = tuple(s.name for s in self.specs)
@@ -50,12 +66,15 @@ class TorchBackend:
         where = "numpy arrays" if self.device is None else f"torch tensors on {self.device}"
         return f"torch {torch.__version__} ({where}, {str(self.dtype).removeprefix('torch.')})"
 
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
     def _t(self, a):
         """To a tensor where the model runs: numpy from the sampler, or the loop's own tensors."""
         t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-        if self.device is None:
-            return t
-        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+        return t if self.device is None else t.to(self.device)
 
     def _out(self, v):
         """What the loop gets: numpy (device None) or the tensor as it is."""
@@ -63,32 +82,32 @@ class TorchBackend:
             return v
         return v.numpy()
 
-    @torch.no_grad()
+    @_compute
     def prepare(self, cond):
         """The context: the conditioning itself plus what the adapter prepares from it."""
         cond = {k: self._t(v) for k, v in cond.items()}
         prepared = self.model.prepare(cond)
         return {k: self._out(v) for k, v in {**cond, **prepared}.items()}
 
-    @torch.no_grad()
+    @_compute
     def embed(self, x, t, context):
         ctx = {k: self._t(context[k]) for k in self.interface.embed_context}
         tokens, step = self.model.step_embed(self._t(x), self._t(t), ctx)
         return self._out(tokens), tuple(self._out(v) for v in step)
 
-    @torch.no_grad()
+    @_compute
     def modulation(self, layer, step):
         mods = self.model.layer_modulation(layer, tuple(None if v is None else self._t(v) for v in step))
         return {k: (tuple(self._out(a) for a in args), self._out(gate)) for k, (args, gate) in mods.items()}
 
-    @torch.no_grad()
+    @_compute
     def module(self, layer, name, tokens, *args, context=None):
         spec = self.specs[self.modules.index(name)]
         ctx = {k: self._t(v) for k, v in zip(spec.context, spec.context_for(context, layer))}
         D, received = self.model.module_forward(layer, name, self._t(tokens), tuple(self._t(a) for a in args), ctx)
         return self._out(D), self._out(received)
 
-    @torch.no_grad()
+    @_compute
     def final(self, tokens, step):
         out = self.model.step_final(self._t(tokens), tuple(None if v is None else self._t(v) for v in step))
         return self._out(out.float())

@@ -35,6 +35,8 @@ def _cli(*args, cwd=ROOT):
     (["bench", "--speedup", "nan"], "at least 1 and finite"),
     (["bench", "--speedup", "1000"], "cannot reach a 1000x FLOPs speedup"),  # before any profiling or sampling
     (["bench", "--plot", "plot.txt"], "--plot plot.txt: use one of"),
+    (["bench", "--precision", "bf16"], "--precision bf16 needs --backend torch --device cuda"),
+    (["bench", "--device", "cuda", "--ray", "local:2"], "--device cuda runs in this process"),
     (["train", "--steps", "2", "--lr", "nan"], "--lr must be positive"),
 ])
 def test_one_line_error(args, match, tmp_path):
@@ -127,3 +129,14 @@ def test_run_policy_help_says_what_the_default_runs(monkeypatch, capsys):
     assert r.returncode == 0
     assert "the engines' exported schedule, which must be that policy's" in text
     assert "Default: the exported schedule, whatever its policy" in text
+
+
+def test_bench_device_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the no-GPU error is not taken")
+    r = _cli("bench", "--device", "cuda", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--device cuda: no CUDA device here" in lines[0], r.stderr
+    assert not any(tmp_path.iterdir())

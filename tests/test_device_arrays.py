@@ -208,3 +208,17 @@ def test_bad_device_is_one_clear_error():
             TorchBackend(torch.nn.Module(), device="cuda")
     with pytest.raises(UserError, match="unknown torch device"):
         TorchBackend(torch.nn.Module(), device="tpu-ish")
+
+
+def test_reduced_precision_backend_runs_on_a_copy(strong_tiny_model, sampler_cfg, schedules):
+    """dtype=bf16 (what --precision bf16 does on CUDA) runs the modules under bf16 autocast on a
+    copy of the model (the caller's model is not moved); module outputs are cached in bf16, the
+    samples come back float32, near the fp32 ones but not equal to them."""
+    cfg = strong_tiny_model.config
+    backend = TorchBackend(strong_tiny_model, device="cpu", dtype=torch.bfloat16)
+    assert backend.model is not strong_tiny_model
+    assert next(strong_tiny_model.parameters()).dtype == torch.float32
+    got, ex, _ = _run(backend, cfg, sampler_cfg, schedules["soda"])
+    ref, _, _ = _run(TorchBackend(strong_tiny_model), cfg, sampler_cfg, schedules["soda"])
+    assert got.dtype == np.float32 and next(iter(ex.cache.values())).dtype == torch.bfloat16
+    assert 0 < _rel_err(got, ref) < 0.2

@@ -390,6 +390,135 @@ def test_digits_cli_run_equals_cli_sample(digits_engines, policy, tmp_path):
     assert len(speed) == 2 and speed[0] == speed[1]
 
 
+# --- IO binding (the CUDA code path, driven on the CPU with numpy buffers) ----------------------
+@pytest.mark.parametrize("policy", ["toca", "soda"])
+def test_io_binding_path_equals_plain_run(tiny_backends, policy):
+    """`OrtBackend._run_bound` is the CUDA path's code: inputs and preallocated outputs bound by
+    pointer, output shapes resolved from the manifest's named axes. With numpy buffers on the
+    CPU provider it must give exactly what `session.run` gives."""
+    from runtime.engines import resolve_schedule
+    from runtime.ort_backend import OrtBackend
+    from soda.generate import generate
+
+    engines, plain, _ = tiny_backends
+    bound = OrtBackend(engines, device="cpu", threads=1, io_binding=True)
+    assert bound._run == bound._run_bound and plain._run == plain._run_cpu
+    schedule = resolve_schedule(engines, engines.sampler, policy)
+    ys = np.array([1, 7])
+    got_rec = Recording(bound)
+    got, s1 = generate(got_rec, engines.config, engines.sampler, schedule, ys, 3)
+    ref, s2 = generate(plain, engines.config, engines.sampler, schedule, ys, 3)
+    np.testing.assert_array_equal(got, ref)
+    assert s1.flops == s2.flops
+
+
+def test_io_binding_outputs_are_fresh_preallocated_arrays(tiny_backends):
+    """Every call returns new output arrays of the declared shapes (the loop caches them: a
+    reused buffer would overwrite a cache entry), pruned token counts included."""
+    from runtime.ort_backend import OrtBackend
+
+    engines, plain, _ = tiny_backends
+    bound = OrtBackend(engines, device="cpu", threads=1, io_binding=True)
+    cfg = engines.config
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((3, cfg.hidden_size)).astype(np.float32) for _ in engines.interface.spec("attn").args]
+    for n in (cfg.num_tokens, 4):
+        tokens = rng.standard_normal((3, n, cfg.hidden_size)).astype(np.float32)
+        a = bound._run("attn.0", (tokens, *args))
+        b = bound._run("attn.0", (tokens, *args))
+        want = plain._run("attn.0", (tokens, *args))
+        assert [x.shape for x in a] == [(3, n, cfg.hidden_size), (3, n)]
+        assert all(x is not y and not np.shares_memory(x, y) for x, y in zip(a, b))
+        for x, w in zip(a, want):
+            np.testing.assert_array_equal(x, w)
+
+
+def test_shapes_resolve_from_named_axes():
+    from export.manifest import TensorSpec
+    from runtime.device import named_dims, resolve_shape
+
+    specs = [TensorSpec("tokens", ("B", "n", 32), "float32"), TensorSpec("caption", ("B", "L", 8), "float32")]
+    dims = named_dims(specs, [np.zeros((4, 9, 32)), np.zeros((4, 6, 8))])
+    assert dims == {"B": 4, "n": 9, "L": 6}
+    assert resolve_shape(("B", "n", 32), dims) == (4, 9, 32)
+    assert resolve_shape(("B", "T"), dims) is None  # an axis no input fixes: left to onnxruntime
+
+
+def test_ort_cuda_device_resident(tiny_engines, tiny_backends):
+    """On a GPU: the loop runs on CuPy arrays bound to the CUDA sessions, equal to the CPU run."""
+    import onnxruntime as ort
+
+    from runtime.device import cuda_availability
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has no CUDA provider ({', '.join(ort.get_available_providers())}): "
+                    "the ORT-CUDA IO-binding path runs only on a GPU machine with onnxruntime-gpu")
+    cupy, why = cuda_availability()
+    if cupy is None:
+        pytest.skip(why)
+    from runtime.engines import resolve_schedule
+    from runtime.ort_backend import OrtBackend
+    from soda.generate import generate
+
+    engines, plain, _ = tiny_backends
+    gpu = OrtBackend(engines, device="cuda")
+    schedule = resolve_schedule(engines, engines.sampler, "toca")
+    got, _ = generate(gpu, engines.config, engines.sampler, schedule, np.array([1, 7]), 3)
+    ref, _ = generate(plain, engines.config, engines.sampler, schedule, np.array([1, 7]), 3)
+    assert _rel_err(got, ref) <= 1e-3  # cuBLAS may use TF32
+
+
+# --- reduced-precision engine check (the comparison, driven with onnxruntime as the candidate) ---
+def test_engine_check_on_recorded_activations(tiny_engines, tiny_backends):
+    """Recorded activations are real (a generation's middle step, every graph), the pruned token
+    counts are checked on token subsets, and a candidate 1% off is measured as such and would be
+    refused at fp16's tolerance while an exact one passes."""
+    from runtime.engine_check import TOLERANCE, compare, record_activations
+
+    engines, plain, _ = tiny_backends
+    records = record_activations(tiny_engines)
+    assert set(records) == set(engines.graph_names())
+    x = records["embed"][0]
+    assert x.shape[0] == 2 and np.abs(x).max() > 0  # one label with CFG
+    counts = engines.manifest.token_counts
+    assert len(counts) > 1  # the SODA export prunes: several profiles per module engine
+    art = engines.manifest.artefacts
+    per_graph = lambda name: counts if "n" in art[name].inputs[0].shape else []  # noqa: E731 (as export/trt.py profiles)
+    seen = []
+
+    def exact(name, feed):
+        seen.append((name, feed[0].shape))
+        return plain._run(name, feed)
+
+    errors = compare(records, engines.io, per_graph, plain._run, exact)
+    assert max(errors.values()) == 0.0
+    assert {shape[1] for name, shape in seen if name == "attn.0"} == set(counts)
+    off = compare(records, engines.io, per_graph, plain._run,
+                  lambda name, feed: [o * (1.01 if name == "mlp.1" else 1.0) for o in plain._run(name, feed)])
+    assert off["mlp.1"] == pytest.approx(0.01, rel=1e-3) and off["attn.1"] == 0.0
+    assert off["mlp.1"] <= TOLERANCE["fp16"] and not off["mlp.1"] * 3 <= TOLERANCE["fp16"]
+
+
+def test_trt_engine_check_needs_tensorrt(tiny_engines):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"the tensorrt package is not installed here ({e}): check_trt_engines runs only where engines build")
+    from runtime.device import cuda_availability
+
+    cupy, why = cuda_availability()
+    if cupy is None:
+        pytest.skip(why)
+    from export.trt import build_engines
+    from export.manifest import load_manifest
+    from runtime.engine_check import check_trt_engines
+
+    section = build_engines(tiny_engines, load_manifest(tiny_engines).data, "fp16", echo=lambda s: None)
+    checked = check_trt_engines(tiny_engines, section, "fp16", echo=lambda s: None)
+    assert checked["check"]["worst"] <= checked["check"]["tolerance"]
+    assert all(e["max_rel_err"] is not None for e in checked["engines"].values())
+
+
 # --- TensorRT where it exists ----------------------------------------------------------------
 def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
     try:
@@ -397,9 +526,12 @@ def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
     except ImportError as e:
         pytest.skip(f"the tensorrt package is not installed here ({e}); runtime/trt_backend.py is untested")
     from export.trt import gpu_name
+    from runtime.device import cuda_availability
 
     if gpu_name() is None:
         pytest.skip("TensorRT is installed but no GPU was found")
+    if cuda_availability()[0] is None:
+        pytest.skip(cuda_availability()[1])
     from export.onnx_export import export_model
     from runtime.engines import open_engines, resolve_schedule
     from runtime.ort_backend import OrtBackend

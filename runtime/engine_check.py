@@ -1,0 +1,155 @@
+"""Reduced-precision engines checked against their ONNX graphs in fp32, on real activations.
+
+After `cli.py export --trt` builds fp16/bf16 TensorRT engines, each one runs on the inputs its
+graph really sees in sampling -- recorded from a short generation with the exported graphs
+in onnxruntime fp32 on the CPU (one label with CFG, the exported sampler at `steps` steps, the
+middle step kept) -- and its outputs are compared with onnxruntime's on the same inputs.
+Module graphs are also checked at every token count their engine has a profile for, on the
+first n of the recorded tokens (the subset pruning would gather). The error of a graph is
+max |engine - onnx| / max |onnx| over its outputs and inputs; an engine above the tolerance
+of its precision is refused.
+
+Tolerances (of the output's max magnitude) are stated, not fitted: fp32 engines may use TF32
+(10-bit mantissa) so 1e-3; fp16 has a 10-bit and bf16 a 7-bit mantissa, and a block's
+LayerNorm/attention/MLP chain loses a few bits more: 2e-2 and 8e-2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 8e-2}
+
+Runner = Callable[[str, tuple], list]  # (graph name, inputs in manifest order) -> outputs
+
+
+def record_activations(folder: str | Path, steps: int = 3, label: int = 0, seed: int = 0) -> dict[str, tuple]:
+    """{graph name: its inputs at the middle step} of a short fp32 generation (onnxruntime CPU)."""
+    from runtime.engines import open_engines, resolve_schedule
+    from runtime.ort_backend import OrtBackend
+    from soda.generate import generate
+    from soda.sampling import Conditioning
+
+    engines = open_engines(folder, verify="size")
+    backend = OrtBackend(engines, device="cpu")
+    sampler = engines.sampler_with(steps=steps)
+    schedule = resolve_schedule(engines, sampler, "full")
+    records: dict[str, tuple] = {}
+    step = {"i": -1}
+    run = backend._run
+
+    def recording(name, inputs):
+        step["i"] += name == "embed"
+        if name == "condition" or step["i"] == steps // 2:
+            records[name] = tuple(np.array(a, copy=True) for a in inputs)
+        return run(name, inputs)
+
+    backend._run = recording
+    config = engines.config
+    if config.interface.cond == ("y",):
+        cond = Conditioning.from_labels(np.array([label]), config.null_label)
+    else:  # a text model: a random caption and negative caption of the exported length
+        from soda.generate import with_video
+
+        rng = np.random.default_rng(seed)
+        shape = (1, config.caption_len, config.caption_channels)
+        mask = np.ones(shape[:2], np.float32)
+        cond = Conditioning({"caption": rng.standard_normal(shape).astype(np.float32), "mask": mask},
+                            {"caption": rng.standard_normal(shape).astype(np.float32), "mask": mask})
+        cond = with_video(cond, config, sampler)
+    generate(backend, config, sampler, schedule, cond, seed)
+    return records
+
+
+def token_subsets(name: str, inputs: tuple, input_names: tuple[str, ...], counts: list[int]) -> list[tuple]:
+    """The recorded inputs, and for a graph with a "tokens" input of N tokens also its first n
+    tokens for every other count n (the shapes the engine's pruned profiles run)."""
+    if "tokens" not in input_names:
+        return [inputs]
+    i = input_names.index("tokens")
+    N = inputs[i].shape[1]
+    out = [inputs]
+    for n in counts:
+        if n < N:
+            out.append(tuple(a[:, :n] if j == i else a for j, a in enumerate(inputs)))
+    return out
+
+
+def relative_error(got: list, want: list) -> float:
+    """max over outputs of max |got - want| / max |want| (inf where shapes differ or non-finite)."""
+    worst = 0.0
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        if g.shape != w.shape:
+            return float("inf")
+        scale = float(np.max(np.abs(w))) or 1.0
+        err = float(np.max(np.abs(g - w))) / scale
+        worst = max(worst, err if np.isfinite(err) else float("inf"))
+    return worst
+
+
+def compare(records: dict[str, tuple], io: Callable[[str], tuple], counts: Callable[[str], list[int]],
+            reference: Runner, candidate: Runner) -> dict[str, float]:
+    """{graph: worst relative error of `candidate` against `reference`} on the recorded inputs."""
+    errors = {}
+    for name, inputs in records.items():
+        ins, outs = io(name)
+        worst = 0.0
+        for feed in token_subsets(name, inputs, ins, counts(name)):
+            want = reference(name, feed)[:len(outs)]
+            got = [np.asarray(g) for g in candidate(name, feed)[:len(outs)]]
+            worst = max(worst, relative_error(got, want))
+        errors[name] = worst
+    return errors
+
+
+def check_trt_engines(folder: str | Path, section: dict, precision: str, tolerance: float | None = None,
+                      echo=print) -> dict:
+    """Run every engine of `section` (the manifest's "trt" entry, just built) against onnxruntime
+    fp32 on recorded activations; returns the section with each engine's error and the tolerance,
+    or raises UserError naming the engines over it."""
+    import tensorrt as trt
+
+    from export.trt import profile_counts
+    from runtime.device import CupyArrays
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from runtime.trt_backend import TrtEngine
+    from soda.arrays import to_numpy
+    from soda.errors import UserError
+
+    folder = Path(folder)
+    tol = TOLERANCE[precision] if tolerance is None else tolerance
+    echo(f"checking the {precision} TensorRT engines against onnxruntime fp32 on recorded activations "
+         f"(tolerance {tol:g} of each output's max) ...")
+    records = record_activations(folder)
+    engines = open_engines(folder, verify="size")
+    reference = OrtBackend(engines, device="cpu")
+    arrays = CupyArrays()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    loaded = {}
+
+    def candidate(name, inputs):
+        if name not in loaded:
+            entry = section["engines"][name]
+            e = loaded[name] = TrtEngine(trt, runtime, folder / entry["file"], entry["profiles"], arrays)
+            e.scratch = arrays.empty((max(e.scratch_bytes, 1),), np.uint8)
+            e.use_scratch(arrays.ptr(e.scratch), e.scratch_bytes)
+        ins, outs = engines.io(name)
+        return [to_numpy(o) for o in loaded[name](dict(zip(ins, inputs)), outs)]
+
+    errors = compare(records, engines.io, lambda name: profile_counts(section["engines"][name]),
+                     reference._run, candidate)
+    section = {**section, "check": {"reference": "onnxruntime fp32 (CPU)", "activations": "recorded, middle step of "
+                                    "a 3-step generation, 1 label with CFG", "tolerance": tol,
+                                    "worst": max(errors.values())}}
+    section["engines"] = {name: {**e, "max_rel_err": errors.get(name)} for name, e in section["engines"].items()}
+    bad = {n: e for n, e in errors.items() if not e <= tol}
+    if bad:
+        worst = ", ".join(f"{n} {e:.2g}" for n, e in sorted(bad.items(), key=lambda kv: -kv[1])[:5])
+        raise UserError(f"refusing {len(bad)} {precision} TensorRT engine(s) whose error against the fp32 ONNX graph "
+                        f"exceeds {tol:g}: {worst}; export with --trt-precision fp32 (or bf16 -> fp16)")
+    echo(f"TensorRT {precision}: worst error {section['check']['worst']:.2g} of the outputs' max (tolerance {tol:g})")
+    return section
