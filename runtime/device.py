@@ -34,7 +34,8 @@ def cuda_availability() -> tuple[object | None, str]:
 
 
 class HostArrays:
-    """numpy buffers, bound by pointer like device buffers (tests of the binding path on CPU)."""
+    """numpy on the host (onnxruntime CPU); bound by pointer like device buffers, the tests drive
+    the binding path on the CPU with it."""
 
     device_type, device_id, stream_ptr = "cpu", 0, 0
 

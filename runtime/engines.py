@@ -240,7 +240,13 @@ class GraphBackend:
         self._spec = {s.name: s for s in self.specs}
 
     def prepare(self, cond):
+        """The per-generation context. The conditioning is put where the backend's arrays live
+        (`self.arrays`, runtime.device) once here: on a GPU a pageable upload per module call
+        (the caption mask of every cross-attention) would synchronise the stream each time."""
         iface = self.interface
+        arrays = getattr(self, "arrays", None)
+        if arrays is not None:
+            cond = {k: arrays.put(v, getattr(v, "dtype", None)) for k, v in cond.items()}
         if not iface.prepared:
             return dict(cond)
         outs = self._run("condition", tuple(_feed(n, cond[n]) for n in iface.condition_reads))

@@ -222,3 +222,32 @@ def test_reduced_precision_backend_runs_on_a_copy(strong_tiny_model, sampler_cfg
     ref, _, _ = _run(TorchBackend(strong_tiny_model), cfg, sampler_cfg, schedules["soda"])
     assert got.dtype == np.float32 and next(iter(ex.cache.values())).dtype == torch.bfloat16
     assert 0 < _rel_err(got, ref) < 0.2
+
+
+@pytest.mark.parametrize("policy", ["toca", "duca", "taylorseer"])
+def test_opensora_on_tensors_equals_numpy(policy):
+    """Open-Sora's video loop (prepared caption context, fps conditioning, never-pruned spatial /
+    temporal attention; ToCa's cross-attention entropy and DuCa's value-norm selectors, no 2x2
+    bonus) on torch tensors equals numpy."""
+    from test_opensora_pipeline import STEPS as OS_STEPS, prompts
+
+    from soda.captions import PromptEmbeds, caption_conditioning
+    from soda.generate import generate, with_video
+    from soda.models.loading import load_model
+    from soda.models.opensora import apply_video
+    from soda.pipeline import spec_for
+
+    model, _ = load_model("opensora-tiny", random_init=True)
+    video = apply_video(model)
+    config = model.config
+    sampler = SamplerConfig("rflow", OS_STEPS, 7.0, None, video=video)
+    p = prompts()
+    cond = with_video(caption_conditioning(PromptEmbeds(p["prompt_embeds"], p["prompt_attention_mask"].astype(np.float32)),
+                                           model.null_caption_table()), config, sampler)
+    sched = make_schedule(policy, spec_for(model, sampler), **({} if policy == "taylorseer" else {"speedup": 2.0}))
+    if policy != "taylorseer":
+        assert _prunes(sched) > 0
+    x, _ = initial_noise(len(cond), config.latent_shape, 3)
+    want, _ = generate(TorchBackend(model), config, sampler, sched, cond, noise=x)
+    got, _ = generate(TorchBackend(model, device="cpu"), config, sampler, sched, cond, noise=x)
+    assert _rel_err(got, want) <= TOL
