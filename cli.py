@@ -345,7 +345,7 @@ def profile_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sc
     total = steps * -(-samples // max(1, batch_size))
     from soda.shards import WorkerSpec, worker_pool
 
-    spec = WorkerSpec(model_name, ckpt, num_heads, random_init)
+    spec = WorkerSpec(model_name, ckpt, num_heads, random_init, video=getattr(model, "video", None))
     with worker_pool(spec, ray_address, workers, click.echo) as pool, \
             tqdm(total=total, desc=f"profile {samples} generations", unit="step", file=sys.stderr) as bar:
         prof = profile(model, sampler_cfg, samples, seed, ks, rs, lambda s: bar.update(), weights, batch_size,
@@ -503,7 +503,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     bar = lambda desc, total: tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
     from soda.shards import WorkerSpec, worker_pool
 
-    spec = WorkerSpec(model_name, ckpt, num_heads, random_init, engines_dir, backend)
+    spec = WorkerSpec(model_name, ckpt, num_heads, random_init, engines_dir, backend,
+                      video=getattr(model, "video", None))  # Ray workers sample the same video
     with worker_pool(spec, ray_address, workers, click.echo) as pool:
         report = bench(model, weights, sampler_cfg, setup, echo=click.echo, progress=bar, pool=pool)
     report["command"] = "python cli.py " + shlex.join(sys.argv[1:])

@@ -257,3 +257,22 @@ def test_video_model_on_ray_bit_identical_to_one_process(cluster, tmp_path, monk
         np.testing.assert_array_equal(b["arr_0"], a["arr_0"])
         np.testing.assert_array_equal(b["arr_1"], [0, 1, 2, 0])
     assert (tmp_path / "ray" / "preview.png").stat().st_size > 0
+
+
+def test_video_profile_on_ray_equals_profile_here(cluster, tmp_path, monkeypatch, capsys):
+    """`profile --ray` at a video size other than the model's default: the actors profile that size
+    (they are given the video), so the numbers equal a profile in this process."""
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "p.npz", prompt_embeds=rng.standard_normal((2, 16, 32)).astype(np.float32),
+             prompt_attention_mask=(np.arange(16)[None] < np.array([[5], [11]])).astype(np.int64))
+    args = ["profile", "--model", "opensora-tiny", "--random-init", "--prompt-embeds", str(tmp_path / "p.npz"),
+            "--samples", "2", "--batch-size", "1", "--steps", "3", "--intervals", "1,2", "--rates", "0.5",
+            "--orders", "none", "--num-frames", "34", "--height", "48", "--width", "80"]
+    code, _, err = run_cli(args + ["--out", str(tmp_path / "here.json")], monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(args + ["--out", str(tmp_path / "ray.json"), "--ray", cluster.address],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    here, there = (json.loads((tmp_path / f).read_text()) for f in ("here.json", "ray.json"))
+    assert here["model_config"]["frames"] == 10 and there["model_config"] == here["model_config"]
+    assert there["E_c"] == here["E_c"] and there["E_p"] == here["E_p"]
