@@ -177,9 +177,11 @@ def test_cli_generate_digits_writes_adm_npz(tmp_path, monkeypatch, capsys):
     (["--num-samples", "4", "--ray", "local:zero"], "--ray local:K needs a worker count"),
     (["--num-samples", "4", "--workers", "2"], "--workers needs --ray"),
     (["--num-samples", "4", "--ray", "127.0.0.1:9"], "cannot reach the Ray cluster at 127.0.0.1:9"),
-    (["--num-samples", "4", "--vae", "/nonexistent"], "VAE folder not found"),
+    (["--num-samples", "4", "--vae", "MISSING"], "VAE folder not found"),
 ])
 def test_cli_generate_bad_input(args, message, tmp_path, monkeypatch, capsys):
+    # MISSING: a folder that surely does not exist (a fixed path like /nonexistent can, on a shared machine)
+    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args]
     code, _, err = run_cli(["generate", "--steps", "2", "--out", str(tmp_path / "o"), *args], monkeypatch,
                                   capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and message in err, err
