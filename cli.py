@@ -246,7 +246,8 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
 @click.option("--warm-start", default=None, metavar="MODEL|FILE|none",
               help="Seed the init with the same-named tensors of a shipped model or a weights file. "
                    "Default: the recipe's (pixart-digits: dit-digits; dit-digits: none).")
-@click.option("--out", type=click.Path(dir_okay=False), default="dit_digits.safetensors", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Weights file. Default: the model's name, e.g. dit_digits.safetensors, pixart_digits.safetensors.")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="Loss log, JSON lines (default: OUT with .log.jsonl).")
 def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, warm_start, out, log_file):
@@ -258,6 +259,7 @@ def train(model_name, seed, steps, batch_size, lr, ema_decay, threads, warm_star
     from soda.digits.train import TrainConfig, digits_config, recipe, train as run_training
 
     digits_config(model_name)  # refuse a non-digits model before anything else
+    out = out or model_name.replace("-", "_") + ".safetensors"
     steps = steps if steps is not None else recipe(model_name)["steps"]
     warm_start = recipe(model_name)["warm_start"] if warm_start is None else None if warm_start == "none" else warm_start
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, threads=threads,
@@ -298,7 +300,7 @@ def encode(model_name, caption_text, out):
     check_out_suffix(out, "--out", (".npz",))
     captions = parse_caption_list(caption_text)
     save_captions(captions, out)
-    click.echo(f"{len(captions)} captions -> {out}")
+    click.echo(f"{len(captions)} caption{'s' if len(captions) != 1 else ''} -> {out}")
 
 
 # --- profile / schedule / bench (issue 4) ----------------------------------------------------

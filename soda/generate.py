@@ -82,6 +82,9 @@ def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read {path} as a .npy array ({e})") from None
+    if not isinstance(z, np.ndarray):  # an .npz archive (np.load returns an NpzFile)
+        z.close()
+        raise UserError(f"{path} is an .npz archive; give the noise as one .npy array (np.save)")
     want = (n, *config.latent_shape)
     if z.shape != want and config.frames is not None:
         raise UserError(f"noise in {path} has shape {list(z.shape)}, expected {list(want)}: [n, C, T, H, W] with the "

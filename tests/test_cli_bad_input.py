@@ -54,6 +54,17 @@ def test_option_ranges_are_click_errors(args, tmp_path):
     assert r.returncode == 2 and "Invalid value" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_noise_npz_is_one_clear_error(tmp_path):
+    """np.load gives an NpzFile for an .npz: one error line, not an AttributeError traceback."""
+    import numpy as np
+
+    np.savez(tmp_path / "noise.npz", arr_0=np.zeros((1, 1, 16, 16), np.float32))
+    r = _cli("sample", "--labels", "1", "--noise", "noise.npz", "--out", "s.png", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: noise.npz is an .npz archive; give the noise as one .npy array (np.save)"], r.stderr
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_demo_checks_before_writing(tmp_path):
     r = _cli("demo", "--speedup", "0", "--out", str(tmp_path / "d"))
     assert r.returncode == 2 and "at least 1" in r.stderr

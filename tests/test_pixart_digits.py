@@ -17,9 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str):
+def cli(*args: str, cwd=ROOT):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=env)
 
 
@@ -74,7 +74,7 @@ def test_bad_captions_one_line(tmp_path):
     out = tmp_path / "c.npz"
     one_error_line(cli("encode", "--captions", "a big seven", "--out", str(out)),
                    "unknown word 'big' in caption 'a big seven'; the vocabulary is: a, thin, bold, zero")
-    one_error_line(cli("encode", "--captions", "a seven,,a two", "--out", str(out)), "give comma-separated captions")
+    one_error_line(cli("encode", "--captions", "a seven,,a two", "--out", str(out)), "caption 2 is empty")
     one_error_line(cli("encode", "--model", "dit-digits", "--captions", "a two", "--out", str(out)),
                    "encode knows pixart-digits' word table only")
     assert not out.exists()
@@ -128,10 +128,12 @@ def test_training_smoke_is_reproducible_warm_started_and_loadable(tmp_path):
 
 
 def test_cli_train_smoke(tmp_path):
-    out = tmp_path / "w.safetensors"
-    r = cli("train", "--model", "pixart-digits", "--steps", "2", "--batch-size", "4", "--out", str(out))
+    """Without --out the weights are named after the model (not dit-digits' default)."""
+    out = tmp_path / "pixart_digits.safetensors"
+    r = cli("train", "--model", "pixart-digits", "--steps", "2", "--batch-size", "4", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert out.is_file() and (tmp_path / "w.log.jsonl").is_file() and "train pixart-digits" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pixart_digits.log.jsonl", "pixart_digits.safetensors"]
+    assert "train pixart-digits" in r.stderr and "weights -> pixart_digits.safetensors" in r.stdout
     one_error_line(cli("train", "--model", "pixart-digits", "--steps", "1", "--warm-start", str(tmp_path / "no.pt"),
                        "--out", str(out)), "no such shipped model or file")
 

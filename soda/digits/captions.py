@@ -113,7 +113,8 @@ def standard_captions() -> list[str]:
 def parse_caption_list(text: str) -> list[str]:
     captions = [c.strip() for c in text.split(",")]
     if not text.strip() or any(not c for c in captions):
-        raise UserError(f"--captions {text!r}: give comma-separated captions, e.g. \"a thin seven,a bold zero\"")
+        empty = "" if not text.strip() else f" (caption {captions.index('') + 1} is empty)"
+        raise UserError(f"--captions {text!r}: give comma-separated captions, e.g. \"a thin seven,a bold zero\"{empty}")
     return captions
 
 
