@@ -55,6 +55,21 @@ def official_fresh(base: torch.Tensor, k: int, steps: int):
     return out
 
 
+def assert_same_choice(selector_name: str, layer: int, score_module: str, D: torch.Tensor, score: torch.Tensor,
+                       official_base: torch.Tensor) -> None:
+    """Over three steps after a full one (15% of the tokens fresh each): our selector, fed the module's
+    score output, gives the official scores (1e-6) and the official fresh tokens."""
+    from soda.selectors import make_selector
+
+    k = int(0.15 * D.shape[1])
+    want = official_fresh(official_base, k, 3)
+    sel = make_selector(selector_name, {"selector_params": {"interval": 3, "staleness_weight": 0.25, "bonus_ratio": 0.0}})
+    got = ours_fresh(sel, layer, score_module, D.numpy(), score.numpy(), k, 3)
+    for (w_idx, w_score), (g_idx, g_score) in zip(want, got):
+        np.testing.assert_allclose(g_score, w_score, rtol=0, atol=1e-6)
+        assert (g_idx == w_idx).all()
+
+
 def ours_fresh(selector, layer: int, score_module: str, D: np.ndarray, score: np.ndarray, k: int, steps: int):
     selector.observe(0, layer, score_module, None, D, score)
     selector.observe(0, layer, "mlp", None, D, None)
@@ -70,8 +85,6 @@ def ours_fresh(selector, layer: int, score_module: str, D: np.ndarray, score: np
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["spatial", "temporal"])
 def test_toca_cross_attention_entropy_equals_official(tiny, layer):
-    from soda.selectors import make_selector
-
     model = tiny
     c = model.config
     block = model.layers[layer]
@@ -84,20 +97,11 @@ def test_toca_cross_attention_entropy_equals_official(tiny, layer):
         want_D, cmap = ref.cross_attention_with_map(ca.q_linear, ca.kv_linear, ca.proj, c.num_heads, x, packed,
                                                     [int(m.sum()) for m in mask])
     assert torch.allclose(D, want_D, atol=1e-5)
-    k = int(0.15 * c.num_tokens)
-    want = official_fresh(ref.attn_score(cmap), k, 3)
-    sel = make_selector("toca-cross-entropy", {"selector_params": {"interval": 3, "staleness_weight": 0.25,
-                                                                     "bonus_ratio": 0.0}})
-    got = ours_fresh(sel, layer, "cross_attn", D.numpy(), entropy.numpy(), k, 3)
-    for (w_idx, w_score), (g_idx, g_score) in zip(want, got):
-        np.testing.assert_allclose(g_score, w_score, rtol=0, atol=1e-6)
-        assert (g_idx == w_idx).all()
+    assert_same_choice("toca-cross-entropy", layer, "cross_attn", D, entropy, ref.attn_score(cmap))
 
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["spatial", "temporal"])
 def test_duca_value_norm_equals_official(tiny, layer):
-    from soda.selectors import make_selector
-
     model = tiny
     c = model.config
     block = model.layers[layer]
@@ -109,14 +113,7 @@ def test_duca_value_norm_equals_official(tiny, layer):
         x_m = torch.nn.functional.layer_norm(x, (c.hidden_size,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
         S = c.num_tokens // c.frames
         v_norm = ref.value_norms(block.attn.qkv, c.num_heads, x_m, c.frames, S, temporal=layer % 2 == 1)
-    k = int(0.15 * c.num_tokens)
-    want = official_fresh(ref.kv_norm_score(v_norm), k, 3)
-    sel = make_selector("duca-value-norm", {"selector_params": {"interval": 3, "staleness_weight": 0.25,
-                                                                  "bonus_ratio": 0.0}})
-    got = ours_fresh(sel, layer, "attn", D.numpy(), value_norm.numpy(), k, 3)
-    for (w_idx, w_score), (g_idx, g_score) in zip(want, got):
-        np.testing.assert_allclose(g_score, w_score, rtol=0, atol=1e-6)
-        assert (g_idx == w_idx).all()
+    assert_same_choice("duca-value-norm", layer, "attn", D, value_norm, ref.kv_norm_score(v_norm))
 
 
 def test_policies_use_the_official_scores():
