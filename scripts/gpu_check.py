@@ -332,13 +332,30 @@ def parse(argv):
     ap.add_argument("--workdir", default=None, help="Where the temporary export goes [system temp].")
     args = ap.parse_args(argv)
     tiny = args.tiny
+
+    def default(value, small, large):  # None means "not given"; 0 is a value, checked below
+        return (small if tiny else large) if value is None else value
+
     args.model = args.model or ("dit-s-8" if tiny else "dit-xl-2")
-    args.depth = args.depth or (2 if tiny else None)
-    args.threads = args.threads or (1 if tiny else None)
-    args.steps = args.steps or (10 if tiny else 50)
-    args.images = args.images or (1 if tiny else 8)
-    args.repeats = args.repeats or (1 if tiny else 3)
+    args.depth = default(args.depth, 2, None)
+    args.threads = default(args.threads, 1, None)
+    args.steps = default(args.steps, 10, 50)
+    args.images = default(args.images, 1, 8)
+    args.repeats = default(args.repeats, 1, 3)
     args.backends = args.backends or ",".join(GPU_BACKENDS + (CPU_BACKENDS if tiny else ()))
+    for flag in ("depth", "threads", "steps", "images", "repeats", "profile_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    from soda.policies import POLICIES
+
+    bad = [p for p in args.policies.split(",") if p and p not in POLICIES]
+    if bad or not args.policies.strip(","):
+        ap.error(f"--policies: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(POLICIES)}")
+    unknown = [b for b in args.backends.split(",") if b and b not in GPU_BACKENDS + CPU_BACKENDS]
+    if unknown or not args.backends.strip(","):
+        ap.error(f"--backends: unknown {', '.join(unknown) or '(none given)'}; "
+                 f"choose from {', '.join(GPU_BACKENDS + CPU_BACKENDS)}")
     args.command = "python scripts/gpu_check.py " + shlex.join(argv)
     return args
 
@@ -350,7 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     if out.suffix != ".json":
         print(f"error: --json {out}: use a .json file", file=sys.stderr)
         return 2
-    report = run(args, echo=lambda s: print(s, flush=True))
+    from soda.errors import UserError
+
+    try:
+        report = run(args, echo=lambda s: print(s, flush=True))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from soda.schedule import write_json_atomic
 
     write_json_atomic(out, report)
@@ -361,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{b}: {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped') or r.get('failed')}")
     print(f"report -> {out}")
+    # A GPU session must not pass with nothing measured: a failed backend, or none that ran, is exit 1.
+    failed = [b for b, r in report["backends"].items() if "failed" in r]
+    measured = [b for b, r in report["backends"].items() if "policies" in r]
+    if failed or not measured:
+        print(f"error: {'failed: ' + ', '.join(failed) if failed else 'no backend could be measured here'} "
+              f"(reasons in {out})", file=sys.stderr)
+        return 1
     return 0
 
 

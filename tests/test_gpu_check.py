@@ -35,3 +35,29 @@ def test_gpu_check_tiny_runs_and_reports(tmp_path):
         assert "no CUDA device" in backends["torch-cuda"]["skipped"]
         assert backends["trt-fp16"]["skipped"] and backends["ort-cuda"]["skipped"]
     assert f"report -> {out}" in r.stdout
+
+
+def _check(tmp_path, *flags):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--json", str(tmp_path / "c.json"),
+                           *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_refuses_bad_flags_in_one_line(tmp_path):
+    for flags, expected in [(("--tiny", "--policies", "full,nonsense"), "--policies: unknown nonsense"),
+                            (("--backends", "bogus"), "--backends: unknown bogus"),
+                            (("--tiny", "--steps", "0"), "--steps must be at least 1, got 0")]:
+        r = _check(tmp_path, *flags)
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
+
+
+def test_gpu_check_with_nothing_measured_is_a_failure(tmp_path):
+    """On a machine without the GPU backends asked for, the check must not pass with an empty report."""
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA: torch-cuda would be measured")
+    r = _check(tmp_path, "--backends", "torch-cuda")
+    assert r.returncode == 1 and "no backend could be measured here" in r.stderr, r.stderr
+    assert "no CUDA device" in json.loads((tmp_path / "c.json").read_text())["backends"]["torch-cuda"]["skipped"]
