@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from soda.blocks import COMPUTE, GIVEN, Block, context_name
+from soda.blocks import COMPUTE, COMPUTED_ONLY, GIVEN, Block, context_name
 
 F32, I64 = "float32", "int64"
 
@@ -98,13 +98,20 @@ class BlockGraph(nn.Module):
                 ctx = {n: given[context_name(self.iface, n, l)] for n in spec.context} if c != GIVEN else {}
                 if c == GIVEN:
                     D = given[f"D.{key}"]
-                elif c == COMPUTE:
+                elif c in (COMPUTE, COMPUTED_ONLY):
                     D, score = self.model.module_forward(l, spec.name, x, tuple(args), ctx)
-                    outs += [D] + ([score] if spec.score else [])
+                    if c == COMPUTE:
+                        outs += [D] + ([score] if spec.score else [])
                 else:
-                    at = given[f"idx.{key}"].unsqueeze(-1).expand(-1, -1, x.shape[-1])
-                    part, score = self.model.module_forward(l, spec.name, torch.gather(x, 1, at), tuple(args), ctx)
-                    D = given[f"cache.{key}"].scatter(1, at, part)
+                    # Rows of the flattened tokens: Gather and ScatterND copy whole rows, 2.8x faster
+                    # in onnxruntime than GatherElements/ScatterElements on an expanded index.
+                    B, N, H = x.shape
+                    at = (given[f"idx.{key}"] + torch.arange(B).unsqueeze(1) * N).reshape(-1)
+                    part, score = self.model.module_forward(l, spec.name, x.reshape(-1, H)[at].reshape(B, -1, H),
+                                                            tuple(args), ctx)
+                    D = given[f"cache.{key}"].reshape(-1, H).clone()
+                    D[at] = part.reshape(-1, H)
+                    D = D.reshape(B, N, H)
                     outs += [D, part] + ([score] if spec.score else [])
                 x = x + gate.unsqueeze(1) * D if spec.gated else x + D
         return (x, *outs)

@@ -346,9 +346,10 @@ def _block_reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarr
             ctx = {n: given[n] for n in names}
             if c == block_patterns.GIVEN:
                 D = given[f"D.{key}"]
-            elif c == block_patterns.COMPUTE:
+            elif c in (block_patterns.COMPUTE, block_patterns.COMPUTED_ONLY):
                 D, score = backend.module(l, m.name, x, *margs, context=ctx)
-                outs += [D] + ([score] if m.score else [])
+                if c == block_patterns.COMPUTE:
+                    outs += [D] + ([score] if m.score else [])
             else:
                 idx = given[f"idx.{key}"]
                 rows = np.arange(len(idx))[:, None]

@@ -88,18 +88,22 @@ class Report:
 
 
 def interleaved(loops: dict[str, Loop], repeats: int, echo: Callable[[str], None] = lambda s: None,
-                progress: Callable | None = None) -> dict:
+                progress: Callable | None = None, cpu: dict | None = None) -> dict:
     """{name: (seconds per round, samples, flops)}: every round runs every loop once.
-    `progress(desc, total)`: a progress bar with one tick per timed run."""
+    `progress(desc, total)`: a progress bar with one tick per timed run. `cpu`: filled with
+    {name: CPU seconds of this process per round} (all its threads; time spent waiting for a
+    core that other processes hold is not counted, so it moves less with their load)."""
     times: dict[str, list[float]] = {k: [] for k in loops}
     last: dict[str, tuple[np.ndarray, float]] = {}
     bar = progress(f"timing {len(loops)} entries x {repeats} rounds", repeats * len(loops)) if progress else None
     try:
         for r in range(repeats):
             for name, loop in loops.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 last[name] = loop()
                 times[name].append(time.perf_counter() - t0)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.process_time() - c0)
                 if bar is not None:
                     bar.update()
                 else:
@@ -208,7 +212,8 @@ def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[s
         warm = ["monolithic full", "stitched full"] + (["per-module full"] if module_backend is not None else [])
         for name in warm:
             loops[name]()  # warm-up: first-run allocations and kernel selection
-        results = interleaved(loops, repeats, echo, progress)
+        cpu: dict[str, list[float]] = {}
+        results = interleaved(loops, repeats, echo, progress, cpu)
     rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, len(labels), tuple(schedules["full"].modules)))
     if module_backend is not None:  # per-module rows against per-module full, as before block graphs
         ref = {k: v for k, v in results.items() if k.startswith("per-module")}
@@ -217,19 +222,22 @@ def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[s
         rows = [per_module.get(r.name, r) for r in rows]
     mono_x, stitched_x = results["monolithic full"][1], results["stitched full"][1]
 
-    def over_mono(name: str) -> float:
-        return statistics.median(s / m for s, m in zip(results[name][0], results["monolithic full"][0]))
+    def over_mono(name: str, times: dict | None = None) -> float:
+        times = times or {k: v[0] for k, v in results.items()}
+        return statistics.median(s / m for s, m in zip(times[name], times["monolithic full"]))
 
     out = {
         "images": len(labels),
         "repeats": repeats,
         "stitched_over_monolithic": over_mono("stitched full"),
+        "stitched_over_monolithic_cpu": over_mono("stitched full", cpu),  # the same ratio in CPU seconds
         "monolithic_max_rel_diff": float(np.abs(stitched_x - mono_x).max() / np.abs(mono_x).max()),
         "rows": [dict(asdict(r), calls_per_step=calls.get(r.name)) for r in rows],
         "block_graphs": len(getattr(backend, "blocks", ())),
     }
     if module_backend is not None:
         out["per_module_over_monolithic"] = over_mono("per-module full")
+        out["per_module_over_monolithic_cpu"] = over_mono("per-module full", cpu)
     return out
 
 
@@ -238,9 +246,12 @@ def runtime_lines(rt: dict) -> list[str]:
            f"{rt.get('block_graphs', 0)} block graphs):",
            f"  stitched full / one monolithic ONNX = {rt['stitched_over_monolithic']:.3f} "
            f"({(rt['stitched_over_monolithic'] - 1) * 100:+.1f}%; samples differ by {rt['monolithic_max_rel_diff']:.1e})"]
+    if rt.get("stitched_over_monolithic_cpu") is not None:
+        out.append(f"    in CPU seconds of this process (less sensitive to other processes' load): "
+                   f"{rt['stitched_over_monolithic_cpu']:.3f}")
     if rt.get("per_module_over_monolithic") is not None:
         out.append(f"  per-module full / one monolithic ONNX = {rt['per_module_over_monolithic']:.3f} (module by module, "
-                   "no block graphs, same rounds)")
+                   f"no block graphs, same rounds); in CPU seconds {rt['per_module_over_monolithic_cpu']:.3f}")
     for r in rt["rows"]:
         calls = f"  calls/step {r['calls_per_step']:5.1f}" if r.get("calls_per_step") is not None else ""
         out.append(f"  {r['name']:<24} FLOPs x {r['flops_speedup']:5.2f}  wall x {r['wall_speedup']:5.2f}  "

@@ -9,7 +9,10 @@ for one *pattern* of actions, one letter per module:
   `forecast@O`) and the graph only adds it with the current gate;
 - "p" pruned: the loop supplies the cache and the indices of the tokens to recompute; the
   graph gathers them, computes the module on them, scatters them into the cache (out comes
-  the new cache and the recomputed part) and adds the result.
+  the new cache and the recomputed part) and adds the result;
+- "c" computed, nothing kept: like "f" without outputs, for full computations no later step
+  reads (a full schedule, or the full steps after a schedule's last reuse), where emitting
+  the outputs (and the attention score) is work the monolithic model does not do.
 
 `prune@a+forecast@O` has no letter: such a layer runs module by module. A block may span a
 run of consecutive layers with the same pattern (a whole full step: one call). Torch-free:
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 from soda.schedule import FORECAST, FULL, PRUNE, REUSE, forecast_order, parse_action
 
-GIVEN, COMPUTE, PRUNED = "r", "f", "p"
+GIVEN, COMPUTE, PRUNED, COMPUTED_ONLY = "r", "f", "p", "c"
 FORMAT = 1  # the manifest's "blocks" section
 
 
@@ -89,6 +92,8 @@ class Block:
                     if name not in seen:
                         seen.add(name)
                         ins.append((name, "context"))
+                if c == COMPUTED_ONLY:
+                    continue
                 outs.append((f"out.{key}", "out"))
                 if spec.score:
                     outs.append((f"{spec.score}.{key}", "score"))
@@ -112,14 +117,17 @@ def parse_name(name: str) -> Block | None:
 
 
 def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
-    """The block graphs an export writes, per layer: all-full, all-given, each prunable module
-    pruned with the others given (the baselines' patterns: ToCa and DuCa prune the MLP and reuse
-    the rest), and every pattern `schedule` uses (SODA's, fixed at export); plus one block for a
-    whole full step. Chosen by measurement (docs/runtime.md): every pattern of DiT (9 per layer)
-    made dit-digits' folder 1.2x its raw weights, for layers the baselines and SODA never run."""
+    """The block graphs an export writes, per layer: all-full, all-given, the last module (the
+    MLP) pruned with the others given (the baselines' pattern: ToCa and DuCa on DiT reuse the
+    attention and prune the MLP), and every pattern `schedule` uses (SODA's, fixed at export);
+    plus a whole full step in one block, with its outputs and without (all "c": full steps no
+    later step reads). Chosen by measurement (docs/runtime.md): all 9 DiT patterns per layer
+    made dit-digits' folder 1.2x its raw weights, for patterns the baselines never run; a
+    pattern without a graph runs module by module at a cost of about 1% of that layer."""
     M = len(interface.modules)
     chosen = [COMPUTE * M, GIVEN * M]
-    chosen += [GIVEN * m + PRUNED + GIVEN * (M - m - 1) for m, spec in enumerate(interface.modules) if spec.prunable]
+    if interface.modules[-1].prunable:
+        chosen.append(GIVEN * (M - 1) + PRUNED)
     for step in (schedule.steps if schedule is not None else ()):
         if step == "skip":
             continue
@@ -129,5 +137,5 @@ def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
                 chosen.append(code)
     blocks = [Block(l, l, c) for l in range(depth) for c in chosen]
     if depth > 1:
-        blocks.append(Block(0, depth - 1, COMPUTE * M))
+        blocks += [Block(0, depth - 1, COMPUTE * M), Block(0, depth - 1, COMPUTED_ONLY * M)]
     return blocks

@@ -22,7 +22,7 @@ from soda.errors import NonFiniteError
 from soda.flops import FlopsModel
 from soda.forecast import TaylorState
 from soda.models.interface import ModuleSpec
-from soda.blocks import COMPUTE, GIVEN, PRUNED, Block, layer_code
+from soda.blocks import COMPUTE, COMPUTED_ONLY, GIVEN, PRUNED, Block, layer_code
 from soda.schedule import FORECAST, FULL, REUSE, Schedule, forecast_order, kept_tokens, parse_action
 from soda.selectors import TokenSelector, make_selector
 
@@ -210,15 +210,29 @@ class Executor:
     def _block_for(self, s: int, l: int) -> Block | None:
         """The longest block graph of the backend that starts at layer `l` and covers step `s`'s
         actions there, with every pruned module's token choice makeable before the call."""
-        if not hasattr(self, "_starts"):  # per first layer, longest first
-            self._starts: dict[int, list[Block]] = {}
-            for bl in sorted(getattr(self.backend, "blocks", ()), key=lambda bl: -bl.last):
-                self._starts.setdefault(bl.first, []).append(bl)
+        if not hasattr(self, "_starts"):
+            self._index_blocks()
+        lean = s >= self._lean_from and self.recorder is None
         for block in self._starts.get(l, ()):
-            if block.last < self.backend.num_layers and all(
-                    layer_code(self.schedule.steps[s][j]) == block.code for j in block.layers) and self._ready(block):
+            if block.last >= self.backend.num_layers:
+                continue
+            codes = {layer_code(self.schedule.steps[s][j]) for j in block.layers}
+            if lean:
+                codes = {block.code} & {c.replace(COMPUTE, COMPUTED_ONLY) for c in codes} or codes
+            if codes == {block.code} and self._ready(block):
                 return block
         return None
+
+    def _index_blocks(self) -> None:
+        """Blocks by first layer, longest first (the one emitting nothing first among equals), and
+        the step from which every step is full or skipped: no later step reads a cache, forecast
+        or selector state, so full modules need not emit their outputs (pattern letter "c")."""
+        self._starts: dict[int, list[Block]] = {}
+        for bl in sorted(getattr(self.backend, "blocks", ()), key=lambda bl: (-bl.last, COMPUTED_ONLY not in bl.code)):
+            self._starts.setdefault(bl.first, []).append(bl)
+        steps = self.schedule.steps
+        self._lean_from = next(s0 for s0 in range(len(steps) + 1) if all(
+            st == "skip" or all(a == FULL for row in st for a in row) for st in steps[s0:]))
 
     def _ready(self, block: Block) -> bool:
         reads = getattr(self.selector, "reads", None)
@@ -254,8 +268,10 @@ class Executor:
             self.flops_done += self.flops.modulation(B)
             for m, (spec, c) in enumerate(zip(self.backend.specs, block.code)):
                 key = f"{spec.name}.{l}"
-                score = out[f"{spec.score}.{key}"] if spec.score and c != GIVEN else None
-                if c == COMPUTE:
+                score = out[f"{spec.score}.{key}"] if spec.score and c not in (GIVEN, COMPUTED_ONLY) else None
+                if c == COMPUTED_ONLY:
+                    self.flops_done += self.flops.module(spec.name, B, N, l)
+                elif c == COMPUTE:
                     D = self.cache[(l, m)] = out[f"out.{key}"]
                     self.flops_done += self.flops.module(spec.name, B, N, l)
                     if (l, m) in self.taylor:

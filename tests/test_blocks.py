@@ -129,9 +129,13 @@ def test_block_runtime_equals_torch_reference(backends, policy, kind):
     schedule = resolve_schedule(engines, sampler_cfg, policy)
     err, calls = _parity(engines, ort_b, torch_b, sampler_cfg, schedule)
     assert err <= REL_TOL
-    full_steps = sum(1 for s in range(STEPS) if not schedule.is_skip(s)
-                     and all(a == "full" for row in schedule.steps[s] for a in row))
-    assert calls["block.ff*"] == full_steps  # a whole full step is one call
+    full = [s for s in range(STEPS) if schedule.step_kind(s) == "full"]
+    last_partial = max((s for s in range(STEPS) if schedule.step_kind(s) == "partial"), default=-1)
+    # a whole full step is one call; after the last partial step no output is kept ("c")
+    assert calls["block.ff*"] == sum(s < last_partial for s in full)
+    assert calls["block.cc*"] == sum(s > last_partial for s in full)
+    if policy == "full":
+        assert calls["block.cc*"] == STEPS
     assert calls["module"] == calls["modulation"] == 0  # every pattern of these schedules is covered
     if policy in ("toca", "duca", "soda"):
         assert sum(v for k, v in calls.items() if "p" in k) > 0  # pruned layers ran inside block graphs
@@ -152,13 +156,15 @@ def test_uncovered_patterns_fall_back_to_modules(backends, sampler):
     params = {"selector_params": {"interval": 3, "skip_steps": [6]}}
     hand = Schedule("hand", cfg.name, cfg.hash(), "ddim", STEPS, list(engines.modules), L, steps,
                     selector="toca-attention", params=params).validate()
-    assert "block.1.rf" not in {b.name for b in ort_b.blocks}  # a pattern not exported (see default_blocks)
+    exported = {b.name for b in ort_b.blocks}
+    assert "block.1.rf" not in exported  # a pattern not exported (see default_blocks)
+    pr = "block.0.pr" in exported and "block.1.pr" in exported  # exported if the SODA schedule has it
     err, calls = _parity(engines, ort_b, torch_b, sampler, hand)
     assert err <= REL_TOL
-    # module by module: steps 2, 3 and 7 (both layers), step 4's layer 1 and step 9's layer 1 (rf);
-    # pruned MLPs and full modules are module calls, forecast ones are not
-    assert calls["modulation"] == 8 and calls["module"] == 13
-    assert calls["block.ff*"] == 2 and calls["block.rp"] == 1 and calls["block.pr"] == 2
+    # module by module: steps 2, 3 and 7 (both layers), step 4's layer 1 and step 9's layer 1 (rf),
+    # and step 5 unless "pr" is exported; pruned and full modules are module calls, forecast ones not
+    assert calls["modulation"] == 8 + 2 * (not pr) and calls["module"] == 13 + 2 * (not pr)
+    assert calls["block.ff*"] == 2 and calls["block.rp"] == 1 and calls["block.pr"] == 2 * pr and calls["block.cc*"] == 0
     assert calls["block.rr"] == 2 and calls["block.ff"] == 1
 
 
@@ -188,7 +194,7 @@ def test_weights_are_stored_once(folders):
     """The block graphs add no weight bytes: every tensor they hold is already in weights.bin."""
     with_blocks, without = folders
     names = json.loads((with_blocks.folder / "manifest.json").read_text())["blocks"]["graphs"]
-    assert {"block.0.ff", "block.1.rr", "block.1.rp", "block.0.pr", "block.0-1.ff"} <= set(names)
+    assert {"block.0.ff", "block.1.rr", "block.1.rp", "block.0-1.ff", "block.0-1.cc"} <= set(names)
     assert with_blocks.weights_bytes == without.weights_bytes
     assert with_blocks.weights_bytes <= 1.05 * with_blocks.raw_fp32_bytes
     import onnx
@@ -227,3 +233,54 @@ def test_the_tolerance_bites(backends, sampler, soda_schedule):
 
     err, _ = _parity(engines, ort_b, torch_b, sampler, soda_schedule, perturb=perturb)
     assert err > REL_TOL
+
+
+# --- PixArt: cross-attention with its per-generation K/V inside the block graphs ---------------
+@pytest.fixture(scope="module")
+def pixart(tmp_path_factory):
+    """pixart-digits (4 layers, 64 tokens, 3 caption tokens), random weights made strong: the
+    per-block scale_shift_table, t_block and output layer at std 1 so every module shows."""
+    import torch
+
+    from runtime.engines import open_engines
+    from runtime.ort_backend import OrtBackend
+    from soda.models.loading import load_model
+    from soda.policies import ScheduleSpec, make_schedule
+    from soda.torch_backend import TorchBackend
+
+    model, _ = load_model("pixart-digits", random_init=True)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "scale_shift_table" in name or name.startswith(("t_block", "final_layer.linear")):
+                p.copy_(torch.randn(p.shape, generator=g))
+    sampler = SamplerConfig("ddim", STEPS, 4.5, None)
+    spec = ScheduleSpec.for_model(model.config, "ddim", STEPS)
+    out = tmp_path_factory.mktemp("pixart") / "e"
+    _export(model, sampler, make_schedule("toca", spec), out)
+    engines = open_engines(out)
+    return engines, OrtBackend(engines, threads=1), TorchBackend(model), sampler
+
+
+@pytest.mark.parametrize("policy", ["full", "fora", "toca", "duca"])
+def test_pixart_block_runtime_equals_torch(pixart, policy):
+    from runtime.engines import resolve_schedule
+    from soda.captions import PromptEmbeds, caption_conditioning
+    from soda.generate import generate
+
+    engines, ort_b, torch_b, sampler = pixart
+    schedule = resolve_schedule(engines, sampler, policy)
+    rng = np.random.default_rng(0)
+    caption = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    mask = np.array([[1, 1, 1], [1, 0, 0]], np.float32)
+    cond = caption_conditioning(PromptEmbeds(caption, mask), engines.null_caption())
+    got_rec, ref_rec = Counting(ort_b), Counting(torch_b)
+    got, stats = generate(got_rec, engines.config, sampler, schedule, cond, 3)
+    ref, stats_ref = generate(ref_rec, engines.config, sampler, schedule, cond, 3)
+    assert stats.flops == stats_ref.flops
+    err = max(_rel_err(got, ref), *(_rel_err(a, b) for a, b in zip(got_rec.outputs, ref_rec.outputs)))
+    assert err <= REL_TOL
+    calls = got_rec.calls
+    assert calls["block.fff*"] + calls["block.ccc*"] == schedule.count_kinds()["full"]  # a whole full step: one call
+    if policy != "full":
+        assert sum(v for k, v in calls.items() if k.startswith("block.") and "*" not in k) > 0
