@@ -153,7 +153,7 @@ def test_bench_on_ort_reports_runtime_against_monolithic(strong_tiny_model, tmp_
             return run
         return wrapper
 
-    monkeypatch.setattr(br, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
+    monkeypatch.setattr(br, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"], process_time=lambda: clock["t"]))
     monkeypatch.setattr(br, "monolithic_loop", timed(br.monolithic_loop, lambda a: 2.0))
     monkeypatch.setattr(br, "schedule_loop", timed(br.schedule_loop, lambda a: {"full": 3.0, "fora": 1.0}[a[3].policy]))
     sampler = SamplerConfig("ddim", 6, 4.0, None)
@@ -173,6 +173,9 @@ def test_bench_on_ort_reports_runtime_against_monolithic(strong_tiny_model, tmp_
     assert names == ["monolithic full", "stitched full", "stitched fora rule"]
     assert rt["monolithic_max_rel_diff"] < 1e-4  # the monolithic graph computes the same samples
     assert rt["stitched_over_monolithic"] == pytest.approx(1.5)  # stitched 3 s / monolithic 2 s
+    assert rt["stitched_over_monolithic_cpu"] == pytest.approx(1.5)
+    # graph calls per step: a full step is embed + one whole-step block graph + final
+    assert rt["rows"][0]["calls_per_step"] == 1.0 and rt["rows"][1]["calls_per_step"] == 3.0
     fora = rt["rows"][2]
     assert fora["wall_speedup"] == pytest.approx(3.0) and fora["rounds"] == [1.0, 1.0]
     assert fora["flops_speedup"] == pytest.approx(report["results"][1]["flops_speedup"], rel=1e-3)
