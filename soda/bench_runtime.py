@@ -99,7 +99,8 @@ def interleaved(loops: dict[str, Loop], repeats: int, echo: Callable[[str], None
     try:
         for r in range(repeats):
             for name, loop in loops.items():
-                c0, t0 = time.process_time(), time.perf_counter()
+                c0 = time.process_time() if cpu is not None else 0.0
+                t0 = time.perf_counter()
                 last[name] = loop()
                 times[name].append(time.perf_counter() - t0)
                 if cpu is not None:
