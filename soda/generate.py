@@ -98,6 +98,28 @@ def load_noise(path: str | Path, n: int, config: ModelConfig) -> np.ndarray:
     return z.astype(np.float32)
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still get (Linux `MemAvailable`), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_memory(config: ModelConfig, rows: int, caches: int, available: int | None = None) -> None:
+    """Refuse, before any work, a generation whose float32 token caches (one [rows, N, D] per
+    layer and module, plus a few working copies) cannot fit: a video size or batch too large is
+    then one line, not a process killed for memory half-way."""
+    need = 4 * rows * config.num_tokens * config.hidden_size * (caches + 4)
+    available = available_memory() if available is None else available
+    if available is not None and need > available:
+        raise UserError(f"this generation needs about {need / 2**30:,.1f} GiB for its token caches ({rows} rows x "
+                        f"{config.num_tokens:,} tokens x width {config.hidden_size} x {caches} layer modules, "
+                        f"float32) and {available / 2**30:,.1f} GiB is available: use a smaller "
+                        f"video or fewer prompts per batch")
+
+
 def generate(
     backend: Backend,
     config: ModelConfig,
@@ -113,6 +135,7 @@ def generate(
     `Conditioning` (captions) for a text-conditioned model. `rng` (default: the generator after
     `seed`'s initial noise) draws DDPM's per-step noise."""
     cond = labels if isinstance(labels, Conditioning) else Conditioning.from_labels(labels, config.null_label)
+    check_memory(config, len(cond) * (2 if sampler.uses_cfg else 1), backend.num_layers * len(backend.modules))
     diffusion = make_diffusion(sampler, config.learn_sigma)
     shape = config.latent_shape
     z, seed_rng = initial_noise(len(cond), shape, seed)

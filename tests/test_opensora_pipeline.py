@@ -111,6 +111,10 @@ def test_cli_sample_run_and_bad_input(tmp_path, monkeypatch, capsys):
         (["sample", *base, "--sampler", "ddim"], "--sampler rflow is Open-Sora's"),
         (["sample", "--model", "dit-digits", "--height", "64"], "are for video models; dit-digits is an image model"),
         (["sample", *base, "--vae", str(tmp_path)], "Open-Sora's video VAE is not supported"),
+        (["sample", *base, "--height", "0"], "--height and --width must be at least 8 pixels, got 0x64"),
+        # refused before any work, not killed for memory half-way through sampling
+        (["sample", *base, "--height", "100000", "--width", "100000", "--num-frames", "1"],
+         "GiB for its token caches"),
     ]
     for args, msg in cases:
         if "--num-frames" in args and "40" in args:

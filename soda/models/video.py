@@ -46,7 +46,7 @@ def resolve_video(config, height: int | None = None, width: int | None = None, n
     from soda.rflow import check_num_frames
 
     h0, w0, f0, fps0 = default or DEFAULT_VIDEO.get(config.name, OFFICIAL_VIDEO)
-    height, width = height or h0, width or w0
+    height, width = h0 if height is None else height, w0 if width is None else width
     num_frames = f0 if num_frames is None else num_frames
     fps = fps0 if fps is None else fps
     check_num_frames(num_frames)
