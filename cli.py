@@ -449,8 +449,8 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
                    "[half].")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads; 1 is fastest on a shared machine (10x faster than 2 under a load of 10).")
-@click.option("--timing-rounds", type=click.IntRange(min=1), default=5, show_default=True,
-              help="--backend ort: interleaved rounds of the runtime-vs-monolithic timing.")
+@click.option("--timing-rounds", type=click.IntRange(min=1), default=None,
+              help="--backend ort: interleaved rounds of the runtime-vs-monolithic timing [5].")
 @click.option("--timing-per-module", is_flag=True,
               help="--backend ort: also time every schedule module by module (no block graphs), in the same rounds.")
 @video_options
@@ -475,7 +475,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
                        eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
                        tune_samples=tune_samples, planner=planner, ablation=ablation, prompt_embeds=prompt_embeds,
                        calibration_prompts=calibration_prompts, keep_samples=min(10, samples) if grid_png else 0,
-                       timing_repeats=timing_rounds, timing_per_module=timing_per_module, device=device,
+                       timing_repeats=timing_rounds or 5, timing_per_module=timing_per_module, device=device,
                        precision=precision)
     if device == "cuda" and (ray_address or workers):
         raise UserError("--device cuda runs in this process on this machine's GPU; drop --ray/--workers")
@@ -490,6 +490,9 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     check_setup(setup)
     if engines_dir and backend != "ort":
         raise UserError("--engines is for --backend ort")
+    if backend != "ort" and (timing_rounds is not None or timing_per_module):
+        raise UserError(f"--timing-rounds and --timing-per-module are for --backend ort (the runtime-vs-monolithic "
+                        f"timing), not --backend {backend}")
     if profile_samples < 1:
         raise UserError(f"--profile-samples must be at least 1, got {profile_samples}")
     check_out_suffix(plot, "--plot", (".png", ".pdf", ".svg", ".jpg"))

@@ -60,6 +60,8 @@ def backend_for(kind: str, model, engines_dir: str | None = None, blocks: bool =
             raise UserError(f"--backend ort needs the runtime package ({e})") from None
         engines = open_engines(engines_dir)
         if getattr(model, "video", None):  # a video model's engines run any video size
+            if engines.config.frames is None:
+                raise UserError(f"{engines_dir} was exported from {engines.config.name}, not {model.config.name}")
             engines = engines.at_video(*model.video)
         if engines.config.hash() != model.config.hash():
             raise UserError(f"{engines_dir} was exported from {engines.config.name}, not {model.config.name}")

@@ -240,7 +240,9 @@ class Executor:
             if c != PRUNED:
                 continue
             if reads is None or block.first != block.last:
-                return m == 0 and block.first == block.last  # unknown needs: only a layer's first module
+                if m == 0 and block.first == block.last:  # unknown needs: only a layer's first module
+                    continue
+                return False
             needs = reads(name)
             if ("tokens" in needs and m > 0) or any(
                     (self.backend.modules[j] in needs or "*" in needs) and block.code[j] != GIVEN for j in range(m)):

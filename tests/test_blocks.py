@@ -284,3 +284,18 @@ def test_pixart_block_runtime_equals_torch(pixart, policy):
     assert calls["block.fff*"] + calls["block.ccc*"] == schedule.count_kinds()["full"]  # a whole full step: one call
     if policy != "full":
         assert sum(v for k, v in calls.items() if k.startswith("block.") and "*" not in k) > 0
+
+
+def test_a_selector_without_reads_only_gets_a_layers_first_module_pruned_in_a_graph():
+    """Unknown needs: a pruned module's tokens may be chosen before the graph only when it is the
+    layer's first module, so "pp" must run module by module (the second choice reads the first's
+    result), while "pf"/"pr" may use a graph."""
+    from types import SimpleNamespace
+
+    from soda.blocks import Block
+    from soda.executor import Executor
+
+    loop = SimpleNamespace(selector=object(), backend=SimpleNamespace(modules=("attn", "mlp")))
+    ready = {code: Executor._ready(loop, Block(0, 0, code)) for code in ("pp", "pf", "pr", "fp", "rp")}
+    assert ready == {"pp": False, "pf": True, "pr": True, "fp": False, "rp": False}
+    assert not Executor._ready(loop, Block(0, 1, "pr"))  # a run of layers: the later layers' choices wait

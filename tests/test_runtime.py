@@ -587,3 +587,15 @@ def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends, monkey
     assert rows["fora"].rounds == [1.0, 10.0, 3.0] and rows["fora"].seconds == 3.0 and rows["full"].seconds == 6.0
     assert rows["fora"].wall_speedup == pytest.approx(3.0) and rows["full"].wall_speedup == pytest.approx(1.0)
     assert rows["fora"].efficiency == pytest.approx(3.0 / want)
+
+
+def test_bench_names_the_model_when_image_engines_meet_a_video_model(tiny_engines):
+    """`bench --model <video> --engines <image export>`: the message is about the wrong engines,
+    not about video flags that were never given."""
+    from types import SimpleNamespace
+
+    from soda.bench import backend_for
+
+    video_model = SimpleNamespace(video=(64, 64, 17, 24.0), config=SimpleNamespace(name="opensora-tiny"))
+    with pytest.raises(UserError, match="was exported from .*, not opensora-tiny"):
+        backend_for("ort", video_model, engines_dir=str(tiny_engines))
