@@ -577,6 +577,9 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
     from export.onnx_export import export_model, summary
     from soda.pipeline import resolve_schedule
 
+    if trt:
+        from runtime.engine_check import check_trt_engines
+
     policy = policy_or_schedule(policy, schedule_file)
     check_out_folder(out or str(Path("engines") / model_name))
     model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
@@ -585,7 +588,7 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
                                 toca_official_loop=toca_official_loop, progress=progress_bar)
     res = export_model(model, weights, schedule, sampler_cfg, Path(out or Path("engines") / model.config.name),
                        opset=opset, exporter=exporter, trt_precision=trt_precision if trt else None,
-                       force=force, echo=click.echo)
+                       force=force, echo=click.echo, check_engines=check_trt_engines if trt else None)
     for line in summary(res):
         click.echo(line)
 

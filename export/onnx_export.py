@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -81,9 +82,13 @@ def needed_modules(schedule: Schedule) -> set[tuple[int, str]]:
 
 def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: str | Path, opset: int = 17,
                  exporter: str = "legacy", trt_precision: str | None = None, force: bool = False,
-                 progress: bool = True, echo=print, replace: bool = False, blocks: bool = True) -> ExportResult:
+                 progress: bool = True, echo=print, replace: bool = False, blocks: bool = True,
+                 check_engines: Callable | None = None) -> ExportResult:
     """Export `model` for `schedule` into `out` (see module doc). trt_precision: None (ONNX only),
-    "fp16", "bf16" or "fp32" to also build TensorRT engines where TensorRT and a GPU exist.
+    "fp16", "bf16" or "fp32" to also build TensorRT engines where TensorRT and a GPU exist; then
+    `check_engines(folder, trt_section, precision, echo=...)` (the caller's, e.g.
+    `runtime.engine_check.check_trt_engines`: it runs the loop to record activations, which export
+    knows nothing of) checks every engine against its ONNX graph and returns the section to record.
 
     A folder holding a *different* export (another schedule, checkpoint, sampler, ...) is refused,
     saying what differs, unless `force` (always re-export) or `replace` (re-export when it differs,
@@ -91,6 +96,9 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
     the block graphs of `soda.blocks.default_blocks` (fewer, larger calls; docs/runtime.md)."""
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if trt_precision and check_engines is None:
+        raise ValueError("TensorRT engines are only recorded checked: pass check_engines "
+                         "(runtime.engine_check.check_trt_engines)")
     t0 = time.perf_counter()
     config = model.config
     out = Path(out)
@@ -108,7 +116,7 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
     reused = None if force else _try_reuse(out, reuse_key(key_data), schedule, replace, echo)
     if reused is not None:
         if trt_precision:
-            _add_trt(out, reused.data, trt_precision, echo)
+            _add_trt(out, reused.data, trt_precision, echo, check_engines)
         return _result_from_manifest(out, reused.data if not trt_precision else load_manifest(out, "size").data,
                                      True, time.perf_counter() - t0)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
@@ -126,7 +134,7 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
         for a in data["artefacts"].values():
             a["sha256"] = data["files"][a["file"]]["sha256"]
         if trt_precision:
-            data["trt"] = _build_trt(tmp, data, trt_precision, echo)
+            data["trt"] = _build_trt(tmp, data, trt_precision, echo, check_engines)
             if data["trt"]:
                 data["files"].update(describe_files(tmp, [e["file"] for e in data["trt"]["engines"].values()]))
         data["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -420,9 +428,9 @@ def _listed_files(data: dict) -> list[str]:
     return [a["file"] for a in data["artefacts"].values()] + [WEIGHTS_FILE, SCHEDULE_FILE] + extra
 
 
-def _build_trt(folder: Path, data: dict, precision: str, echo) -> dict | None:
-    """Build (or reuse) the engines, then check each against its ONNX graph in fp32 on recorded
-    activations (`runtime.engine_check`); engines over the tolerance are refused (UserError)."""
+def _build_trt(folder: Path, data: dict, precision: str, echo, check_engines: Callable) -> dict | None:
+    """Build (or reuse) the engines, then `check_engines` checks each against its ONNX graph in
+    fp32 on recorded activations; engines over the tolerance are refused (UserError)."""
     from export.trt import build_engines
 
     section = build_engines(folder, data, precision, echo=echo)
@@ -430,14 +438,12 @@ def _build_trt(folder: Path, data: dict, precision: str, echo) -> dict | None:
         return None
     if not (folder / MANIFEST).is_file():  # a fresh export: the graphs' manifest, so the runtime can open them
         write_manifest(folder, {k: v for k, v in data.items() if k != "trt"})
-    from runtime.engine_check import check_trt_engines
-
-    return check_trt_engines(folder, section, precision, echo=echo)
+    return check_engines(folder, section, precision, echo=echo)
 
 
-def _add_trt(out: Path, data: dict, precision: str, echo) -> None:
+def _add_trt(out: Path, data: dict, precision: str, echo, check_engines: Callable) -> None:
     """TensorRT for a reused ONNX export: build (or find cached) engines in place, update the manifest."""
-    trt = _build_trt(out, data, precision, echo)
+    trt = _build_trt(out, data, precision, echo, check_engines)
     if trt is None or trt == data.get("trt"):
         return
     data = dict(data, trt=trt)

@@ -257,11 +257,12 @@ def run(args, echo=print) -> dict:
         tmp = Path(tmp)
         if any(b.startswith(("ort", "trt")) for b in todo):
             from export.onnx_export import export_model
+            from runtime.engine_check import check_trt_engines
 
             echo(f"exporting {args.model} subgraphs (the {exported.policy} schedule's token counts) and one "
                  "monolithic ONNX ...")
             export_model(model, weights, exported, sampler_cfg, tmp / "engines", progress=False, echo=lambda s: None,
-                         trt_precision="fp16" if "trt-fp16" in todo else None)
+                         trt_precision="fp16" if "trt-fp16" in todo else None, check_engines=check_trt_engines)
             export_monolithic(model, tmp / "monolithic.onnx")
         for b in todo:
             t0 = time.perf_counter()

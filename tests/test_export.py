@@ -385,3 +385,12 @@ def test_cli_refuses_a_folder_that_is_not_an_export(tmp_path):
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "not an export folder" in err[0]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_tensorrt_engines_need_a_check_handed_in(tmp_path):
+    """Export builds engines but never samples: the engine check (which runs the loop) comes from
+    the caller, and engines without one are refused before any work."""
+    from export.onnx_export import export_model
+
+    with pytest.raises(ValueError, match="check_engines"):
+        export_model(object(), "w", None, None, tmp_path / "e", trt_precision="fp16")

@@ -535,13 +535,14 @@ def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
     from export.onnx_export import export_model
     from runtime.engines import open_engines, resolve_schedule
     from runtime.ort_backend import OrtBackend
+    from runtime.engine_check import check_trt_engines
     from runtime.trt_backend import TrtBackend
     from soda.generate import generate
     from soda.policies import ScheduleSpec, make_schedule
 
     spec = ScheduleSpec.for_model(strong_tiny.config, "ddim", STEPS)
     export_model(strong_tiny, "random-init-0", make_schedule("toca", spec), tiny_sampler, tmp_path / "e",
-                 trt_precision="fp32", progress=False, echo=lambda *a: None)
+                 trt_precision="fp32", progress=False, echo=lambda *a: None, check_engines=check_trt_engines)
     engines = open_engines(tmp_path / "e")
     schedule = resolve_schedule(engines, engines.sampler, None)
     ys = np.array([1, 7])
