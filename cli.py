@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 
 import click
 
@@ -115,13 +116,21 @@ def check_out_suffix(path: str | None, flag: str, suffixes: tuple[str, ...] = IM
     if path and not path.lower().endswith(suffixes):
         raise UserError(f"{flag} {path}: use one of {', '.join(suffixes)}")
     if path:
-        check_writable(path, flag)
+        _say_created(check_writable(path, flag), flag)
 
 
 def check_out_folder(path: str, flag: str = "--out") -> None:
     from soda.outputs import check_writable
 
-    check_writable(path, flag, folder=True)
+    created = check_writable(path, flag, folder=True)
+    if created is not None and Path(created) != Path(path):  # the output folder itself is expected to be new
+        _say_created(created, flag)
+
+
+def _say_created(folder, flag: str) -> None:
+    """Output folders are created as needed (like `mkdir -p`), but never silently."""
+    if folder is not None:
+        click.echo(f"note: {flag}: creating the folder {folder}", err=True)
 
 
 def policy_or_schedule(policy: str | None, schedule_file: str | None) -> str:

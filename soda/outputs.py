@@ -23,9 +23,11 @@ FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, err
                       errno.ENAMETOOLONG, errno.EFBIG, errno.EIO, errno.EEXIST, errno.ENOENT, errno.ETXTBSY}
 
 
-def check_writable(path: str | Path, flag: str, folder: bool = False) -> None:
+def check_writable(path: str | Path, flag: str, folder: bool = False) -> Path | None:
     """Refuse, before any work, an output `path` (a file, or a folder with `folder=True`) that
-    cannot be created: a parent that is a file, a folder that cannot be written in."""
+    cannot be created: a parent that is a file, a folder that cannot be written in. Returns the
+    outermost folder that does not exist yet and will be created with the output (None when
+    every folder exists), so the caller can say so: a typo in a folder name is then visible."""
     p = Path(path)
     if folder and p.exists() and not p.is_dir():
         raise UserError(f"{flag} {path} is a file, not a folder")
@@ -33,8 +35,9 @@ def check_writable(path: str | Path, flag: str, folder: bool = False) -> None:
         raise UserError(f"{flag} {path} is a folder; give a file name")
     where = p if folder else p.parent
     where = where if str(where) else Path(".")
+    created = None
     while not where.exists() and where != where.parent:
-        where = where.parent
+        created, where = where, where.parent
     if not where.is_dir():
         raise UserError(f"{flag} {path}: {where} is a file, not a folder")
     try:
@@ -45,6 +48,7 @@ def check_writable(path: str | Path, flag: str, folder: bool = False) -> None:
         raise UserError(f"{flag} {path}: cannot write in {where} ({e.strerror})") from None
     if p.exists() and not folder and not os.access(p, os.W_OK):
         raise UserError(f"{flag} {path}: the file exists and is read-only")
+    return created
 
 
 @contextlib.contextmanager

@@ -153,3 +153,14 @@ def test_bench_device_cuda_without_a_gpu(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--device cuda: no CUDA device here" in lines[0], r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_missing_output_folder_is_created_and_said(tmp_path, monkeypatch, capsys):
+    """Output folders are made as needed, like `mkdir -p`, but never silently: a typo in a folder
+    name shows up as a note naming the outermost folder created."""
+    r = cli_in_process(["sample", *S8, "--labels", "1", "--out", "new/sub/x.png", "--save-latents", "x.npy"],
+                       monkeypatch, capsys, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "note: --out: creating the folder new\n" in r.stderr, r.stderr
+    assert "--save-latents: creating" not in r.stderr  # its folder exists: nothing to say
+    assert (tmp_path / "new" / "sub" / "x.png").is_file()

@@ -31,8 +31,11 @@ def test_two_writers_of_one_path_get_their_own_temporary_file(tmp_path):
 
 def test_check_writable(tmp_path):
     (tmp_path / "f").write_text("x")
-    check_writable(tmp_path / "new" / "deeper" / "x.png", "--out")  # folders are made later
-    check_writable(tmp_path / "eng", "--out", folder=True)
+    # folders are made later; the outermost missing one is returned, so the CLI can say so
+    assert check_writable(tmp_path / "new" / "deeper" / "x.png", "--out") == tmp_path / "new"
+    assert check_writable(tmp_path / "eng", "--out", folder=True) == tmp_path / "eng"
+    assert check_writable(tmp_path / "x.png", "--out") is None
+    assert check_writable(tmp_path, "--out", folder=True) is None
     with pytest.raises(UserError, match="f is a file, not a folder"):
         check_writable(tmp_path / "f" / "x.png", "--out")
     with pytest.raises(UserError, match="is a file, not a folder"):
