@@ -218,6 +218,9 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
                         "latent frames)")
     sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
     sampler, steps = sampler_cfg.kind, sampler_cfg.steps
+    from soda.generate import default_prompt_embeds
+
+    prompt_embeds = default_prompt_embeds(config, labels, prompt_embeds, lambda m: click.echo(m, err=True))
     ys = conditioning(model, labels, prompt_embeds, sampler_cfg)
     z = load_noise(noise, len(ys), config) if noise else None
     schedule = resolve_schedule(model, weights, sampler_cfg, policy, schedule_file, speedup, profile_file, echo=click.echo,

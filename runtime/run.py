@@ -51,11 +51,12 @@ def run_command(
     """Generate with the deployed graphs; returns the final samples [n, C, H, W]. `labels` for a
     label-conditioned model (None: 0,1,2,3), `prompt_embeds` (an npz) for a text-conditioned one;
     `video` (height, width, num_frames, fps; None entries: the exported video's) for a video model."""
-    from soda.generate import full_flops, generate, load_noise, make_conditioning
+    from soda.generate import default_prompt_embeds, full_flops, generate, load_noise, make_conditioning
 
     engines = open_engines(engines_dir).at_video(*(video or ()))
     config = engines.config
     sampler_cfg = engines.sampler_with(sampler, steps, cfg_scale)
+    prompt_embeds = default_prompt_embeds(config, labels, prompt_embeds, echo)
     ys = make_conditioning(config, labels, prompt_embeds, engines.null_caption(), sampler_cfg)
     z = load_noise(noise, len(ys), config) if noise else None
     schedule = resolve_schedule(engines, sampler_cfg, policy, schedule_file, speedup, toca_official_loop)
@@ -76,8 +77,10 @@ def run_command(
             np.save(tmp, x)
         echo(f"latents -> {save_latents}")
     if out:
+        from soda.captions import load_caption_texts
         from soda.pictures import save_samples_png
 
-        save_samples_png(x, ys, out, config, random_init=engines.random_init)
+        texts = load_caption_texts(prompt_embeds) if prompt_embeds else None  # titles, as `sample` writes them
+        save_samples_png(x, ys, out, config, random_init=engines.random_init, captions=texts)
         echo(f"image -> {out}")
     return x

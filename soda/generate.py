@@ -54,6 +54,20 @@ def with_video(cond: Conditioning, config: ModelConfig, sampler: SamplerConfig |
     return Conditioning(video(cond.cond), None if cond.uncond is None else video(cond.uncond))
 
 
+def default_prompt_embeds(config: ModelConfig, labels: str | None, prompt_embeds: str | None,
+                          echo=None) -> str | None:
+    """`prompt_embeds`, or, for a text model that ships captions (pixart-digits) when neither
+    captions nor labels are given, its shipped file; `echo` is told which file was taken."""
+    from soda.models.config import shipped_prompt_embeds
+
+    shipped = shipped_prompt_embeds(config.name)
+    if prompt_embeds or labels is not None or shipped is None:
+        return prompt_embeds
+    if echo is not None:
+        echo(f"note: no --prompt-embeds: the shipped captions of {config.name} ({shipped})")
+    return shipped
+
+
 def make_conditioning(config: ModelConfig, labels: str | None, prompt_embeds: str | None,
                       null_caption: np.ndarray | None = None, sampler: SamplerConfig | None = None) -> Conditioning:
     """What to generate: class labels for a label-conditioned model, captions from an npz for a

@@ -167,6 +167,12 @@ def test_cli_sample_with_the_shipped_captions(tmp_path):
             "--out", str(tmp_path / "x.png"), "--save-latents", str(tmp_path / "x.npy"))
     assert r.returncode == 0, r.stderr
     assert "dpm-solver-20" in r.stdout and np.load(tmp_path / "x.npy").shape == (30, 1, 16, 16)
+    # Without --prompt-embeds: the same shipped captions, said in a note (as dit-digits draws 0,1,2,3).
+    r = cli("sample", "--model", "pixart-digits", "--out", str(tmp_path / "y.png"), "--save-latents",
+            str(tmp_path / "y.npy"))
+    assert r.returncode == 0, r.stderr
+    assert "note: no --prompt-embeds: the shipped captions of pixart-digits" in r.stderr, r.stderr
+    assert np.array_equal(np.load(tmp_path / "y.npy"), np.load(tmp_path / "x.npy"))
 
 
 def test_runtime_equals_sample_for_every_policy(shipped, tmp_path):
@@ -210,3 +216,19 @@ def test_runtime_equals_sample_for_every_policy(shipped, tmp_path):
         got, _ = generate(OrtBackend(engines, threads=1), model.config, sampler, sched, cond, noise=noise)
         want, _ = generate(TorchBackend(model), model.config, sampler, sched, cond, noise=noise)
         assert rel(got, want) < 1e-4, policy
+
+
+def test_default_prompt_embeds_only_where_captions_ship():
+    """`sample` and `run` share this choice: the shipped file for pixart-digits when nothing is
+    given, what the user gave otherwise, and nothing for a model without shipped captions."""
+    from soda.generate import default_prompt_embeds
+    from soda.models.config import get_config
+    from soda.models.loading import PACKAGED
+
+    said = []
+    got = default_prompt_embeds(get_config("pixart-digits"), None, None, said.append)
+    assert Path(got).resolve() == PACKAGED["pixart-digits"].parent / "pixart_digits_captions.npz" and len(said) == 1
+    assert default_prompt_embeds(get_config("pixart-digits"), None, "mine.npz", said.append) == "mine.npz"
+    assert default_prompt_embeds(get_config("pixart-digits"), "1,2", None, said.append) is None  # labels: its error
+    assert default_prompt_embeds(get_config("pixart-alpha-256"), None, None, said.append) is None
+    assert len(said) == 1

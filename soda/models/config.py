@@ -143,6 +143,19 @@ DEFAULT_CFG_SCALE = {"dit-digits": 2.0, "pixart-digits": 2.0, **{f"pixart-alpha-
 ARCH_CFG_SCALE = {"pixart": 4.5, "opensora": 7.0}  # PixArt's and Open-Sora 1.2's official scales
 
 
+# Captions a text model ships with (relative to the soda package): what `sample` and `run` generate
+# when no --prompt-embeds is given, as dit-digits draws labels 0,1,2,3 when no --labels is.
+SHIPPED_PROMPT_EMBEDS = {"pixart-digits": "assets/pixart_digits_captions.npz"}
+
+
+def shipped_prompt_embeds(name: str) -> str | None:
+    """The shipped captions file of model `name`, or None."""
+    from pathlib import Path
+
+    rel = SHIPPED_PROMPT_EMBEDS.get(name)
+    return str(Path(__file__).resolve().parent.parent / rel) if rel else None
+
+
 def default_cfg_scale(name: str, arch: str = "dit") -> float:
     """Per model; the architecture's official scale otherwise (the generic names included)."""
     return DEFAULT_CFG_SCALE.get(name, ARCH_CFG_SCALE.get(arch, 4.0))
