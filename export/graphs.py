@@ -152,7 +152,7 @@ class GraphSpec:
         for name, shape, dtype in self.inputs:
             dims = [n if is_token_axis(d) else sizes[d] if isinstance(d, str) else d for d in shape]
             if name.startswith("idx."):  # a pruned module's token indices: distinct, ascending per row
-                N = self._tokens()
+                N = self._tokens(sizes)
                 out.append(torch.sort(torch.stack([torch.randperm(N, generator=gen)[:dims[1]] for _ in range(B)]))[0])
             elif name == "grid":
                 out.append(torch.tensor([[sizes["T"], sizes["H"], sizes["W"]]] * dims[0]))
@@ -170,9 +170,10 @@ class GraphSpec:
                 out.append(torch.randn(dims, generator=gen))
         return tuple(out)
 
-    def _tokens(self) -> int:
-        """N: the static token axis of the "tokens" input."""
-        return next(shape[1] for name, shape, _ in self.inputs if name == "tokens")
+    def _tokens(self, sizes: dict) -> int:
+        """N: the token axis of the "tokens" input (static, or a video's "N" in `sizes`)."""
+        N = next(shape[1] for name, shape, _ in self.inputs if name == "tokens")
+        return sizes[N] if isinstance(N, str) else N
 
     def dynamic_axes(self) -> dict:
         return {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for name, shape, _ in self.inputs + self.outputs}
@@ -265,10 +266,14 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
 
 
 def block_specs(model, blocks: list[Block]) -> list[GraphSpec]:
-    """The block graphs (`soda.blocks`), with the shapes of their inputs and outputs."""
+    """The block graphs (`soda.blocks`), with the shapes of their inputs and outputs. A video
+    model's token axis is the video's "N" (with its size in the conditioning's "grid" context,
+    which the attention reshapes by), as in its module graphs; each pruned module has its own
+    axis "n_<module>_<layer>" of recomputed tokens."""
     cfg = model.config
     iface = cfg.interface
-    D, N = cfg.hidden_size, cfg.num_tokens
+    D = cfg.hidden_size
+    N = "N" if video_axes(cfg) else cfg.num_tokens
     cond_io = {name: _cond_shape(cfg, name) for name in iface.cond}
     specs = []
     for block in blocks:
@@ -285,7 +290,7 @@ def block_specs(model, blocks: list[Block]) -> list[GraphSpec]:
                 return ["B", n], I64
             if role == "context":
                 bare = name.split(".")[0]
-                return (cond_io[bare][0] if bare in cond_io else _context_shape(cfg, bare)), F32
+                return cond_io[bare] if bare in cond_io else (_context_shape(cfg, bare), F32)
             pruned = f"idx.{key}" in {i for i, _ in ins}
             if role == "out":
                 return ["B", n if pruned else N, D], F32

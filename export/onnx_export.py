@@ -30,7 +30,7 @@ from soda.errors import UserError
 from soda.schedule import Schedule
 from soda.torch_backend import TorchBackend
 
-EXPORT_VERSION = 3  # 3: block graphs (soda.blocks); bump when the graphs or their layout change: old folders are then re-exported
+EXPORT_VERSION = 4  # 3: block graphs (soda.blocks); 4: also for video models; bump when the graphs or their layout change: old folders are then re-exported
 WEIGHTS_FILE = "weights.bin"
 SCHEDULE_FILE = "schedule.json"
 NULL_CAPTION_FILE = "null_caption.npy"  # a text model's learned unconditional caption, when it has one
@@ -209,9 +209,7 @@ def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, 
 
     config = model.config
     specs = graph_specs(model, needed_modules(schedule))
-    # Block graphs for image models so far: a video model's token axis is dynamic (docs/opensora.md).
-    chosen = block_patterns.default_blocks(config.interface, config.depth, schedule) \
-        if blocks and not video_axes(config) else []
+    chosen = block_patterns.default_blocks(config.interface, config.depth, schedule) if blocks else []
     specs += block_specs(model, chosen)
     counts = schedule.token_counts(config.num_tokens)
     schedule.save(folder / SCHEDULE_FILE)
@@ -384,7 +382,8 @@ def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, cou
     sized = any(d in ("T", "N") for _, shape, _ in spec.inputs + spec.outputs for d in shape)
     videos = [video_axes(config)] + ([other_video(config)] if sized else [])
     worst = 0.0
-    for n, video in [(n, v) for v in videos for n in token_ns]:
+    # A block graph's recomputed tokens are indices into the video's N tokens: at most N of them.
+    for n, video in [(m, v) for v in videos for m in sorted({min(n, v.get("N", n)) for n in token_ns})]:
         # Caption graphs are checked at a caption length other than the traced one (dynamic L).
         args = [a.numpy() for a in spec.example(PARITY_BATCH, n, gen, config.num_classes,
                                                  max(1, (config.caption_len or 2) // 2), video)]

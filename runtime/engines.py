@@ -280,7 +280,10 @@ class GraphBackend:
         """Run block graph `block` (`soda.blocks.Block`): `feeds` holds its given D, caches and
         indices by name, the context its conditioning; returns every output by name."""
         ins, outs = self.engines.io(block.name)
-        given = {"tokens": tokens, **dict(zip(self.interface.step, step)), **feeds}
+        # Only the step entries modulation reads: a video's step "grid" must not stand in for the
+        # conditioning's "grid" the attention reads (a context input of the same name).
+        given = {"tokens": tokens, **{n: v for n, v in zip(self.interface.step, step)
+                                      if n in self.interface.modulation_reads}, **feeds}
         values = self._run(block.name, tuple(given[n] if n in given else _feed(n, context[n]) for n in ins))
         return dict(zip(outs, values))
 
