@@ -76,7 +76,8 @@ class ModuleGraph(nn.Module):
 class BlockGraph(nn.Module):
     """One `soda.blocks.Block`: per layer, modulation, then each module by its pattern letter
     (computed, given, or pruned: gather the indexed tokens, compute, scatter into the cache)
-    and the residual update, all inside one graph."""
+    and the residual update, all inside one graph. A step graph (`Block.step`) embeds the
+    latents first and ends with the final layer: a whole step in one graph."""
 
     def __init__(self, model, block):
         super().__init__()
@@ -87,8 +88,14 @@ class BlockGraph(nn.Module):
 
     def forward(self, *inputs):
         given = dict(zip(self.input_names, inputs))
-        x = given["tokens"]
-        step = tuple(given.get(n) for n in self.iface.step)
+        if not self.block.step:
+            x, outs = self._layers(given, given["tokens"], tuple(given.get(n) for n in self.iface.step))
+            return (x, *outs)
+        tokens, step = self.model.step_embed(given["x"], given["t"], {n: given[n] for n in self.iface.embed_context})
+        x, outs = self._layers(given, tokens, tuple(step))
+        return (self.model.step_final(x, step), x, *outs)
+
+    def _layers(self, given: dict, x, step: tuple):
         outs = []
         for l in self.block.layers:
             mods = self.model.layer_modulation(l, step)
@@ -114,7 +121,7 @@ class BlockGraph(nn.Module):
                     D = D.reshape(B, N, H)
                     outs += [D, part] + ([score] if spec.score else [])
                 x = x + gate.unsqueeze(1) * D if spec.gated else x + D
-        return (x, *outs)
+        return x, outs
 
 
 class FinalGraph(nn.Module):
@@ -266,14 +273,16 @@ def graph_specs(model, needed_modules: set[tuple[int, str]] | None = None) -> li
 
 
 def block_specs(model, blocks: list[Block]) -> list[GraphSpec]:
-    """The block graphs (`soda.blocks`), with the shapes of their inputs and outputs. A video
-    model's token axis is the video's "N" (with its size in the conditioning's "grid" context,
-    which the attention reshapes by), as in its module graphs; each pruned module has its own
-    axis "n_<module>_<layer>" of recomputed tokens."""
+    """The block and step graphs (`soda.blocks`), with the shapes of their inputs and outputs. A
+    video model's token axis is the video's "N" (with its size in the conditioning's "grid"
+    context, which the attention reshapes by), as in its module graphs; each pruned module has
+    its own axis "n_<module>_<layer>" of recomputed tokens."""
     cfg = model.config
     iface = cfg.interface
     D = cfg.hidden_size
-    N = "N" if video_axes(cfg) else cfg.num_tokens
+    video = bool(video_axes(cfg))
+    N = "N" if video else cfg.num_tokens
+    latent = [cfg.in_channels, "T", "H", "W"] if video else list(cfg.latent_shape)
     cond_io = {name: _cond_shape(cfg, name) for name in iface.cond}
     specs = []
     for block in blocks:
@@ -285,7 +294,13 @@ def block_specs(model, blocks: list[Block]) -> list[GraphSpec]:
             if role in ("tokens", "given", "cache", "cache_out"):
                 return ["B", N, D], F32
             if role == "step":
-                return ["B", 6 * D if name in ("t0", "t_mlp") else D], F32
+                return _step_shape(cfg, name)
+            if role == "latent":
+                return ["B", *latent], F32
+            if role == "timestep":
+                return ["B"], iface.timestep_dtype
+            if role == "model":
+                return ["B", cfg.out_channels, *latent[1:]], F32
             if role == "idx":
                 return ["B", n], I64
             if role == "context":

@@ -30,7 +30,7 @@ from soda.errors import UserError
 from soda.schedule import Schedule
 from soda.torch_backend import TorchBackend
 
-EXPORT_VERSION = 4  # 3: block graphs (soda.blocks); 4: also for video models; bump when the graphs or their layout change: old folders are then re-exported
+EXPORT_VERSION = 5  # 3: block graphs (soda.blocks); 4: also for video models; 5: step graphs (a whole step, one graph); bump when the graphs or their layout change: old folders are then re-exported
 WEIGHTS_FILE = "weights.bin"
 SCHEDULE_FILE = "schedule.json"
 NULL_CAPTION_FILE = "null_caption.npy"  # a text model's learned unconditional caption, when it has one
@@ -82,8 +82,8 @@ def needed_modules(schedule: Schedule) -> set[tuple[int, str]]:
 
 def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: str | Path, opset: int = 17,
                  exporter: str = "legacy", trt_precision: str | None = None, force: bool = False,
-                 progress: bool = True, echo=print, replace: bool = False, blocks: bool = True,
-                 check_engines: Callable | None = None) -> ExportResult:
+                 progress: bool = True, echo=print, replace: bool = False,
+                 blocks: bool | list[block_patterns.Block] = True, check_engines: Callable | None = None) -> ExportResult:
     """Export `model` for `schedule` into `out` (see module doc). trt_precision: None (ONNX only),
     "fp16", "bf16" or "fp32" to also build TensorRT engines where TensorRT and a GPU exist; then
     `check_engines(folder, trt_section, precision, echo=...)` (the caller's, e.g.
@@ -93,7 +93,8 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
     A folder holding a *different* export (another schedule, checkpoint, sampler, ...) is refused,
     saying what differs, unless `force` (always re-export) or `replace` (re-export when it differs,
     reuse when it is the same; for folders a pipeline owns, like the demo's). `blocks`: also export
-    the block graphs of `soda.blocks.default_blocks` (fewer, larger calls; docs/runtime.md)."""
+    the block and step graphs of `soda.blocks.default_blocks` (fewer, larger calls;
+    docs/runtime.md), or exactly the `soda.blocks.Block`s listed (tests make older layouts so)."""
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     if trt_precision and check_engines is None:
@@ -204,12 +205,15 @@ def _try_reuse(out: Path, key: dict, schedule: Schedule, replace: bool, echo):
 
 
 def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, exporter, key_data, progress,
-                 blocks: bool = True):
+                 blocks: bool | list = True):
     from tqdm import tqdm
 
     config = model.config
     specs = graph_specs(model, needed_modules(schedule))
-    chosen = block_patterns.default_blocks(config.interface, config.depth, schedule) if blocks else []
+    if blocks is True:
+        chosen = block_patterns.default_blocks(config.interface, config.depth, schedule)
+    else:
+        chosen = list(blocks or [])
     specs += block_specs(model, chosen)
     counts = schedule.token_counts(config.num_tokens)
     schedule.save(folder / SCHEDULE_FILE)
@@ -302,7 +306,7 @@ def _reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -
     """The same computation through TorchBackend (the executor's reference backend)."""
     iface = backend.interface
     kind, _, layer = spec.name.partition(".")
-    if kind == "block":
+    if kind in ("block", "step"):
         return _block_reference(spec, backend, args)
     if kind == "condition":
         ctx = backend.prepare(dict(zip(iface.condition_reads, args)))
@@ -336,12 +340,15 @@ def other_video(config) -> dict:
 
 
 def _block_reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarray]) -> list[np.ndarray]:
-    """A block graph's outputs the executor's way: modulation, module calls and numpy residuals."""
+    """A block or step graph's outputs the executor's way: (embed,) modulation, module calls and
+    numpy residuals (, final)."""
     iface = backend.interface
     block = block_patterns.parse_name(spec.name)
     given = dict(zip((n for n, _, _ in spec.inputs), args))
-    x = given["tokens"]
-    step = tuple(given.get(n) for n in iface.step)
+    if block.step:
+        x, step = backend.embed(given["x"], given["t"], {n: given[n] for n in iface.embed_context})
+    else:
+        x, step = given["tokens"], tuple(given.get(n) for n in iface.step)
     outs = []
     for l in block.layers:
         mods = backend.modulation(l, step)
@@ -364,7 +371,7 @@ def _block_reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarr
                 D[rows, idx] = part
                 outs += [D, part] + ([score] if m.score else [])
             x = x + gate[:, None, :] * D if m.gated else x + D
-    return [x] + outs
+    return [backend.final(x, step), x] + outs if block.step else [x] + outs
 
 
 def check_parity(spec: GraphSpec, path: Path, backend: TorchBackend, config, counts: list[int],
@@ -416,7 +423,7 @@ def _max_err(spec: GraphSpec, n: int, got: list, want: list) -> float:
         err = float(np.max(np.abs(g.astype(np.float64) - w)))
         # Relative above magnitude 1: a block graph's residual sums grow with the gates; a module's
         # per-token score is only ranked, and DuCa's value norms are sums of |v| in the hundreds.
-        if spec.name.startswith("block.") or (score is not None and name == score):
+        if spec.name.startswith(("block.", "step.")) or (score is not None and name == score):
             err /= max(1.0, float(np.max(np.abs(w))))
         worst = max(worst, err if np.isfinite(err) else float("inf"))  # max(0.0, nan) would keep 0.0
     return worst

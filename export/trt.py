@@ -75,7 +75,7 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     video = video_axes(ModelConfig.from_dict(manifest["model"]))  # engines are built for the exported video
     engines = {}
     for name, art in manifest["artefacts"].items():
-        if name.startswith("block."):  # block graphs (soda.blocks) run on onnxruntime only so far
+        if name.startswith(("block.", "step.")):  # block and step graphs (soda.blocks) run on onnxruntime only so far
             continue
         plan = out / f"{name}.{precision}.plan"
         profiles = _profiles(art, counts, max_batch, max_caption, video)

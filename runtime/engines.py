@@ -65,7 +65,7 @@ class Engines:
         return names + ["final"]
 
     def block_graphs(self) -> list:
-        """The exported block graphs (`soda.blocks.Block`); none in a folder made before them."""
+        """The exported block and step graphs (`soda.blocks.Block`); none in a folder made before them."""
         from soda.blocks import parse_name
 
         section = self.manifest.data.get("blocks") or {}
@@ -84,7 +84,7 @@ class Engines:
         if name == "final":
             return ("tokens", *iface.final_step), ("out",)
         kind = name.split(".")[0]
-        if kind == "block":
+        if kind in ("block", "step"):
             from soda.blocks import parse_name
 
             return parse_name(name).io(iface)
@@ -152,10 +152,10 @@ def open_engines(folder: str | Path, verify: str = "sha256") -> Engines:
 
 def _check_interface(engines: Engines) -> None:
     """Every graph the loop calls is exported, with the input and output names it uses."""
-    from soda.blocks import FORMAT
+    from soda.blocks import FORMAT, READABLE_FORMATS
 
     section = engines.manifest.data.get("blocks")
-    if section is not None and (not isinstance(section, dict) or section.get("format") != FORMAT
+    if section is not None and (not isinstance(section, dict) or section.get("format") not in READABLE_FORMATS
                                 or not isinstance(section.get("graphs"), list)
                                 or None in [b for b in engines.block_graphs()]):
         raise UserError(f"{engines.folder}/manifest.json has a block-graph section this version cannot read "
@@ -279,12 +279,21 @@ class GraphBackend:
     def block(self, block, tokens, step, feeds: dict, context: dict) -> dict:
         """Run block graph `block` (`soda.blocks.Block`): `feeds` holds its given D, caches and
         indices by name, the context its conditioning; returns every output by name."""
-        ins, outs = self.engines.io(block.name)
         # Only the step entries modulation reads: a video's step "grid" must not stand in for the
         # conditioning's "grid" the attention reads (a context input of the same name).
         given = {"tokens": tokens, **{n: v for n, v in zip(self.interface.step, step)
                                       if n in self.interface.modulation_reads}, **feeds}
-        values = self._run(block.name, tuple(given[n] if n in given else _feed(n, context[n]) for n in ins))
+        return self._run_named(block.name, given, context)
+
+    def step_graph(self, block, x, t, feeds: dict, context: dict) -> dict:
+        """Run step graph `block` (`soda.blocks.Block` with `step`): a whole step from the latents
+        and timesteps; returns every output by name ("out": the model output)."""
+        return self._run_named(block.name, {"x": x, "t": t, **feeds}, context)
+
+    def _run_named(self, name: str, given: dict, context: dict) -> dict:
+        io = self.__dict__.setdefault("_named_io", {})  # engines.io parses the name: once per graph
+        ins, outs = io.get(name) or io.setdefault(name, self.engines.io(name))
+        values = self._run(name, tuple(given[n] if n in given else _feed(n, context[n]) for n in ins))
         return dict(zip(outs, values))
 
     def final(self, tokens, step):

@@ -15,7 +15,12 @@ for one *pattern* of actions, one letter per module:
   the outputs (and the attention score) is work the monolithic model does not do.
 
 `prune@a+forecast@O` has no letter: such a layer runs module by module. A block may span a
-run of consecutive layers with the same pattern (a whole full step: one call). Torch-free:
+run of consecutive layers with the same pattern. A *step graph* (`Block.step`, named
+"step.0-{L-1}.<code>") is a block over every layer with the step's embedding (latents,
+timestep, conditioning -> tokens and step entries) before and the final layer after: a whole
+step in one call, out come the model output, the last tokens (for later skip steps) and the
+modules' outputs as its letters say. Its letters are "f", "c" and "r" only: a pruned module's
+tokens are chosen on the tokens entering its layer, which exist only inside the graph. Torch-free:
 the exporter (`export.graphs`) builds the graphs from these names, the runtime feeds them,
 and the executor (`soda.executor`) decides per step and layer which block covers what.
 """
@@ -27,7 +32,8 @@ from dataclasses import dataclass
 from soda.schedule import FORECAST, FULL, PRUNE, REUSE, forecast_order, parse_action
 
 GIVEN, COMPUTE, PRUNED, COMPUTED_ONLY = "r", "f", "p", "c"
-FORMAT = 1  # the manifest's "blocks" section
+FORMAT = 2  # the manifest's "blocks" section (2: step graphs)
+READABLE_FORMATS = (1, 2)  # 1: block graphs only, still run
 
 
 def module_code(action: str) -> str | None:
@@ -50,16 +56,18 @@ def layer_code(row) -> str | None:
 
 @dataclass(frozen=True)
 class Block:
-    """Layers first..last (inclusive), each with the same pattern `code`."""
+    """Layers first..last (inclusive), each with the same pattern `code`; `step`: a whole step
+    (embed, then every layer, then the final layer; first = 0, last = depth - 1)."""
 
     first: int
     last: int
     code: str
+    step: bool = False
 
     @property
     def name(self) -> str:
         span = f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
-        return f"block.{span}.{self.code}"
+        return f"{'step' if self.step else 'block'}.{span}.{self.code}"
 
     @property
     def layers(self) -> range:
@@ -74,10 +82,14 @@ class Block:
         """[(name, role)] of the inputs and outputs. Roles: "tokens", "step", "given" [B, N, D],
         "cache" [B, N, D], "idx" [B, n], "context" (a conditioning or per-generation entry),
         "out" (D of all tokens, or the recomputed part for a pruned module), "score",
-        "cache_out"."""
-        ins = [("tokens", "tokens")] + [(n, "step") for n in interface.modulation_reads]
-        outs = [("tokens_out", "tokens")]
-        seen = set()
+        "cache_out"; a step graph's: "latent" (x), "timestep" (t), "model" (the model output)."""
+        if self.step:
+            ins = [("x", "latent"), ("t", "timestep")] + [(n, "context") for n in interface.embed_context]
+            outs = [("out", "model"), ("tokens_out", "tokens")]
+        else:
+            ins = [("tokens", "tokens")] + [(n, "step") for n in interface.modulation_reads]
+            outs = [("tokens_out", "tokens")]
+        seen = {n for n, _ in ins}
         for l in self.layers:
             for spec, c in zip(interface.modules, self.code):
                 key = f"{spec.name}.{l}"
@@ -105,25 +117,27 @@ def context_name(interface, name: str, layer: int) -> str:
     return f"{name}.{layer}" if name in interface.per_layer else name
 
 
-_NAME = re.compile(r"^block\.(\d+)(?:-(\d+))?\.([a-z]+)$")
+_NAME = re.compile(r"^(block|step)\.(\d+)(?:-(\d+))?\.([a-z]+)$")
 
 
 def parse_name(name: str) -> Block | None:
     m = _NAME.match(name)
     if not m:
         return None
-    first = int(m.group(1))
-    return Block(first, int(m.group(2) or first), m.group(3))
+    first = int(m.group(2))
+    return Block(first, int(m.group(3) or first), m.group(4), m.group(1) == "step")
 
 
 def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
     """The block graphs an export writes, per layer: all-full, all-given, the last module (the
     MLP) pruned with the others given (the baselines' pattern: ToCa and DuCa on DiT reuse the
     attention and prune the MLP), and every pattern `schedule` uses (SODA's, fixed at export);
-    plus a whole full step in one block, with its outputs and without (all "c": full steps no
-    later step reads). Chosen by measurement (docs/runtime.md): all 9 DiT patterns per layer
-    made dit-digits' folder 1.2x its raw weights, for patterns the baselines never run; a
-    pattern without a graph runs module by module at a cost of about 1% of that layer."""
+    plus step graphs (`Block.step`) for a whole full step, with its outputs ("f") and without
+    ("c": full steps no later step reads), and for a whole all-given step (FORA's and SODA's
+    reuse steps, TaylorSeer's forecast ones). Chosen by measurement (docs/runtime.md): all 9 DiT
+    patterns per layer made dit-digits' folder 1.2x its raw weights, for patterns the baselines
+    never run; a pattern without a graph runs module by module at a cost of about 1% of that
+    layer; a step graph saves the embed and final calls (7% of a dit-digits step)."""
     M = len(interface.modules)
     chosen = [COMPUTE * M, GIVEN * M]
     if interface.modules[-1].prunable:
@@ -136,6 +150,7 @@ def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
             if code is not None and code not in chosen:
                 chosen.append(code)
     blocks = [Block(l, l, c) for l in range(depth) for c in chosen]
-    if depth > 1:
-        blocks += [Block(0, depth - 1, COMPUTE * M), Block(0, depth - 1, COMPUTED_ONLY * M)]
-    return blocks
+    return blocks + [Block(0, depth - 1, c * M, step=True) for c in STEP_CODES]
+
+
+STEP_CODES = (COMPUTE, COMPUTED_ONLY, GIVEN)  # the step graphs default_blocks writes, one letter for every module

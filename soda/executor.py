@@ -110,6 +110,9 @@ class Executor:
             self.flops_done += self.flops.condition(B)
             if check:
                 check("prepare", *self.context.values())
+        whole = None if check else self._step_graph_for(s)
+        if whole is not None:
+            return self._run_step_graph(s, whole, x, t)
         tokens, step = b.embed(x, t, self.context)
         self.xp = namespace(tokens)
         if check:
@@ -206,30 +209,45 @@ class Executor:
         out[rows, idx] = D_part
         return out
 
-    # --- block graphs (soda.blocks): one backend call for a layer, or a run of layers ----------
+    # --- block graphs (soda.blocks): one backend call for a layer, a run of layers, or a step --
     def _block_for(self, s: int, l: int) -> Block | None:
         """The longest block graph of the backend that starts at layer `l` and covers step `s`'s
         actions there, with every pruned module's token choice makeable before the call."""
         if not hasattr(self, "_starts"):
             self._index_blocks()
-        lean = s >= self._lean_from and self.recorder is None
         for block in self._starts.get(l, ()):
-            if block.last >= self.backend.num_layers:
-                continue
-            codes = {layer_code(self.schedule.steps[s][j]) for j in block.layers}
-            if lean:
-                codes = {block.code} & {c.replace(COMPUTE, COMPUTED_ONLY) for c in codes} or codes
-            if codes == {block.code} and self._ready(block):
+            if block.last < self.backend.num_layers and self._covers(s, block):
                 return block
         return None
 
+    def _step_graph_for(self, s: int) -> Block | None:
+        """The step graph (`Block.step`) that runs all of step `s` in one call, if any."""
+        if not hasattr(self, "_starts"):
+            self._index_blocks()
+        if self.schedule.is_skip(s):
+            return None
+        return next((bl for bl in self._whole if self._covers(s, bl)), None)
+
+    def _covers(self, s: int, block: Block) -> bool:
+        lean = s >= self._lean_from and self.recorder is None
+        codes = {layer_code(self.schedule.steps[s][j]) for j in block.layers}
+        if lean:
+            codes = {block.code} & {c.replace(COMPUTE, COMPUTED_ONLY) for c in codes} or codes
+        return codes == {block.code} and self._ready(block)
+
     def _index_blocks(self) -> None:
-        """Blocks by first layer, longest first (the one emitting nothing first among equals), and
-        the step from which every step is full or skipped: no later step reads a cache, forecast
-        or selector state, so full modules need not emit their outputs (pattern letter "c")."""
+        """Blocks by first layer, longest first (the one emitting nothing first among equals), the
+        step graphs over every layer (lean first), and the step from which every step is full or
+        skipped: no later step reads a cache, forecast or selector state, so full modules need
+        not emit their outputs (pattern letter "c")."""
         self._starts: dict[int, list[Block]] = {}
+        self._whole: list[Block] = []
+        L = self.backend.num_layers
         for bl in sorted(getattr(self.backend, "blocks", ()), key=lambda bl: (-bl.last, COMPUTED_ONLY not in bl.code)):
-            self._starts.setdefault(bl.first, []).append(bl)
+            if not bl.step:
+                self._starts.setdefault(bl.first, []).append(bl)
+            elif (bl.first, bl.last) == (0, L - 1) and PRUNED not in bl.code:  # a pruned choice needs tokens first
+                self._whole.append(bl)
         steps = self.schedule.steps
         self._lean_from = next(s0 for s0 in range(len(steps) + 1) if all(
             st == "skip" or all(a == FULL for row in st for a in row) for st in steps[s0:]))
@@ -254,6 +272,27 @@ class Executor:
         caches and token choices go in; caches, forecasts, selectors and FLOPs are updated from
         what comes out, in the loop's order."""
         B, N, _ = tokens.shape
+        feeds, kept = self._block_feeds(s, block, tokens)
+        out = self.backend.block(block, tokens, step, feeds, self.context)
+        self._absorb(s, block, out, feeds, kept, B, N)
+        return out["tokens_out"]
+
+    def _run_step_graph(self, s: int, block: Block, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """A whole step in one backend call (embed, every layer, final), accounted as the loop
+        would: embed, the layers, final; its last tokens are kept for later skip steps."""
+        B = x.shape[0]
+        feeds, kept = self._block_feeds(s, block, None)
+        out = self.backend.step_graph(block, x, t, feeds, self.context)
+        tokens = self.last_tokens = out["tokens_out"]
+        self.xp = namespace(tokens)
+        self.flops_done += self.flops.embed(B)
+        self._absorb(s, block, out, feeds, kept, B, tokens.shape[1])
+        self.flops_done += self.flops.final(B)
+        return out["out"]
+
+    def _block_feeds(self, s: int, block: Block, tokens) -> tuple[dict, dict]:
+        """The given outputs (cache or forecast), and for pruned modules the cache and the chosen
+        token indices (with their count), by graph input name."""
         feeds, kept = {}, {}
         for l in block.layers:
             for m, (name, c) in enumerate(zip(self.backend.modules, block.code)):
@@ -262,10 +301,13 @@ class Executor:
                     order = forecast_order(action)
                     feeds[f"D.{key}"] = self.taylor[(l, m)].predict(s, order) if order else self.cache[(l, m)]
                 elif c == PRUNED:
-                    k = kept_tokens(parse_action(action)[1], N)
+                    k = kept_tokens(parse_action(action)[1], tokens.shape[1])
                     idx = self.selector.select(s, l, name, k, tokens, self.cache[(l, m)])
                     feeds[f"cache.{key}"], feeds[f"idx.{key}"], kept[(l, m)] = self.cache[(l, m)], idx, k
-        out = self.backend.block(block, tokens, step, feeds, self.context)
+        return feeds, kept
+
+    def _absorb(self, s: int, block: Block, out: dict, feeds: dict, kept: dict, B: int, N: int) -> None:
+        """Caches, forecasts, selectors and FLOPs from a block's outputs, in the loop's order."""
         for l in block.layers:
             self.flops_done += self.flops.modulation(B)
             for m, (spec, c) in enumerate(zip(self.backend.specs, block.code)):
@@ -285,4 +327,3 @@ class Executor:
                     self.cache[(l, m)] = out[f"cache_out.{key}"]
                     self.flops_done += self.flops.module(spec.name, B, kept[(l, m)], l)
                     self.selector.observe(s, l, spec.name, feeds[f"idx.{key}"], out[f"out.{key}"], score)
-        return out["tokens_out"]

@@ -1,12 +1,13 @@
-"""Block graphs (soda.blocks): one graph call per layer pattern, or per whole full step.
+"""Block graphs (soda.blocks): one graph call per layer pattern, or per whole step (step graphs).
 
 The runtime with block graphs equals the PyTorch reference to 1e-4 of the max magnitude on the
 final samples and every step's model output, with the same FLOPs, for every policy; the block
 path is really taken (calls counted per pattern); patterns no graph covers fall back to the
 per-module path and still match; a folder without block graphs (as exported before them) still
-runs; the weights stay stored once. The tiny DiT has STRONG random adaLN weights (std 1,
-tests/conftest.py `strengthen`), so a 0.1% error in one block output fails the tolerance; the
-last test proves that for this file's tolerance.
+runs, and so does one with block graphs but no step graphs (export version 3); the weights stay
+stored once. The tiny DiT has STRONG random adaLN weights (std 1,
+tests/conftest.py `strengthen`), so a 1% error in one MLP output after a block graph, or 0.1% in
+a step graph's model output, fails the tolerance (`test_the_tolerance_bites`).
 
 The per-module path keeps its own parity tests in tests/test_runtime.py (their recording
 backend exposes no block graphs, so the executor runs module by module there).
@@ -32,7 +33,8 @@ def _rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 class Counting:
     """A backend wrapper that keeps every step's model output and counts the graph calls by kind
-    ("block.<pattern>", "block.<pattern>*" for a multi-layer block, "module", "modulation")."""
+    ("block.<pattern>", "block.<pattern>*" for a multi-layer block, "step.<pattern>" for a step
+    graph, "embed", "module", "modulation", "final")."""
 
     def __init__(self, backend, perturb=None):
         self.backend, self.outputs, self.calls = backend, [], collections.Counter()
@@ -44,6 +46,7 @@ class Counting:
         return self.backend.prepare(*a)
 
     def embed(self, *a):
+        self.calls["embed"] += 1
         return self.backend.embed(*a)
 
     def modulation(self, *a):
@@ -59,7 +62,14 @@ class Counting:
         out = self.backend.block(block, *a)
         return self.perturb(block, out) if self.perturb else out
 
+    def step_graph(self, block, *a):
+        self.calls[f"step.{block.code}"] += 1
+        out = self.backend.step_graph(block, *a)
+        self.outputs.append(out["out"])  # the model output, which `final` gives on other paths
+        return self.perturb(block, out) if self.perturb else out
+
     def final(self, *a):
+        self.calls["final"] += 1
         out = self.backend.final(*a)
         self.outputs.append(out)
         return out
@@ -71,13 +81,22 @@ def sampler():
 
 
 @pytest.fixture(scope="module")
-def soda_schedule(strong_tiny_model, sampler):
-    from soda.policies import ScheduleSpec, make_schedule
+def tiny_profile(strong_tiny_model, sampler):
     from soda.profile import profile
 
-    prof = profile(strong_tiny_model, sampler, samples=2, seed=0)
-    spec = ScheduleSpec.for_model(strong_tiny_model.config, sampler.kind, sampler.steps)
-    return make_schedule("soda", spec, speedup=2.0, profile=prof)
+    return profile(strong_tiny_model, sampler, samples=2, seed=0)
+
+
+def _profiled(model, sampler, prof, policy: str):
+    from soda.policies import ScheduleSpec, make_schedule
+
+    spec = ScheduleSpec.for_model(model.config, sampler.kind, sampler.steps)
+    return make_schedule(policy, spec, speedup=2.0, profile=prof)
+
+
+@pytest.fixture(scope="module")
+def soda_schedule(strong_tiny_model, sampler, tiny_profile):
+    return _profiled(strong_tiny_model, sampler, tiny_profile, "soda")
 
 
 def _export(model, sampler, schedule, out, blocks=True):
@@ -115,28 +134,50 @@ def _parity(engines, backend, torch_backend, sampler_cfg, schedule, perturb=None
     got, stats = generate(got_rec, engines.config, sampler_cfg, schedule, ys, 3)
     ref, stats_ref = generate(ref_rec, engines.config, sampler_cfg, schedule, ys, 3)
     assert stats.flops == stats_ref.flops
-    assert not any(k.startswith("block") for k in ref_rec.calls)  # the reference runs module by module
+    assert not any(k.startswith(("block", "step")) for k in ref_rec.calls)  # the reference runs module by module
     per_step = max(_rel_err(a, b) for a, b in zip(got_rec.outputs, ref_rec.outputs))
     return max(_rel_err(got, ref), per_step), got_rec.calls
 
 
-@pytest.mark.parametrize("policy, kind", [(p, k) for p in POLICIES for k in ("ddim", "ddpm")] + [("soda", "ddim")])
-def test_block_runtime_equals_torch_reference(backends, policy, kind):
+def _given_steps(schedule) -> list[int]:
+    """Steps whose every action is supplied by the loop (reuse or forecast): one "r" step graph."""
+    from soda.blocks import GIVEN, module_code
+
+    return [s for s in range(STEPS) if not schedule.is_skip(s)
+            and all(module_code(a) == GIVEN for row in schedule.steps[s] for a in row)]
+
+
+@pytest.fixture(scope="module")
+def soda_forecast_schedule(strong_tiny_model, sampler, tiny_profile):
+    return _profiled(strong_tiny_model, sampler, tiny_profile, "soda-forecast")
+
+
+@pytest.mark.parametrize("policy, kind", [(p, k) for p in POLICIES for k in ("ddim", "ddpm")]
+                         + [("soda", "ddim"), ("soda-forecast", "ddim")])
+def test_block_runtime_equals_torch_reference(backends, soda_forecast_schedule, policy, kind):
     from runtime.engines import resolve_schedule
 
     engines, ort_b, torch_b = backends
     sampler_cfg = engines.sampler_with(kind=kind)
-    schedule = resolve_schedule(engines, sampler_cfg, policy)
+    schedule = soda_forecast_schedule if policy == "soda-forecast" else resolve_schedule(engines, sampler_cfg, policy)
     err, calls = _parity(engines, ort_b, torch_b, sampler_cfg, schedule)
     assert err <= REL_TOL
     full = [s for s in range(STEPS) if schedule.step_kind(s) == "full"]
+    given = _given_steps(schedule)
     last_partial = max((s for s in range(STEPS) if schedule.step_kind(s) == "partial"), default=-1)
-    # a whole full step is one call; after the last partial step no output is kept ("c")
-    assert calls["block.ff*"] == sum(s < last_partial for s in full)
-    assert calls["block.cc*"] == sum(s > last_partial for s in full)
-    if policy == "full":
-        assert calls["block.cc*"] == STEPS
-    assert calls["module"] == calls["modulation"] == 0  # every pattern of these schedules is covered
+    # a whole full step is one call; after the last partial step no module output is kept ("c")
+    assert calls["step.ff"] == sum(s < last_partial for s in full)
+    assert calls["step.cc"] == sum(s > last_partial for s in full)
+    assert calls["step.rr"] == len(given)  # a whole reuse (or forecast) step is one call too
+    # every other step: embed, its layers, final (skip steps: embed and final only)
+    assert calls["embed"] == calls["final"] == STEPS - len(full) - len(given)
+    assert not any(k.endswith("*") for k in calls)  # no multi-layer block graph: step graphs cover whole steps
+    if policy in ("full", "fora", "taylorseer"):
+        assert sum(calls.values()) == STEPS  # one call per step, every step
+    if policy in ("fora", "taylorseer"):
+        assert given  # the schedule really has reuse or forecast steps
+    if policy not in ("soda-forecast",):
+        assert calls["module"] == calls["modulation"] == 0  # every pattern of these schedules is covered
     if policy in ("toca", "duca", "soda"):
         assert sum(v for k, v in calls.items() if "p" in k) > 0  # pruned layers ran inside block graphs
 
@@ -164,8 +205,8 @@ def test_uncovered_patterns_fall_back_to_modules(backends, sampler):
     # module by module: steps 2, 3 and 7 (both layers), step 4's layer 1 and step 9's layer 1 (rf),
     # and step 5 unless "pr" is exported; pruned and full modules are module calls, forecast ones not
     assert calls["modulation"] == 8 + 2 * (not pr) and calls["module"] == 13 + 2 * (not pr)
-    assert calls["block.ff*"] == 2 and calls["block.rp"] == 1 and calls["block.pr"] == 2 * pr and calls["block.cc*"] == 0
-    assert calls["block.rr"] == 2 and calls["block.ff"] == 1
+    assert calls["step.ff"] == 2 and calls["block.rp"] == 1 and calls["block.pr"] == 2 * pr and calls["step.cc"] == 0
+    assert calls["step.rr"] == 1 and calls["block.rr"] == 0 and calls["block.ff"] == 1
 
 
 def test_block_graphs_switched_off_run_module_by_module(backends, folders, sampler, soda_schedule):
@@ -185,24 +226,38 @@ def test_folder_without_block_graphs_still_runs(folders, backends, sampler, soda
     _, torch_b = backends[0], backends[2]
     old = open_engines(folders[1].folder)
     assert "blocks" not in old.manifest.data and old.block_graphs() == []
-    assert not list(folders[1].folder.glob("block.*"))
+    assert not list(folders[1].folder.glob("block.*")) and not list(folders[1].folder.glob("step.*"))
     err, calls = _parity(old, OrtBackend(old, threads=1), torch_b, sampler, soda_schedule)
     assert err <= REL_TOL and calls["module"] > 0
 
 
-def test_weights_are_stored_once(folders):
-    """The block graphs add no weight bytes: every tensor they hold is already in weights.bin."""
-    with_blocks, without = folders
-    names = json.loads((with_blocks.folder / "manifest.json").read_text())["blocks"]["graphs"]
-    assert {"block.0.ff", "block.1.rr", "block.1.rp", "block.0-1.ff", "block.0-1.cc"} <= set(names)
-    assert with_blocks.weights_bytes == without.weights_bytes
-    assert with_blocks.weights_bytes <= 1.05 * with_blocks.raw_fp32_bytes
-    import onnx
+@pytest.mark.parametrize("policy", ["fora", "soda"])
+def test_folder_with_block_graphs_but_no_step_graphs_still_runs(tmp_path_factory, strong_tiny_model, sampler,
+                                                                 soda_schedule, backends, policy):
+    """What export version 3 wrote (block-graph section format 1): per-layer block graphs and a
+    whole step's layers as one block ("block.0-1.ff" / ".cc"), no step graphs. Full steps then
+    run as embed + that block + final, 3 calls."""
+    from runtime.engines import open_engines, resolve_schedule
+    from runtime.ort_backend import OrtBackend
+    from soda.blocks import Block, default_blocks
 
-    for name in names:
-        proto = onnx.load(str(with_blocks.folder / f"{name}.onnx"), load_external_data=False)
-        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-        assert locations == {"weights.bin"}, name
+    cfg = strong_tiny_model.config
+    L = cfg.depth
+    v3 = [b for b in default_blocks(cfg.interface, L, soda_schedule) if not b.step]
+    v3 += [Block(0, L - 1, "ff"), Block(0, L - 1, "cc")]
+    out = tmp_path_factory.mktemp("v3") / "e"
+    _export(strong_tiny_model, sampler, soda_schedule, out, blocks=v3)
+    data = json.loads((out / "manifest.json").read_text())
+    data["blocks"]["format"] = 1  # as version 3 wrote it
+    (out / "manifest.json").write_text(json.dumps(data))
+    old = open_engines(out)
+    assert {b.step for b in old.block_graphs()} == {False}
+    schedule = resolve_schedule(old, sampler, policy)
+    err, calls = _parity(old, OrtBackend(old, threads=1), backends[2], sampler, schedule)
+    assert err <= REL_TOL
+    full = schedule.count_kinds()["full"]
+    assert not any(k.startswith("step") for k in calls) and calls["block.ff*"] + calls["block.cc*"] == full
+    assert calls["embed"] == calls["final"] == STEPS and calls["module"] == 0
 
 
 def test_manifest_block_section_is_checked(folders, tmp_path):
@@ -220,19 +275,34 @@ def test_manifest_block_section_is_checked(folders, tmp_path):
         open_engines(bad)
 
 
-def test_the_tolerance_bites(backends, sampler, soda_schedule):
-    """Add 0.1% of one MLP output to the residual stream after each block graph: the parity check
-    must fail (a real bug of that size could not hide)."""
+@pytest.mark.parametrize("where", ["block", "step"])
+def test_the_tolerance_bites(backends, sampler, where):
+    """A small error in one graph kind's outputs must fail the parity check by a margin (a real
+    bug of that size could not hide). "block": 1% of a layer's MLP output added to the residual
+    stream after each per-layer block graph that computes it (0.1% gives 7e-5: under the
+    tolerance); "step": the step graph's model output (what its final layer gives) scaled by
+    1.001. A hand schedule runs both: full steps, and steps with one layer full, the other reused."""
+    from soda.schedule import FULL, REUSE, Schedule
+
     engines, ort_b, torch_b = backends
+    cfg = engines.config
+    ff, rr = [FULL, FULL], [REUSE, REUSE]
+    steps = [[list(ff), list(ff)] if s % 3 == 0 else [list(ff), list(rr)] if s % 3 == 1 else [list(rr), list(ff)]
+             for s in range(STEPS)]
+    hand = Schedule("hand", cfg.name, cfg.hash(), "ddim", STEPS, list(engines.modules), cfg.depth, steps).validate()
 
-    def perturb(block, out):  # the MLP of a block's last layer, where it is computed in full
+    def perturb(block, out):
+        if block.step != (where == "step"):
+            return out
+        if block.step:
+            return dict(out, out=out["out"] * (1 + 1e-3))
         key = f"out.mlp.{block.last}"
-        if key in out and f"cache_out.mlp.{block.last}" not in out:
-            out = dict(out, tokens_out=out["tokens_out"] + 1e-3 * out[key])
-        return out
+        return dict(out, tokens_out=out["tokens_out"] + 1e-2 * out[key]) if key in out else out
 
-    err, _ = _parity(engines, ort_b, torch_b, sampler, soda_schedule, perturb=perturb)
-    assert err > REL_TOL
+    assert _parity(engines, ort_b, torch_b, sampler, hand)[0] <= REL_TOL
+    err, calls = _parity(engines, ort_b, torch_b, sampler, hand, perturb=perturb)
+    assert calls["step.ff"] > 0 and calls["block.ff"] > 0  # both kinds ran
+    assert err > 3 * REL_TOL
 
 
 # --- PixArt: cross-attention with its per-generation K/V inside the block graphs ---------------
@@ -281,9 +351,15 @@ def test_pixart_block_runtime_equals_torch(pixart, policy):
     err = max(_rel_err(got, ref), *(_rel_err(a, b) for a, b in zip(got_rec.outputs, ref_rec.outputs)))
     assert err <= REL_TOL
     calls = got_rec.calls
-    assert calls["block.fff*"] + calls["block.ccc*"] == schedule.count_kinds()["full"]  # a whole full step: one call
-    if policy != "full":
-        assert sum(v for k, v in calls.items() if k.startswith("block.") and "*" not in k) > 0
+    assert calls["step.fff"] + calls["step.ccc"] == schedule.count_kinds()["full"]  # a whole full step: one call
+    assert calls["step.rrr"] == len(_given_steps(schedule))  # and a whole reuse step
+    assert calls["embed"] == calls["final"] == STEPS - schedule.count_kinds()["full"] - calls["step.rrr"]
+    if policy in ("full", "fora"):
+        assert sum(calls.values()) == STEPS  # one call per step
+    if policy == "fora":
+        assert calls["step.rrr"] > 0
+    if policy in ("toca", "duca"):
+        assert sum(v for k, v in calls.items() if k.startswith("block.")) > 0
 
 
 def test_a_selector_without_reads_only_gets_a_layers_first_module_pruned_in_a_graph():
