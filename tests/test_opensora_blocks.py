@@ -9,8 +9,10 @@ final latents and every step's model output, with the same FLOPs and the block g
 called: at the exported video AND at another one (34 frames of 40 x 48 -> 10 x 5 x 6 latents, 90
 tokens, the height padded to the patch), which the graphs take through their dynamic axes. At the
 other size the baselines are rebuilt there, as `run` does; the SODA plans are those of the exported
-size, replayed (their actions are per step, layer and module, their rates fractions of N). The
-last test adds 0.1% of one MLP output after each block graph and watches the parity fail.
+size, replayed (their actions are per step, layer and module, their rates fractions of N). A whole
+full or reuse step is one step graph call (embed and final inside, `Block.step`). The last test
+adds 0.1% of one MLP output after each block graph, and 0.1% to each step graph's model output,
+and watches the parity fail.
 """
 from __future__ import annotations
 
@@ -94,17 +96,18 @@ def test_opensora_block_runtime_equals_torch(setup, policy, other):
     got, stats = generate(got_rec, config, sampler, schedule, cond, noise=x)
     ref, stats_ref = generate(ref_rec, config, sampler, schedule, cond, noise=x)
     assert stats.flops == stats_ref.flops
-    assert not any(k.startswith("block") for k in ref_rec.calls)  # the reference runs module by module
+    assert not any(k.startswith(("block", "step")) for k in ref_rec.calls)  # the reference runs module by module
     err = max(_rel_err(got, ref), *(_rel_err(a, b) for a, b in zip(got_rec.outputs, ref_rec.outputs)))
     assert err <= REL_TOL, err
     calls = got_rec.calls
     kinds = schedule.count_kinds()
     # a whole full step is one call (with its outputs while a later step reads them, "ccc" after)
-    assert calls["block.fff*"] + calls["block.ccc*"] == kinds["full"]
+    assert calls["step.fff"] + calls["step.ccc"] == kinds["full"]
+    assert not any(k.endswith("*") for k in calls)  # whole steps are step graphs, not layer blocks
     if policy == "full":
-        assert calls["block.ccc*"] == STEPS and calls["module"] == calls["modulation"] == 0
+        assert calls["step.ccc"] == STEPS and sum(calls.values()) == STEPS  # one call per step
     else:
-        assert sum(v for k, v in calls.items() if k.startswith("block.") and "*" not in k) > 0
+        assert sum(v for k, v in calls.items() if k.startswith("block.") or k == "step.rrr") > 0
     if policy in ("fora", "toca", "taylorseer", "soda"):  # every pattern of these schedules has a graph
         assert calls["module"] == calls["modulation"] == 0, calls
     if policy in ("toca", "duca"):  # the MLP pruned inside a graph, its tokens chosen by the official scores
@@ -116,7 +119,10 @@ def test_video_block_graphs_are_exported_with_video_axes(setup):
     attention reads the conditioning's latent grid (int64), the cross-attention each layer's K/V."""
     engines = setup[0]
     names = {b.name for b in engines.block_graphs()}
-    assert {"block.0.fff", "block.3.rrr", "block.1.rrp", "block.0-3.fff", "block.0-3.ccc"} <= names
+    assert {"block.0.fff", "block.3.rrr", "block.1.rrp", "step.0-3.fff", "step.0-3.ccc", "step.0-3.rrr"} <= names
+    art = engines.manifest.artefacts["step.0-3.fff"]  # a whole step: the latent video in, the model output out
+    shapes = {t.name: (list(t.shape), t.dtype) for t in [*art.inputs, *art.outputs]}
+    assert shapes["x"][0][2:] == shapes["out"][0][2:] == ["T", "H", "W"] and shapes["tokens_out"][0] == ["B", "N", 64]
     art = engines.manifest.artefacts["block.1.rrp"]
     shapes = {t.name: (list(t.shape), t.dtype) for t in [*art.inputs, *art.outputs]}
     assert shapes["tokens"] == (["B", "N", 64], "float32")
@@ -130,12 +136,14 @@ def test_video_block_graphs_are_exported_with_video_axes(setup):
 
 def test_the_tolerance_bites_on_video(setup):
     """0.1% of the last layer's MLP output added to the residual stream after each block graph that
-    computes it: the parity above must fail."""
+    computes it, and 0.1% on each step graph's model output: the parity above must fail."""
     from soda.generate import generate
 
     engines, ort_b, torch_b, captions, plans = setup
 
     def perturb(block, out):
+        if block.step:
+            return dict(out, out=out["out"] * (1 + 1e-3))
         key = f"out.mlp.{block.last}"
         if key in out and f"cache_out.mlp.{block.last}" not in out:
             out = dict(out, tokens_out=out["tokens_out"] + 1e-3 * out[key])
@@ -145,4 +153,4 @@ def test_the_tolerance_bites_on_video(setup):
     got_rec = Counting(ort_b, perturb)
     got, _ = generate(got_rec, engines.config, engines.sampler, plans["soda"], cond, seed=3)
     ref, _ = generate(torch_b, engines.config, engines.sampler, plans["soda"], cond, seed=3)
-    assert got_rec.calls["block.fff*"] > 0 and _rel_err(got, ref) > REL_TOL
+    assert got_rec.calls["step.fff"] > 0 and _rel_err(got, ref) > REL_TOL
