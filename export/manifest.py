@@ -55,6 +55,9 @@ class Artefact:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     parity_max_abs: float | None
+    # Where the graph's initializers lie in the weights file: (name, offset, length, dtype, shape)
+    # each (export.weights_store); empty in folders made before it (each session then loads its own).
+    initializers: tuple = ()
 
     @property
     def input_names(self) -> list[str]:
@@ -177,8 +180,10 @@ def load_manifest(folder: str | Path, verify: str = "sha256") -> Manifest:
             if a["file"] not in files or files[a["file"]]["sha256"] != a["sha256"]:
                 raise UserError(f"{mpath}: artefact {name} file {a['file']} is not among the hashed files")
             artefacts[name] = Artefact(name, a["file"], a["sha256"], tuple(TensorSpec.from_dict(t) for t in a["inputs"]),
-                                       tuple(TensorSpec.from_dict(t) for t in a["outputs"]), a.get("parity_max_abs"))
-    except (KeyError, TypeError, AttributeError) as e:
+                                       tuple(TensorSpec.from_dict(t) for t in a["outputs"]), a.get("parity_max_abs"),
+                                       tuple((str(n), int(o), int(k), str(d), tuple(int(x) for x in s))
+                                             for n, o, k, d, s in a.get("initializers", ())))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise UserError(f"{mpath} has a malformed artefact entry ({e}); {REEXPORT_HINT}") from None
     for key, sha_key in ((data["weights_file"], "weights_sha256"),):
         if key not in files or files[key]["sha256"] != data[sha_key]:

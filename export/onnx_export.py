@@ -58,6 +58,7 @@ class ExportResult:
     total_bytes: int = 0
     raw_fp32_bytes: int = 0
     trt: dict | None = None
+    manifest_bytes: int = 0  # manifest.json, not in total_bytes (it lists the files it counts)
 
 
 def tool_versions(exporter: str) -> dict:
@@ -223,8 +224,8 @@ def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, 
     with WeightsStore(folder / WEIGHTS_FILE) as store, torch.inference_mode(False), torch.no_grad():
         for spec in tqdm(specs, desc="export", unit="graph", disable=not progress):
             t = time.perf_counter()
-            proto = compact_names(export_graph(spec, config, opset, exporter, gen))
-            store.externalize(proto)
+            proto = compact_names(shared_constants(export_graph(spec, config, opset, exporter, gen)))
+            placed = store.externalize(proto)
             path = folder / spec.file
             onnx.save_model(proto, str(path))
             onnx.checker.check_model(str(path))
@@ -235,7 +236,7 @@ def _export_into(folder: Path, model, weights_id, schedule, sampler_cfg, opset, 
                 "file": spec.file, "sha256": None, "bytes": path.stat().st_size,
                 "inputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in spec.inputs],
                 "outputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in spec.outputs],
-                "parity_max_abs": float(err),
+                "parity_max_abs": float(err), "initializers": placed,
             }
             rows.append(Row(spec.name, spec.file, path.stat().st_size, float(err), time.perf_counter() - t))
         weights_bytes = store.bytes_written
@@ -299,6 +300,37 @@ def compact_names(proto: onnx.ModelProto) -> onnx.ModelProto:
                 names[name] = node.output[i] = f"v{len(names)}"
     for vi in g.value_info:
         vi.name = names.get(vi.name, vi.name)
+    return proto
+
+
+def shared_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """One Constant node per distinct value (in place): the exporter emits a fresh node for every
+    use of 0, 1, an axis list or a LayerNorm's ones, 169 nodes with 19 values in a 4-layer block
+    graph, 1/4 of the graphs' bytes on dit-digits (docs/export.md "Size"). onnxruntime merges them
+    at load anyway (common subexpression elimination), so nothing that runs changes."""
+    g = proto.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return proto
+    graph_outputs = {v.name for v in g.output}
+    first: dict[bytes, str] = {}
+    alias: dict[str, str] = {}
+    kept = []
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = alias.get(name, name)
+        if node.op_type == "Constant" and node.output[0] not in graph_outputs:
+            key = b"".join(a.SerializeToString() for a in node.attribute)
+            if key in first:
+                alias[node.output[0]] = first[key]
+                continue
+            first[key] = node.output[0]
+        kept.append(node)
+    if alias:
+        del g.node[:]
+        g.node.extend(kept)
+        vis = [vi for vi in g.value_info if vi.name not in alias]
+        del g.value_info[:]
+        g.value_info.extend(vis)
     return proto
 
 
@@ -489,7 +521,9 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def _result_from_manifest(out: Path, data: dict, reused: bool, seconds: float) -> ExportResult:
     rows = [Row(n, a["file"], a["bytes"], a["parity_max_abs"], 0.0) for n, a in data["artefacts"].items()]
     total = sum(f["bytes"] for f in data.get("files", {}).values()) if data.get("files") else 0
-    return ExportResult(out, reused, seconds, rows, data["weights_bytes"], total, data["raw_fp32_bytes"], data.get("trt"))
+    manifest = out / MANIFEST
+    return ExportResult(out, reused, seconds, rows, data["weights_bytes"], total, data["raw_fp32_bytes"], data.get("trt"),
+                        manifest.stat().st_size if manifest.is_file() else 0)
 
 
 def summary(res: ExportResult) -> list[str]:
@@ -500,7 +534,8 @@ def summary(res: ExportResult) -> list[str]:
         lines.append(f"{r.name:<16} {r.file:<20} {_size(r.bytes):>10} {r.parity_max_abs:>16.2e} {t:>7}")
     ratio = res.total_bytes / res.raw_fp32_bytes if res.raw_fp32_bytes else float("nan")
     lines.append(f"{'weights':<16} {WEIGHTS_FILE:<20} {_size(res.weights_bytes):>10}")
-    lines.append(f"total on disk {_size(res.total_bytes)} = {ratio:.3f}x the raw fp32 weights ({_size(res.raw_fp32_bytes)}); "
+    lines.append(f"total on disk {_size(res.total_bytes)} = {ratio:.3f}x the raw fp32 weights ({_size(res.raw_fp32_bytes)}), "
+                 f"{MANIFEST} {_size(res.manifest_bytes)} besides; "
                  f"worst parity {max((r.parity_max_abs for r in res.rows), default=0):.2e} (tolerance {PARITY_TOL:g}); "
                  f"{'reused' if res.reused else 'exported'} in {res.seconds:.1f} s -> {res.folder}")
     if res.trt:

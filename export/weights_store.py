@@ -31,13 +31,19 @@ class WeightsStore:
         self.tensors_written = 0
         self.tensors_shared = 0
 
-    def externalize(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """Move every initializer of >= threshold bytes into the shared file (in place)."""
+    def externalize(self, model: onnx.ModelProto) -> list[list]:
+        """Move every initializer of >= threshold bytes into the shared file (in place). Returns
+        where each lies, `[name, offset, length, dtype, shape]` per initializer: the manifest's
+        `initializers` of the graph, from which the runtime hands every session one shared copy
+        (runtime.shared_weights) without reading the graph."""
+        placed = []
         for tensor in model.graph.initializer:
-            data = numpy_helper.to_array(tensor).tobytes()
+            array = numpy_helper.to_array(tensor)
+            data = array.tobytes()
             if len(data) < self.threshold:
                 continue
             offset, length = self._put(tensor.data_type, data)
+            placed.append([tensor.name, offset, length, array.dtype.name, list(array.shape)])
             for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 tensor.ClearField(fld)
             tensor.raw_data = data  # set_external_data insists on raw_data being present
@@ -45,7 +51,7 @@ class WeightsStore:
             tensor.data_location = onnx.TensorProto.EXTERNAL
             tensor.ClearField("raw_data")
         self._file.flush()  # the graph is checked (and run) right after it is saved
-        return model
+        return placed
 
     @property
     def bytes_written(self) -> int:

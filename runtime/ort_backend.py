@@ -19,9 +19,10 @@ from runtime.engines import Engines, GraphBackend
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, no_prepacking: bool = False):
     """Options every session shares: no spinning (torch may share the process and is slowed 3x
-    by spinning ORT threads), full graph optimisation."""
+    by spinning ORT threads), full graph optimisation. no_prepacking: the CPU kernels use the
+    weights where they lie (shared weights, `runtime.shared_weights`) instead of packed copies."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -31,6 +32,8 @@ def session_options(threads: int | None = None):
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    if no_prepacking:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return so
 
 
@@ -83,22 +86,30 @@ class OrtBackend(GraphBackend):
     open on their first call, so only the patterns a schedule uses cost a session."""
 
     def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None, blocks: bool = True,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, share_weights: bool = True):
         """io_binding: None = on for CUDA (device buffers), off for CPU; True on CPU binds numpy
-        buffers the same way (tests drive the binding code with it)."""
+        buffers the same way (tests drive the binding code with it). share_weights: every session
+        reads one copy of weights.bin (`runtime.shared_weights`); False: each loads its own."""
         import onnxruntime as ort
 
         self.engines = engines
         self.modules = engines.modules
         self.num_layers = engines.config.depth
         self._setup_interface()
-        self._options = session_options(threads)
         providers = choose_providers(device)
         self.arrays = CupyArrays() if CUDA in providers else HostArrays()
         if CUDA in providers:  # every session on CuPy's stream: ordered with the loop's kernels, no syncs
             providers = [(CUDA, {"device_id": str(self.arrays.device_id),
                                  "user_compute_stream": str(self.arrays.stream_ptr)}), CPU]
         self._providers = providers
+        # CPU kernels would prepack a private copy of each shared weight per session: not with sharing.
+        self.shared = None
+        if share_weights and any(a.initializers for a in engines.manifest.artefacts.values()):  # older folders: no
+            from runtime.shared_weights import SharedWeights
+
+            self.shared = SharedWeights(engines.folder / engines.manifest.data["weights_file"],
+                                        self.arrays.device_type, self.arrays.device_id)
+        self._options = lambda: session_options(threads, no_prepacking=self.shared is not None and CUDA not in providers)
         self.sessions = {}
         for name in engines.graph_names():
             self.sessions[name] = self._open(name)
@@ -120,8 +131,12 @@ class OrtBackend(GraphBackend):
     def _open(self, name: str):
         import onnxruntime as ort
 
+        path = self.engines.path(name)
+        options = self._options()  # one per session: the shared initializers' names are the graph's own
+        if self.shared is not None:
+            self.shared.add_to(options, self.engines.manifest.artefacts[name].initializers)
         try:
-            return ort.InferenceSession(str(self.engines.path(name)), self._options, providers=self._providers)
+            return ort.InferenceSession(str(path), options, providers=self._providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserError(f"onnxruntime cannot open {self.engines.path(name)}: {str(e).splitlines()[0]}") from None
 
