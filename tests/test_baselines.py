@@ -189,10 +189,13 @@ def test_staleness_counts_steps_since_computed_skips_excluded():
         sel.staleness(1, 0, "mlp")
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "select_many"])
 @pytest.mark.parametrize("dual", [False, True])
-def test_attention_selector_matches_official_selection(dual, one_torch_thread):
+def test_attention_selector_matches_official_selection(dual, batched, one_torch_thread):
     """Drive our selector like the executor does through a whole schedule on 28 layers with
-    random attention maps; every selected token set equals the official code's."""
+    random attention maps; every selected token set equals the official code's. `select_many`:
+    every pruned layer of a step chosen in one call at the step's start, before any layer runs
+    (the executor's `_preselect`), as the official loop chooses them layer by layer."""
     S, n, R = 50, 16, 0.5  # 4x4 tokens, a large R so most partial steps select tokens
     gen = torch.Generator().manual_seed(0)
     maps = {}
@@ -216,6 +219,11 @@ def test_attention_selector_matches_official_selection(dual, one_torch_thread):
         step = S - 1 - s
         if sched.is_skip(s):
             continue
+        early = {}
+        if batched:
+            asks = [(l, "mlp", kept_tokens(parse_action(row[1])[1], n)) for l, row in enumerate(sched.steps[s])
+                    if row[0] != FULL and parse_action(row[1])[0] == "prune"]
+            early = dict(zip((l for l, _, _ in asks), sel.select_many(s, asks, 2, n)))
         for l in range(28):
             attn, mlp = sched.steps[s][l]
             if attn == FULL:
@@ -224,7 +232,7 @@ def test_attention_selector_matches_official_selection(dual, one_torch_thread):
                 continue
             kind, rate = parse_action(mlp)
             if kind == "prune":
-                idx = sel.select(s, l, "mlp", kept_tokens(rate, n), np.zeros((2, n, 1)), None)
+                idx = early.pop(l) if batched else sel.select(s, l, "mlp", kept_tokens(rate, n), np.zeros((2, n, 1)), None)
                 want = np.sort(official[(step, l)][2].numpy(), axis=1)
                 np.testing.assert_array_equal(idx, want, err_msg=f"step {step} layer {l}")
                 sel.observe(s, l, "mlp", idx, np.zeros((2, idx.shape[1], 1)), None)
@@ -232,6 +240,31 @@ def test_attention_selector_matches_official_selection(dual, one_torch_thread):
             elif kind == "full":
                 sel.observe(s, l, "mlp", None, np.zeros((2, n, 1)), None)
     assert compared > 100
+
+
+@pytest.mark.parametrize("name, params", [
+    ("toca-attention", {"interval": 3}),
+    ("toca-attention", {"interval": 4, "bonus_ratio": 0.8, "skip_steps": [2, 5]}),
+    ("duca-random", {"interval": 4, "bonus_ratio": 0.8, "skip_steps": [2, 5], "seed": 3}),
+    ("duca-value-norm", {"interval": 3, "bonus_ratio": 0.0}),
+])
+def test_select_many_equals_select_one_at_a_time(name, params):
+    """A step's choices for several layers in one call are exactly the ones made one by one, each
+    with its own k (every layer with its own staleness and attention)."""
+    rng = np.random.default_rng(0)
+    B, N, L = 3, 64, 5
+    one, many = (make_selector(name, {"selector_params": params}) for _ in range(2))
+    seen = [(rng.random((B, N)), np.sort(rng.permutation(N)[:B * 9].reshape(B, 9), axis=1)) for _ in range(L)]
+    for sel in (one, many):
+        for l, (received, idx) in enumerate(seen):
+            sel.observe(0, l, "attn", None, np.zeros((B, N, 1)), received)
+            sel.observe(0, l, "mlp", None, np.zeros((B, N, 1)), None)
+            sel.observe(1, l, "mlp", idx, np.zeros((B, 9, 1)), None)
+    asks = [(l, "mlp", k) for l, k in zip(range(L), (1, 7, 20, 33, 64))]
+    got = many.select_many(4, asks, B, N)
+    for (l, m, k), idx in zip(asks, got):
+        np.testing.assert_array_equal(idx, one.select(4, l, m, k, np.zeros((B, N, 1)), None))
+        assert idx.shape == (B, k) and idx.dtype == np.int64
 
 
 def test_duca_random_is_deterministic_and_shared_by_rows():

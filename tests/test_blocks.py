@@ -371,7 +371,12 @@ def test_a_selector_without_reads_only_gets_a_layers_first_module_pruned_in_a_gr
     from soda.blocks import Block
     from soda.executor import Executor
 
-    loop = SimpleNamespace(selector=object(), backend=SimpleNamespace(modules=("attn", "mlp")))
+    loop = SimpleNamespace(selector=object(), backend=SimpleNamespace(modules=("attn", "mlp")), _pre={})
     ready = {code: Executor._ready(loop, Block(0, 0, code)) for code in ("pp", "pf", "pr", "fp", "rp")}
     assert ready == {"pp": False, "pf": True, "pr": True, "fp": False, "rp": False}
     assert not Executor._ready(loop, Block(0, 1, "pr"))  # a run of layers: the later layers' choices wait
+    # Choices made at the step's start (Executor._preselect) may feed a run of layers.
+    loop._pre = {(0, 1): None, (1, 1): None}
+    assert Executor._ready(loop, Block(0, 1, "rp"))
+    loop._pre = {(0, 1): None}
+    assert not Executor._ready(loop, Block(0, 1, "rp"))

@@ -1,5 +1,6 @@
 """The stitching loop: full compute equals the model's own forward; FLOPs accounting is exact."""
 import numpy as np
+import pytest
 import torch
 
 from soda.executor import Executor
@@ -120,3 +121,44 @@ def test_non_finite_output_says_at_which_step_and_module(tiny_model, tiny_config
         ex(2, x, t, y)
     with pytest.raises(NonFiniteError, match=r"first in the input latents"):
         ex(2, x * np.float32(np.inf), t, y)
+
+
+class LayerByLayer:
+    """A selector's choices made only when their module runs: no `reads`, no `select_many`."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+
+    def reset(self):
+        self.inner.reset()
+
+    def observe(self, *args):
+        self.inner.observe(*args)
+
+    def select(self, *args):
+        return self.inner.select(*args)
+
+
+@pytest.mark.parametrize("policy", ["toca", "duca", "soda"])
+def test_choices_made_at_the_step_start_equal_the_ones_made_layer_by_layer(tiny_model, tiny_config, policy):
+    """`Executor._preselect` chooses a step's pruned tokens before its layers run (in one
+    `select_many` call where the selector has it): every step's output is bit-identical to
+    choosing each when its module runs."""
+    from soda.selectors import make_selector
+
+    spec = ScheduleSpec.for_model(tiny_config, "ddim", 10)
+    if policy == "soda":  # feature-mean selector (no select_many): the pruned steps of _mixed_schedule
+        sched = _mixed_schedule(tiny_config)
+    else:
+        sched = make_schedule(policy, spec)
+    fm = FlopsModel.for_config(tiny_config)
+    early = Executor(TorchBackend(tiny_model), sched, fm)
+    late = Executor(TorchBackend(tiny_model), sched, fm, selector=LayerByLayer(make_selector(sched.selector, sched.params)))
+    made = []
+    preselect = early._preselect
+    early._preselect = lambda s, tokens: made.append(len(chosen := preselect(s, tokens))) or chosen
+    x, t, y = _inputs(tiny_config)
+    for s in range(sched.num_steps):
+        np.testing.assert_array_equal(early(s, x + 0.1 * s, t, y), late(s, x + 0.1 * s, t, y))
+    assert sum(made) > 0  # choices were made early
+    assert early.flops_done == late.flops_done

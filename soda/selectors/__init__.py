@@ -34,12 +34,25 @@ class TokenSelector(Protocol):
         "tokens" when it reads the values of the tokens passed in. A block graph (`soda.blocks`) covers
         a pruned module only when its choice can be made before the layer runs."""
 
+    # Optional: select_many(s, [(layer, module, k)], B, N) -> [indices], what `select` returns for
+    # each, for choices made at the start of a step (the executor asks it only for modules whose
+    # `reads` allow that); a selector whose choices batch cheaply provides it.
+
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:
     """Per-row indices of the k largest scores (ties to the lower index), sorted ascending."""
-    xp = namespace(score)
-    order = xp.argsort(-score, axis=1, stable=True)[:, :k]
-    return xp.astype(xp.sort(order, axis=1), xp.int64)
+    return sorted_head(top_k_order(score), k)
+
+
+def top_k_order(score: np.ndarray) -> np.ndarray:
+    """Per row, the token indices by decreasing score (ties to the lower index)."""
+    return namespace(score).argsort(-score, axis=1, stable=True)
+
+
+def sorted_head(order: np.ndarray, k: int) -> np.ndarray:
+    """The first k of each row of `top_k_order`, ascending, int64."""
+    xp = namespace(order)
+    return xp.astype(xp.sort(order[:, :k], axis=1), xp.int64)
 
 
 class NoSelector:

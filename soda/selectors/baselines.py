@@ -22,7 +22,7 @@ import zlib
 import numpy as np
 
 from soda.arrays import device, namespace, rows
-from soda.selectors import top_k
+from soda.selectors import sorted_head, top_k_order
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -74,10 +74,18 @@ class _CacheFrequencySelector:
             self.last[key][rows(xp, idx.shape[0], idx), idx] = s
 
     def staleness(self, s: int, layer: int, module: str):
-        if (layer, module) not in self.last:
-            raise ValueError(f"layer {layer} {module}: pruned before any full compute")
-        last = self.last[(layer, module)]
-        xp = namespace(last)
+        return self.stalenesses(s, [(layer, module)])[0]
+
+    def stalenesses(self, s: int, keys):
+        """[R, B, N]: the staleness of each (layer, module) in `keys`, stacked."""
+        for layer, module in keys:
+            if (layer, module) not in self.last:
+                raise ValueError(f"layer {layer} {module}: pruned before any full compute")
+        first = self.last[keys[0]]
+        xp = namespace(first)
+        last = xp.stack([self.last[key] for key in keys]) if len(keys) > 1 else first[None]
+        if not self.skip_steps.size:
+            return s - last - 1
         if self._skips is None:
             self._skips = xp.asarray(self.skip_steps, device=device(last))
         before_s = int(np.searchsorted(self.skip_steps, s, "left"))
@@ -88,12 +96,19 @@ class _CacheFrequencySelector:
         raise NotImplementedError
 
     def score(self, s: int, layer: int, module: str, B: int, N: int):
-        stale = self.staleness(s, layer, module)
+        return self.scores(s, [(layer, module)], B, N)[0]
+
+    def scores(self, s: int, keys, B: int, N: int):
+        """[R, B, N]: the scores of each (layer, module) in `keys`, computed together (the same
+        element-wise arithmetic as one at a time, so the same values)."""
+        stale = self.stalenesses(s, keys)
         xp = namespace(stale)  # float64 on every library (torch would make int * float float32)
-        score = self.base_score(s, layer, module, B, N) + self.staleness_weight * xp.astype(stale, xp.float64) / self.interval
+        bases = [self.base_score(s, layer, module, B, N) for layer, module in keys]
+        base = xp.stack(bases) if len(bases) > 1 else bases[0][None]
+        score = base + self.staleness_weight * xp.astype(stale, xp.float64) / self.interval
         if not self.bonus_ratio:  # off (Open-Sora's ToCa/DuCa): any token layout, square or not
             return score
-        return spatial_bonus(score, self.bonus_ratio, self.grid)
+        return xp.reshape(spatial_bonus(xp.reshape(score, (-1, N)), self.bonus_ratio, self.grid), score.shape)
 
     # Same-layer modules whose computation the base score reads (soda.selectors.TokenSelector.reads);
     # a subclass that does not say is taken to read everything of the layer, tokens included.
@@ -104,7 +119,18 @@ class _CacheFrequencySelector:
 
     def select(self, s, layer, module, k, tokens, cache):
         B, N = tokens.shape[:2]
-        return top_k(self.score(s, layer, module, B, N), k)
+        return self.select_many(s, [(layer, module, k)], B, N)[0]
+
+    def select_many(self, s: int, requests, B: int, N: int) -> list:
+        """`select` for every (layer, module, k) of `requests` at once (one score pipeline and
+        one sort over the stacked rows): what `select` returns for each, in order. Valid before
+        the step's layers run, since the choice reads only the module's own history and its
+        layer's state from earlier steps (`reads`)."""
+        if not requests:
+            return []
+        score = self.scores(s, [(layer, module) for layer, module, _ in requests], B, N)
+        order = top_k_order(namespace(score).reshape(score, (-1, N)))
+        return [sorted_head(order[r * B:(r + 1) * B], k) for r, (_, _, k) in enumerate(requests)]
 
 
 class ToCaAttentionSelector(_CacheFrequencySelector):
@@ -116,17 +142,21 @@ class ToCaAttentionSelector(_CacheFrequencySelector):
     def reset(self) -> None:
         super().reset()
         self.received: dict = {}  # layer -> attention received [B, N], float64
+        self._base: dict = {}  # layer -> its L2-normalised received, made on first use
 
     def observe(self, s, layer, module, idx, D, received) -> None:
         super().observe(s, layer, module, idx, D, received)
         if module == "attn" and idx is None and received is not None:
             xp = namespace(received)
             self.received[layer] = xp.astype(received, xp.float64)
+            self._base.pop(layer, None)
 
     def base_score(self, s, layer, module, B, N):
         if layer not in self.received:
             raise ValueError(f"layer {layer}: no attention map yet (toca-attention needs a full attn compute first)")
-        return l2_normalize(self.received[layer])
+        if layer not in self._base:  # every pruned step until the next full attention reads it
+            self._base[layer] = l2_normalize(self.received[layer])
+        return self._base[layer]
 
 
 class DuCaRandomSelector(_CacheFrequencySelector):
