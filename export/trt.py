@@ -3,9 +3,16 @@
 One engine per graph. A module graph ("attn.{l}", "mlp.{l}") gets one optimization profile
 per token count the schedule runs it with (N and each pruned k, `token_counts` in the
 manifest), all inside the one engine: the runtime picks the profile whose n equals the
-gathered token count. Engines live under `trt/<gpu>/trt-<version>/` in the engines folder,
-so a folder can hold engines for several GPUs and TensorRT versions; a timing cache file in
-that folder makes rebuilds fast. Where `tensorrt` cannot be imported or no GPU is present,
+gathered token count. Block and step graphs (soda.blocks) get engines too (a step graph:
+one profile, like embed). A block graph takes all N tokens and, per pruned module,
+the indices of the k it recomputes (a dynamic axis `n_<module>_<layer>` each): it gets one
+profile per pruned count k < N of the manifest for each such axis (every combination where a
+block prunes several modules), or one profile when it prunes none; a block that prunes while
+the export prunes nothing gets no engine (the runtime runs that pattern module by module).
+TensorRT engines hold their own weights: unlike the onnxruntime sessions (runtime.shared_weights)
+a layer's module and block engines each carry a copy (docs/export.md "TensorRT"). Engines live
+under `trt/<gpu>/trt-<version>/` in the engines folder, so a folder can hold engines for several
+GPUs and TensorRT versions; a timing cache file in that folder makes rebuilds fast. Where `tensorrt` cannot be imported or no GPU is present,
 one line says so and the export stays ONNX only. After a build, `cli.py export` checks every
 engine against its ONNX graph in fp32 on recorded activations (`runtime.engine_check`) and
 refuses engines over the tolerance of their precision.
@@ -75,10 +82,10 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     video = video_axes(ModelConfig.from_dict(manifest["model"]))  # engines are built for the exported video
     engines = {}
     for name, art in manifest["artefacts"].items():
-        if name.startswith(("block.", "step.")):  # block and step graphs (soda.blocks) run on onnxruntime only so far
-            continue
         plan = out / f"{name}.{precision}.plan"
         profiles = _profiles(art, counts, max_batch, max_caption, video)
+        if not profiles:  # a pruned block while the exported schedule prunes nothing: no count to build for
+            continue
         key = {"onnx_sha256": art["sha256"], "precision": precision, "profiles": profiles}
         entry = {"file": str(plan.relative_to(folder)), "precision": precision, "profiles": profiles,
                  "onnx_sha256": art["sha256"]}
@@ -103,23 +110,44 @@ def profile_counts(entry: dict) -> list[int]:
     return [p["n"] for p in entry.get("profiles", []) if p.get("n") is not None]
 
 
+def pruned_axes(art: dict) -> list[str]:
+    """A block graph's dynamic token-count axes, `n_<module>_<layer>`, in input order."""
+    axes = []
+    for t in art["inputs"]:
+        axes += [d for d in t["shape"] if isinstance(d, str) and d.startswith("n_") and d not in axes]
+    return axes
+
+
 def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1, video: dict | None = None
               ) -> list[dict]:
-    """One profile per token count for graphs with a token axis, else one profile.
-    Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch, a caption axis L
-    from 1 to the model's caption length; a video model's size axes fixed at the exported video,
-    so TensorRT engines serve that size only, onnxruntime any)."""
+    """One profile per token count for graphs with a token axis "n"; for a block graph one per
+    combination of pruned counts over its axes `n_<module>_<layer>` ("axes": {axis: k}); else
+    one profile. Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch, a caption
+    axis L from 1 to the model's caption length; a video model's size axes fixed at the exported
+    video, so TensorRT engines serve that size only, onnxruntime any). Empty: a pruned block with
+    no pruned count to build for."""
+    import itertools
+
     video = video or {}
     has_n = any("n" in t["shape"] for t in art["inputs"])
+    axes = pruned_axes(art)
+    if axes:
+        tokens = next(t["shape"] for t in art["inputs"] if t["name"] == "tokens")
+        N = video.get(tokens[1], tokens[1])  # a video block's "N": the exported video's
+        pruned = [k for k in counts if k < N]  # a block takes all N tokens; its modules prune to k < N
+        combos = [dict(zip(axes, ks)) for ks in itertools.product(pruned, repeat=len(axes))]
+    else:
+        combos = [{}]
     out = []
     for n in (counts if has_n else [None]):
-        shapes = {}
-        for t in art["inputs"]:
-            lo = [1 if d in ("B", "L") else n if d == "n" else video.get(d, d) for d in t["shape"]]
-            opt = [max_batch if d == "B" else max_caption if d == "L" else n if d == "n" else video.get(d, d)
-                   for d in t["shape"]]
-            shapes[t["name"]] = [lo, opt, opt]
-        out.append({"n": n, "shapes": shapes})
+        for fixed in combos:
+            sizes = {**video, **fixed, "n": n}
+            shapes = {}
+            for t in art["inputs"]:
+                lo = [1 if d in ("B", "L") else sizes.get(d, d) for d in t["shape"]]
+                opt = [max_batch if d == "B" else max_caption if d == "L" else sizes.get(d, d) for d in t["shape"]]
+                shapes[t["name"]] = [lo, opt, opt]
+            out.append({"n": n, **({"axes": fixed} if fixed else {}), "shapes": shapes})
     return out
 
 

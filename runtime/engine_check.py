@@ -5,7 +5,11 @@ graph really sees in sampling -- recorded from a short generation with the expor
 in onnxruntime fp32 on the CPU (one label with CFG, the exported sampler at `steps` steps, the
 middle step kept) -- and its outputs are compared with onnxruntime's on the same inputs.
 Module graphs are also checked at every token count their engine has a profile for, on the
-first n of the recorded tokens (the subset pruning would gather). The error of a graph is
+first n of the recorded tokens (the subset pruning would gather). Block and step graphs are fed
+what the same step gives their modules: the recorded tokens entering the first layer and the
+step's conditioning (a step graph: the step's latents, timesteps and labels or caption), each
+given D and each pruned module's cache computed by that module's graph on its recorded inputs,
+and k spread token indices for every profile's pruned count k. The error of a graph is
 max |engine - onnx| / max |onnx| over its outputs and inputs; an engine above the tolerance
 of its precision is refused.
 
@@ -33,7 +37,7 @@ def record_activations(folder: str | Path, steps: int = 3, label: int = 0, seed:
     from soda.sampling import Conditioning
 
     engines = open_engines(folder, verify="size")
-    backend = OrtBackend(engines, device="cpu", blocks=False)  # every per-module graph, as TrtBackend runs them
+    backend = OrtBackend(engines, device="cpu", blocks=False)  # every per-module graph (block graphs: block_cases)
     sampler = engines.sampler_with(steps=steps)
     schedule = resolve_schedule(engines, sampler, "full")
     records: dict[str, tuple] = {}
@@ -77,6 +81,60 @@ def token_subsets(name: str, inputs: tuple, input_names: tuple[str, ...], counts
     return out
 
 
+def block_cases(engines, records: dict[str, tuple], reference: Runner, profiles: Callable[[str], list[dict]]
+                ) -> dict[str, list[tuple]]:
+    """{block graph: its inputs, one tuple per engine profile} assembled from the recorded module
+    inputs of the same step (see module doc); blocks whose layers were not recorded are left out."""
+    from runtime.trt_backend import axis_positions
+    from soda.blocks import COMPUTE, COMPUTED_ONLY, GIVEN, PRUNED, context_name
+
+    iface = engines.interface
+    specs = {m.name: m for m in iface.modules}
+    computed: dict[str, np.ndarray] = {}
+
+    def module_D(key: str) -> np.ndarray:
+        if key not in computed:
+            computed[key] = np.asarray(reference(key, records[key])[0])
+        return computed[key]
+
+    def module_input(key: str, name: str):
+        return records[key][engines.io(key)[0].index(name)]
+
+    cases = {}
+    for block in engines.block_graphs():
+        keys = [f"{m.name}.{l}" for l in block.layers for m in iface.modules]
+        keys.append("embed" if block.step else f"modulation.{block.first}")
+        if not all(k in records for k in keys):
+            continue
+        if block.step:  # a whole step: the step's latents, timesteps and conditioning
+            given = dict(zip(engines.io("embed")[0], records["embed"]))
+        else:  # the tokens entering the first layer, the step's entries its modulation reads
+            given = {"tokens": module_input(f"{iface.modules[0].name}.{block.first}", "tokens")}
+            given.update(zip(engines.io(f"modulation.{block.first}")[0], records[f"modulation.{block.first}"]))
+        B, N = module_input(f"{iface.modules[0].name}.{block.first}", "tokens").shape[:2]
+        for l in block.layers:
+            for m, c in zip(iface.modules, block.code):
+                key = f"{m.name}.{l}"
+                if c == GIVEN:
+                    given[f"D.{key}"] = module_D(key)
+                elif c == PRUNED:
+                    given[f"cache.{key}"] = module_D(key)
+                if c in (COMPUTE, COMPUTED_ONLY, PRUNED):
+                    for n in specs[m.name].context:
+                        given[context_name(iface, n, l)] = module_input(key, n)
+        ins, _ = engines.io(block.name)
+        axes = axis_positions(engines.manifest.artefacts[block.name].inputs)  # {n_<module>_<layer>: (idx input, dim)}
+        feeds = []
+        for p in profiles(block.name):
+            feed = dict(given)
+            for axis, (name, _) in axes.items():
+                k = p["axes"][axis]
+                feed[name] = np.tile(np.arange(k, dtype=np.int64) * N // k, (B, 1))  # k distinct tokens, spread
+            feeds.append(tuple(feed[name] for name in ins))
+        cases[block.name] = feeds
+    return cases
+
+
 def relative_error(got: list, want: list) -> float:
     """max over outputs of max |got - want| / max |want| (inf where shapes differ or non-finite)."""
     worst = 0.0
@@ -91,13 +149,15 @@ def relative_error(got: list, want: list) -> float:
 
 
 def compare(records: dict[str, tuple], io: Callable[[str], tuple], counts: Callable[[str], list[int]],
-            reference: Runner, candidate: Runner) -> dict[str, float]:
-    """{graph: worst relative error of `candidate` against `reference`} on the recorded inputs."""
+            reference: Runner, candidate: Runner, blocks: dict[str, list[tuple]] | None = None) -> dict[str, float]:
+    """{graph: worst relative error of `candidate` against `reference`} on the recorded inputs
+    (and on `blocks`, {block graph: its input tuples}, from `block_cases`)."""
     errors = {}
-    for name, inputs in records.items():
+    cases = {name: token_subsets(name, inputs, io(name)[0], counts(name)) for name, inputs in records.items()}
+    for name, feeds in {**cases, **(blocks or {})}.items():
         ins, outs = io(name)
         worst = 0.0
-        for feed in token_subsets(name, inputs, ins, counts(name)):
+        for feed in feeds:
             want = reference(name, feed)[:len(outs)]
             got = [np.asarray(g) for g in candidate(name, feed)[:len(outs)]]
             worst = max(worst, relative_error(got, want))
@@ -126,7 +186,11 @@ def check_trt_engines(folder: str | Path, section: dict, precision: str, toleran
          f"(tolerance {tol:g} of each output's max) ...")
     records = record_activations(folder)
     engines = open_engines(folder, verify="size")
-    reference = OrtBackend(engines, device="cpu", blocks=False)
+    reference = OrtBackend(engines, device="cpu")  # block graphs too: they are checked like the rest
+    built = section["engines"]
+    blocks = {name: feeds for name, feeds in
+              block_cases(engines, records, reference._run, lambda name: built.get(name, {}).get("profiles", [])).items()
+              if name in built}
     arrays = CupyArrays()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     loaded = {}
@@ -134,19 +198,20 @@ def check_trt_engines(folder: str | Path, section: dict, precision: str, toleran
     def candidate(name, inputs):
         if name not in loaded:
             entry = section["engines"][name]
-            e = loaded[name] = TrtEngine(trt, runtime, folder / entry["file"], entry["profiles"], arrays)
+            e = loaded[name] = TrtEngine(trt, runtime, folder / entry["file"], entry["profiles"], arrays,
+                                         engines.manifest.artefacts[name].inputs)
             e.scratch = arrays.empty((max(e.scratch_bytes, 1),), np.uint8)
             e.use_scratch(arrays.ptr(e.scratch), e.scratch_bytes)
         ins, outs = engines.io(name)
         return [to_numpy(o) for o in loaded[name](dict(zip(ins, inputs)), outs)]
 
     errors = compare(records, engines.io, lambda name: profile_counts(section["engines"][name]),
-                     reference._run, candidate)
+                     reference._run, candidate, blocks)
     section = {**section, "check": {"reference": "onnxruntime fp32 (CPU)", "activations": "recorded, middle step of "
-                                    "a 3-step generation, 1 label with CFG", "tolerance": tol,
+                                    "a 3-step generation, 1 label with CFG (block graphs: assembled from the "
+                                    "same step's module inputs, every profile)", "tolerance": tol,
                                     "worst": max(errors.values()),
-                                    "unchecked": sorted(set(section["engines"]) - set(errors))}}  # block graphs:
-    # TrtBackend runs module by module, so only the graphs it calls are recorded and checked
+                                    "unchecked": sorted(set(section["engines"]) - set(errors))}}
     section["engines"] = {name: {**e, "max_rel_err": errors.get(name)} for name, e in section["engines"].items()}
     bad = {n: e for n, e in errors.items() if not e <= tol}
     if bad:

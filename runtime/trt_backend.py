@@ -11,7 +11,10 @@ use. There is no synchronise per call: the host waits only for the model output 
 reads (`runtime.device` explains why one stream makes that safe). Module engines hold one
 optimization profile per token count (`export/trt.py`: N and each pruned k of the exported
 schedule); a schedule that needs a count no profile covers is refused before sampling
-starts (`check_schedule`).
+starts (`check_schedule`). Block graphs (soda.blocks) run from their engines too, `block(...)`
+as on onnxruntime: their profile is chosen by the index count of each pruned module (axes
+`n_<module>_<layer>`); their engines are deserialized on first call (only the patterns a
+schedule uses take device memory), growing the shared scratch area when one needs more.
 
 Needs TensorRT, CuPy and a GPU, and engines built by `cli.py export --trt`.
 """
@@ -30,12 +33,49 @@ def _device_memory_size(engine) -> int:
     return int(engine.device_memory_size if size is None else size)
 
 
-class TrtEngine:
-    """One deserialized engine and its execution context (user-managed scratch memory)."""
+def profile_key(profile: dict):
+    """What selects a profile: its token count n (module graphs), or its pruned counts per axis
+    (block graphs), or None (one profile)."""
+    axes = profile.get("axes")
+    return tuple(sorted(axes.items())) if axes else profile.get("n")
 
-    def __init__(self, trt, runtime, path, profiles: list[dict], arrays: CupyArrays):
+
+def axis_positions(specs) -> dict[str, tuple[str, int]]:
+    """{pruned axis `n_<module>_<layer>`: (input name, dim)} of a block graph's input specs."""
+    out: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        for i, d in enumerate(spec.shape):
+            if isinstance(d, str) and d.startswith("n_"):
+                out.setdefault(d, (spec.name, i))
+    return out
+
+
+def select_profile(profile_by_key: dict, feeds: dict, axes: dict[str, tuple[str, int]]) -> int | None:
+    """Index of the profile for these inputs (None: the engine has only one). Module graphs by
+    their tokens' count, block graphs by each pruned module's index count."""
+    if None in profile_by_key:
+        return None
+    if axes:
+        key = tuple(sorted((axis, int(feeds[name].shape[dim])) for axis, (name, dim) in axes.items()))
+        what = ", ".join(f"{a}={k}" for a, k in key)
+    else:
+        key = int(feeds["tokens"].shape[1])
+        what = f"{key} tokens"
+    if key not in profile_by_key:
+        built = sorted(profile_by_key)
+        raise UserError(f"no TensorRT profile for {what} (built for {built})")
+    return profile_by_key[key]
+
+
+class TrtEngine:
+    """One deserialized engine and its execution context (user-managed scratch memory).
+    `specs`: the graph's input specs from the manifest (a block graph's pruned axes are read there)."""
+
+    def __init__(self, trt, runtime, path, profiles: list[dict], arrays: CupyArrays, specs=()):
         self.trt, self.arrays = trt, arrays
-        self.profile_by_n = {p.get("n"): i for i, p in enumerate(profiles)}
+        self.profile_by_key = {profile_key(p): i for i, p in enumerate(profiles)}
+        self.profile_by_n = {p.get("n"): i for i, p in enumerate(profiles) if not p.get("axes")}
+        self.axes = axis_positions(specs)
         self.active_profile = 0
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
@@ -57,13 +97,10 @@ class TrtEngine:
     def __call__(self, feeds: dict, wanted: tuple[str, ...]) -> list:
         """Queue one run on the stream; returns the output arrays (filled when the stream gets there)."""
         arrays, stream = self.arrays, self.arrays.stream_ptr
-        if "tokens" in feeds and None not in self.profile_by_n:
-            n = feeds["tokens"].shape[1]
-            if n not in self.profile_by_n:
-                raise UserError(f"no TensorRT profile for {n} tokens (built for {sorted(self.profile_by_n)})")
-            if self.profile_by_n[n] != self.active_profile:
-                self.context.set_optimization_profile_async(self.profile_by_n[n], stream)
-                self.active_profile = self.profile_by_n[n]
+        index = select_profile(self.profile_by_key, feeds, self.axes) if ("tokens" in feeds or self.axes) else None
+        if index is not None and index != self.active_profile:
+            self.context.set_optimization_profile_async(index, stream)
+            self.active_profile = index
         fed = {}
         for name in self.inputs:
             a = fed[name] = arrays.put(feeds[name], self.dtypes[name])  # the loop's array itself when it fits
@@ -81,7 +118,8 @@ class TrtEngine:
 class TrtBackend(GraphBackend):
     """The executor's Backend over the TensorRT engines listed in the manifest's "trt" entry."""
 
-    def __init__(self, engines: Engines):
+    def __init__(self, engines: Engines, blocks: bool = True):
+        """blocks=False: module by module even where block engines exist."""
         try:
             import tensorrt as trt
         except ImportError:
@@ -105,15 +143,15 @@ class TrtBackend(GraphBackend):
         self.num_layers = engines.config.depth
         self._setup_interface()
         self.arrays = CupyArrays()  # the loop's arrays and the one stream every engine runs on
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._io = {name: engines.io(name) for name in engines.graph_names()}
+        self._trt, self._runtime, self._built = trt, trt.Runtime(trt.Logger(trt.Logger.WARNING)), built
+        # Block graphs with an engine (export/trt.py builds one for every block it has a count for).
+        self.blocks = tuple(b for b in engines.block_graphs() if b.name in built["engines"]) if blocks else ()
+        self._io = {name: engines.io(name) for name in [*engines.graph_names(), *(b.name for b in self.blocks)]}
         self._engines = {}
         for name in engines.graph_names():
-            entry = built["engines"].get(name)
-            if entry is None:
+            if name not in built["engines"]:
                 raise UserError(f"{engines.folder} has no TensorRT engine for {name}; rebuild with `cli.py export --trt`")
-            self._engines[name] = TrtEngine(trt, runtime, engines.folder / entry["file"],
-                                            entry.get("profiles", [{"n": None}]), self.arrays)
+            self._engines[name] = self._load(name)
         # One scratch area for all contexts, sized to the largest: they never run concurrently.
         self.scratch_bytes = max(e.scratch_bytes for e in self._engines.values())
         self._scratch = self.arrays.empty((max(self.scratch_bytes, 1),), np.uint8)
@@ -121,6 +159,28 @@ class TrtBackend(GraphBackend):
             e.use_scratch(self.arrays.ptr(self._scratch), self.scratch_bytes)
         self.token_counts = sorted({n for e in self._engines.values() for n in e.profile_by_n if n is not None})
         self.precision = built.get("precision", "?")
+
+    def _load(self, name: str) -> TrtEngine:
+        entry = self._built["engines"][name]
+        return TrtEngine(self._trt, self._runtime, self.engines.folder / entry["file"],
+                         entry.get("profiles", [{"n": None}]), self.arrays, self.engines.manifest.artefacts[name].inputs)
+
+    def _engine(self, name: str) -> TrtEngine:
+        """The engine of `name`; a block graph's is deserialized on its first call. A context that
+        needs more scratch than the shared area gets a larger one, and every context moves to it
+        (all run in order on one stream, so the old area is free once the queued work is done,
+        which CuPy's stream-ordered pool guarantees)."""
+        engine = self._engines.get(name)
+        if engine is None:
+            engine = self._engines[name] = self._load(name)
+            if engine.scratch_bytes > self.scratch_bytes:
+                self.scratch_bytes = engine.scratch_bytes
+                self._scratch = self.arrays.empty((self.scratch_bytes,), np.uint8)
+                for e in self._engines.values():
+                    e.use_scratch(self.arrays.ptr(self._scratch), self.scratch_bytes)
+            else:
+                engine.use_scratch(self.arrays.ptr(self._scratch), self.scratch_bytes)
+        return engine
 
     def describe(self) -> str:
         return f"TensorRT {self.version} ({self.precision})"
@@ -138,7 +198,7 @@ class TrtBackend(GraphBackend):
 
     def _run(self, name: str, inputs: tuple) -> list:
         ins, outs = self._io[name]
-        return self._engines[name](dict(zip(ins, inputs)), outs)
+        return self._engine(name)(dict(zip(ins, inputs)), outs)
 
     def close(self) -> None:
         """Wait for queued work, then drop the engines and their scratch area."""

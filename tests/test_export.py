@@ -426,3 +426,64 @@ def test_shared_constants_keep_one_node_per_value(exported):
         values = [n.attribute[0].SerializeToString() for n in g.node if n.op_type == "Constant"]
         assert len(values) == len(set(values)), path.name
 
+
+
+def test_trt_block_profiles_one_per_pruned_count(exported):
+    """A block graph takes all N tokens; a pruned module's index count k is its own axis: one
+    profile per pruned count (every combination when a block prunes two modules), none to build
+    when the export prunes nothing."""
+    from export.trt import _profiles, pruned_axes
+
+    m = load_manifest(exported[0])
+    arts = m.data["artefacts"]
+    rp = arts["block.1.rp"]
+    assert pruned_axes(rp) == ["n_mlp_1"] and m.token_counts == [16, 8, 4]
+    profs = _profiles(rp, m.token_counts, max_batch=8)
+    assert [(p["n"], p["axes"]) for p in profs] == [(None, {"n_mlp_1": 8}), (None, {"n_mlp_1": 4})]
+    assert profs[1]["shapes"]["idx.mlp.1"] == [[1, 4], [8, 4], [8, 4]]
+    assert profs[1]["shapes"]["tokens"] == profs[1]["shapes"]["cache.mlp.1"] == [[1, 16, 32], [8, 16, 32], [8, 16, 32]]
+    whole = _profiles(arts["step.0-1.rr"], m.token_counts, 8)  # a whole step: one profile
+    assert len(whole) == 1 and "axes" not in whole[0] and whole[0]["n"] is None
+    assert whole[0]["shapes"]["x"] == [[1, 4, 8, 8], [8, 4, 8, 8], [8, 4, 8, 8]]
+    assert _profiles(rp, [16], 8) == []  # a full-only export: no pruned count, no engine
+    pp = {"inputs": [{"name": "tokens", "shape": ["B", 16, 32]}, {"name": "idx.attn.0", "shape": ["B", "n_attn_0"]},
+                     {"name": "idx.mlp.0", "shape": ["B", "n_mlp_0"]}]}
+    assert [p["axes"] for p in _profiles(pp, [16, 8, 4], 2)] == [
+        {"n_attn_0": a, "n_mlp_0": b} for a in (8, 4) for b in (8, 4)]
+    video = {"inputs": [{"name": "tokens", "shape": ["B", "N", 32]}, {"name": "idx.mlp.0", "shape": ["B", "n_mlp_0"]}]}
+    assert [p["axes"]["n_mlp_0"] for p in _profiles(video, [24, 12, 6], 2, video={"N": 24})] == [12, 6]
+
+
+def test_trt_manifest_lists_block_engines(exported, tmp_path, monkeypatch):
+    """build_engines' bookkeeping without TensorRT (the build itself stubbed): every block graph
+    with a count to build for gets an engine entry with its profiles, next to the module engines."""
+    import export.trt as trt_mod
+
+    class FakeTrt:
+        __version__ = "10.0.0"
+
+        class Logger:
+            WARNING = 0
+
+            def __init__(self, level):
+                pass
+
+        @staticmethod
+        def Builder(logger):
+            return None
+
+    built = []
+    monkeypatch.setattr(trt_mod, "availability", lambda: (FakeTrt, "Fake GPU", ""))
+    monkeypatch.setattr(trt_mod, "_build_one", lambda trt, b, lg, path, profiles, *a: built.append(path.name) or b"plan")
+    out = _copy(exported, tmp_path)
+    data = load_manifest(out).data
+    section = trt_mod.build_engines(out, data, "fp16", max_batch=4, echo=lambda s: None)
+    assert set(section["engines"]) == set(data["artefacts"]) and len(built) == len(data["artefacts"])
+    rp = section["engines"]["block.0.rp"]
+    assert [p["axes"] for p in rp["profiles"]] == [{"n_mlp_0": 8}, {"n_mlp_0": 4}]
+    assert rp["file"].endswith("block.0.rp.fp16.plan") and (out / rp["file"]).read_bytes() == b"plan"
+    assert len(section["engines"]["attn.0"]["profiles"]) == 3
+    # A full-only export: the pruned block patterns get no engine (the runtime runs them module by module).
+    data = dict(data, token_counts=[16])
+    section = trt_mod.build_engines(out, data, "fp16", max_batch=4, echo=lambda s: None)
+    assert "block.0.rp" not in section["engines"] and "block.0.ff" in section["engines"]

@@ -546,9 +546,14 @@ def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
     engines = open_engines(tmp_path / "e")
     schedule = resolve_schedule(engines, engines.sampler, None)
     ys = np.array([1, 7])
-    got, _ = generate(TrtBackend(engines), engines.config, engines.sampler, schedule, ys, 3)
+    trt_b = TrtBackend(engines)
+    assert trt_b.blocks and not engines.manifest.trt["check"]["unchecked"]  # block and step engines, all checked
+    got, _ = generate(trt_b, engines.config, engines.sampler, schedule, ys, 3)
+    assert any(name.startswith(("block.", "step.")) for name in trt_b._engines)  # loaded on their first call
     ref, _ = generate(OrtBackend(engines), engines.config, engines.sampler, schedule, ys, 3)
     assert _rel_err(got, ref) <= 1e-3  # TF32 may be on in fp32 engines
+    per_module, _ = generate(TrtBackend(engines, blocks=False), engines.config, engines.sampler, schedule, ys, 3)
+    assert _rel_err(per_module, ref) <= 1e-3
 
 
 # --- the benchmark's measuring function (numbers themselves: docs/runtime.md) -----------------
@@ -600,3 +605,64 @@ def test_bench_names_the_model_when_image_engines_meet_a_video_model(tiny_engine
     video_model = SimpleNamespace(video=(64, 64, 17, 24.0), config=SimpleNamespace(name="opensora-tiny"))
     with pytest.raises(UserError, match="was exported from .*, not opensora-tiny"):
         backend_for("ort", video_model, engines_dir=str(tiny_engines))
+
+
+def test_trt_profile_choice_for_module_and_block_engines(tiny_engines):
+    """TrtEngine's profile choice (pure Python, tested without TensorRT): a module engine by its
+    tokens' count, a block engine by each pruned module's index count; a count without a profile
+    is one clear error."""
+    from export.trt import _profiles
+    from runtime.engines import open_engines
+    from runtime.trt_backend import axis_positions, profile_key, select_profile
+
+    m = open_engines(tiny_engines).manifest
+    counts = m.token_counts
+    assert len(counts) > 1
+    rp = next(b for b in m.data["blocks"]["graphs"] if b.endswith(".rp"))
+    profs = _profiles(m.data["artefacts"][rp], counts, 4)
+    keys = {profile_key(p): i for i, p in enumerate(profs)}
+    axes = axis_positions(m.artefacts[rp].inputs)
+    layer = rp.split(".")[1]
+    assert axes == {f"n_mlp_{layer}": (f"idx.mlp.{layer}", 1)}
+    for i, k in enumerate(counts[1:]):
+        assert select_profile(keys, {f"idx.mlp.{layer}": np.zeros((2, k), np.int64)}, axes) == i
+    with pytest.raises(UserError, match=f"no TensorRT profile for n_mlp_{layer}=5 "):
+        select_profile(keys, {f"idx.mlp.{layer}": np.zeros((2, 5), np.int64)}, axes)
+    attn = {profile_key(p): i for i, p in enumerate(_profiles(m.data["artefacts"]["attn.0"], counts, 4))}
+    assert select_profile(attn, {"tokens": np.zeros((2, counts[-1], 32), np.float32)}, {}) == len(counts) - 1
+    with pytest.raises(UserError, match="no TensorRT profile for 5 tokens"):
+        select_profile(attn, {"tokens": np.zeros((2, 5, 32), np.float32)}, {})
+    one = {profile_key(p): i for i, p in enumerate(_profiles(m.data["artefacts"]["step.0-1.ff"], counts, 4))}
+    assert select_profile(one, {"x": np.zeros((2, 4, 8, 8), np.float32)}, {}) is None
+
+
+def test_engine_check_feeds_block_graphs_at_every_profile(tiny_engines, tiny_backends):
+    """Block graphs are checked on inputs assembled from the recorded step (tokens, conditioning,
+    D and caches from the module graphs, k spread distinct indices per profile): an exact
+    candidate measures 0 on every block, one 1% off on one block measures 1% there only."""
+    from export.trt import _profiles
+    from runtime.engine_check import block_cases, compare, record_activations
+    from runtime.ort_backend import OrtBackend
+
+    engines, _, _ = tiny_backends
+    plain = OrtBackend(engines, device="cpu", threads=1)
+    records = record_activations(tiny_engines)
+    arts = engines.manifest.data["artefacts"]
+    profiles = lambda name: _profiles(arts[name], engines.manifest.token_counts, 4)  # noqa: E731
+    cases = block_cases(engines, records, plain._run, profiles)
+    assert set(cases) == {b.name for b in engines.block_graphs()}
+    rp = next(n for n in cases if n.endswith(".rp"))
+    layer = rp.split(".")[1]
+    ins = engines.io(rp)[0]
+    fed = [feed[ins.index(f"idx.mlp.{layer}")] for feed in cases[rp]]
+    assert [f.shape[1] for f in fed] == engines.manifest.token_counts[1:]
+    assert all(len(np.unique(row)) == len(row) and row.max() < 16 for f in fed for row in f)
+    D = plain._run(f"mlp.{layer}", records[f"mlp.{layer}"])[0]
+    np.testing.assert_array_equal(cases[rp][0][ins.index(f"cache.mlp.{layer}")], D)
+    np.testing.assert_array_equal(cases[rp][0][0], records[f"attn.{layer}"][0])  # the tokens entering the layer
+    counts = lambda name: []  # noqa: E731 (module graphs at their recorded count only, here)
+    exact = compare({}, engines.io, counts, plain._run, plain._run, cases)
+    assert set(exact) == set(cases) and max(exact.values()) == 0.0
+    off = compare({}, engines.io, counts, plain._run,
+                  lambda name, feed: [o * (1.01 if name == rp else 1.0) for o in plain._run(name, feed)], cases)
+    assert off[rp] == pytest.approx(0.01, rel=1e-3) and max(v for n, v in off.items() if n != rp) == 0.0
