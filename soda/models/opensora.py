@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from soda.errors import UserError
+from soda.models.caption_attention import CaptionAttentionProjections, entropy_term
 from soda.models.config import REGISTRY, ModelConfig, get_config
 from soda.models.video import (DEFAULT_VIDEO, IMG_FPS, INPUT_SQ_SIZE, OFFICIAL_VIDEO, latent_frames,  # noqa: F401
                                resolve_video, video_config)
@@ -119,18 +120,10 @@ class Attention(nn.Module):
         return out, (1 - torch.linalg.vector_norm(v, dim=-1)).sum(dim=1)
 
 
-class MultiHeadCrossAttention(nn.Module):
+class MultiHeadCrossAttention(CaptionAttentionProjections):
     """Image tokens attend to their own sample's caption tokens (key-padding mask per sample; the
     official code packs the valid tokens of all samples into one block-diagonal sequence, the same
     attention). K/V depend on the caption only, so `kv` runs once per generation."""
-
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
-        self.q_linear = nn.Linear(d_model, d_model)
-        self.kv_linear = nn.Linear(d_model, d_model * 2)
-        self.proj = nn.Linear(d_model, d_model)
 
     def kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption tokens [B, L, D] -> K, V each [B, heads, L, d]."""
@@ -153,8 +146,7 @@ class MultiHeadCrossAttention(nn.Module):
         out = self.proj((attn @ v).transpose(1, 2).reshape(B, n, C))
         if not return_entropy:
             return out
-        half = 0.5 * attn.mean(dim=1)
-        return out, -(half * torch.log(half + 1e-7)).sum(dim=-1)
+        return out, entropy_term(attn)
 
 
 class Mlp(nn.Module):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from soda.errors import UserError
+from soda.models.caption_attention import CaptionAttentionProjections, entropy_term
 from soda.models.config import ModelConfig
 from soda.models.dit import Attention, Mlp, PatchEmbed, TimestepEmbedder
 
@@ -68,18 +69,10 @@ class CaptionEmbedder(nn.Module):
         return torch.where(drop_ids[:, None, None], null[None], caption)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(CaptionAttentionProjections):
     """MultiHeadCrossAttention: queries from the image tokens, keys/values from the caption.
 
     `kv(y)` is what `prepare` caches per layer; `forward` takes the cached K/V."""
-
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = d_model // num_heads
-        self.q_linear = nn.Linear(d_model, d_model)
-        self.kv_linear = nn.Linear(d_model, d_model * 2)
-        self.proj = nn.Linear(d_model, d_model)
 
     def kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected caption [B, L, D] -> K, V, each [B, L, D]."""
@@ -101,8 +94,7 @@ class CrossAttention(nn.Module):
         out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
         if not return_entropy:
             return out
-        half = 0.5 * attn.mean(dim=1)
-        return out, -(half * torch.log(half + 1e-7)).sum(dim=-1)
+        return out, entropy_term(attn)
 
 
 class PixArtBlock(nn.Module):
