@@ -176,7 +176,11 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
     """The schedule `run` executes: a file, a baseline made here without torch, or the exported one.
 
     `--policy soda` (and no policy at all) means the schedule exported with the engines: SODA
-    needs a sensitivity profile from the torch model, so it is fixed at export time.
+    needs a sensitivity profile from the torch model, so it is fixed at export time. The exported
+    schedule runs as it is at the exported sampler, steps and video; asked for others (`--steps`,
+    `--sampler`, a video's size), an exported baseline is remade there from its policy and target
+    speedup (as `sample` would make it), and an exported SODA plan is refused in one line (it was
+    planned from a profile of the exported sampler and video).
     """
     from soda.policies import PROFILED, ScheduleSpec
 
@@ -195,16 +199,19 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
         if speedup is not None:
             raise UserError("--speedup does not apply to the exported schedule (SODA's is fixed at export); "
                             "re-export with `cli.py export --speedup X`")
+        same_sampler = (schedule.sampler, schedule.num_steps) == (sampler.kind, sampler.steps)
         if not engines.exported_video and schedule.policy in PROFILED:
             h, w, f, _ = engines.manifest.sampler["video"]
             raise UserError(f"{engines.folder}'s {schedule.policy} schedule was planned from a profile of the exported "
                             f"video ({h}x{w}, {f} frames); at another size give --policy full, fora, toca, duca or "
                             "taylorseer, or --schedule FILE made for that size (`cli.py profile` and `schedule`)")
-        if not engines.exported_video:  # a baseline needs no profile: its policy and target, at this video size
-            from soda.policies import baseline_schedule
-
-            spec = ScheduleSpec.for_model(config, sampler.kind, sampler.steps, engines.modules)
-            schedule = baseline_schedule(schedule.policy, spec, config, schedule.params.get("target_speedup"))
+        if not same_sampler and schedule.policy in PROFILED:
+            raise UserError(f"{engines.folder}'s {schedule.policy} schedule was planned for {schedule.sampler}-"
+                            f"{schedule.num_steps} (from a profile of that sampler), not {sampler.kind}-{sampler.steps}; "
+                            f"re-export with `cli.py export --steps {sampler.steps}`, or give --policy full, fora, toca, "
+                            "duca or taylorseer, or --schedule FILE made for it (`cli.py profile` and `schedule`)")
+        if not (engines.exported_video and same_sampler):
+            schedule = _remade_baseline(engines, schedule, sampler)
     else:
         from soda.policies import baseline_schedule
 
@@ -215,6 +222,27 @@ def resolve_schedule(engines: Engines, sampler: SamplerConfig, policy: str | Non
         raise UserError(f"schedule is for {schedule.num_layers} layers x {schedule.modules}, the engines have "
                         f"{config.depth} x {list(engines.modules)}")
     return schedule
+
+
+def _remade_baseline(engines: Engines, schedule: Schedule, sampler: SamplerConfig) -> Schedule:
+    """The exported baseline's policy and target speedup, made for `sampler` at the engines' video
+    (a baseline needs no profile). Only a schedule that is that policy's at that target (remade at
+    the exported sampler and video it is the same) is remade: a --schedule file or tuned setting
+    exported under a baseline's name would silently become another schedule, so it is refused."""
+    from soda.policies import ScheduleSpec, baseline_schedule
+
+    target = schedule.params.get("target_speedup")
+    exported = ModelConfig.from_dict(engines.manifest.model)
+    again = baseline_schedule(schedule.policy, ScheduleSpec.for_model(exported, schedule.sampler, schedule.num_steps,
+                                                                      engines.modules), exported, target)
+    if again.hash() != schedule.hash():
+        raise UserError(f"{engines.folder}'s exported {schedule.policy} schedule is not {schedule.policy}'s own "
+                        f"setting{f' at {target:g}x' if target else ''} (a --schedule file or a tuned one?), so it "
+                        f"cannot be remade for {sampler.kind}-{sampler.steps} at this video; give --policy or "
+                        "--schedule FILE made for it")
+    config = engines.config
+    return baseline_schedule(schedule.policy, ScheduleSpec.for_model(config, sampler.kind, sampler.steps,
+                                                                     engines.modules), config, target)
 
 
 class GraphBackend:

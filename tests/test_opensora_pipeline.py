@@ -198,26 +198,43 @@ def test_bench_runs_forecast_policies_on_the_runtime(tmp_path, monkeypatch, caps
 
 
 def test_one_export_runs_other_video_sizes(tmp_path, monkeypatch, capsys):
-    """The video graphs take the latent size as dynamic axes: one export (17 frames of 64 x 64)
+    """The video graphs take the latent size as dynamic axes: one export (17 frames of 64 x 64, rflow-4)
     runs 17 frames and 34 frames of 104 x 80 (13 x 10 latents: patch padding, another position-
-    embedding base), each equal to
-    `sample` at that size to 1e-4; the exported schedule is refused at another size, one line."""
+    embedding base), at the exported 4 steps and at `--steps 3`, each equal to `sample` with that
+    size, steps and policy to 1e-4 (the exported ToCa is remade there, as `sample` makes it); an
+    exported SODA plan is refused at another size or step count, one line."""
     np.savez(tmp_path / "p.npz", **prompts(2))
-    base = ["--prompt-embeds", str(tmp_path / "p.npz"), "--steps", "4", "--policy", "toca", "--seed", "3"]
     r = run_cli(["export", "--model", "opensora-tiny", "--random-init", "--policy", "toca", "--steps", "4",
                  "--out", str(tmp_path / "eng")], monkeypatch, capsys)
     assert r.returncode == 0, r.stderr
-    for video in ([], ["--num-frames", "34", "--height", "104", "--width", "80"]):
-        # `run` without --policy: the exported ToCa, rebuilt for the other size (no profile needed)
-        r = run_cli(["run", "--engines", str(tmp_path / "eng"), *base[:-4], "--seed", "3", *video, "--save-latents",
+    other = ["--num-frames", "34", "--height", "104", "--width", "80"]
+    for video, steps in [([], "4"), ([], "3"), (other, "4"), (other, "3")]:
+        base = ["--prompt-embeds", str(tmp_path / "p.npz"), "--steps", steps, "--seed", "3"]
+        # `run` without --policy: the exported ToCa, remade for another size or step count (no profile needed)
+        r = run_cli(["run", "--engines", str(tmp_path / "eng"), *base, *video, "--save-latents",
                      str(tmp_path / "r.npy"), "--out", str(tmp_path / "r.png")], monkeypatch, capsys)
         assert r.returncode == 0, r.stderr
-        r = run_cli(["sample", "--model", "opensora-tiny", "--random-init", *base, *video, "--save-latents",
-                     str(tmp_path / "s.npy"), "--out", str(tmp_path / "s.png")], monkeypatch, capsys)
+        assert f"rflow-{steps}, policy toca" in r.stdout
+        r = run_cli(["sample", "--model", "opensora-tiny", "--random-init", "--policy", "toca", *base, *video,
+                     "--save-latents", str(tmp_path / "s.npy"), "--out", str(tmp_path / "s.png")], monkeypatch, capsys)
         assert r.returncode == 0, r.stderr
         got, want = np.load(tmp_path / "r.npy"), np.load(tmp_path / "s.npy")
         assert got.shape == want.shape == ((2, 4, 10, 13, 10) if video else (2, 4, 5, 8, 8))
         assert rel(got, want) < 1e-4, video
+    # A schedule exported under a baseline's name that is not that baseline's own (a --schedule file,
+    # a tuned one) runs as it is at the exported sampler, and is refused rather than remade elsewhere.
+    import dataclasses
+
+    from runtime.engines import open_engines, resolve_schedule
+    from soda.errors import UserError
+
+    engines = open_engines(tmp_path / "eng")
+    own = engines.exported_schedule
+    tuned = dataclasses.replace(own, params={**own.params, "N": own.params["N"] + 1})
+    engines = dataclasses.replace(engines, exported_schedule=tuned)
+    assert resolve_schedule(engines, engines.sampler) is tuned
+    with pytest.raises(UserError, match="exported toca schedule is not toca's own setting .* cannot be remade for rflow-3"):
+        resolve_schedule(engines, engines.sampler_with(steps=3))
 
     bad = ["run", "--engines", str(tmp_path / "eng"), "--prompt-embeds", str(tmp_path / "p.npz"), "--steps", "2",
            "--out", str(tmp_path / "z.png")]
@@ -248,6 +265,10 @@ def test_one_export_runs_other_video_sizes(tmp_path, monkeypatch, capsys):
     r = run_cli(["run", "--engines", str(tmp_path / "soda"), "--prompt-embeds", str(tmp_path / "p.npz"),
                  "--num-frames", "34", "--out", str(tmp_path / "z.png")], monkeypatch, capsys)
     assert r.returncode == 2 and "soda schedule was planned from a profile of the exported video (64x64, 17 frames)" \
+        in r.stderr.strip().splitlines()[-1], r.stderr
+    r = run_cli(["run", "--engines", str(tmp_path / "soda"), "--prompt-embeds", str(tmp_path / "p.npz"),
+                 "--steps", "3", "--out", str(tmp_path / "z.png")], monkeypatch, capsys)
+    assert r.returncode == 2 and "soda schedule was planned for rflow-4 (from a profile of that sampler), not rflow-3" \
         in r.stderr.strip().splitlines()[-1], r.stderr
 
 
