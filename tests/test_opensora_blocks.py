@@ -154,3 +154,25 @@ def test_the_tolerance_bites_on_video(setup):
     got, _ = generate(got_rec, engines.config, engines.sampler, plans["soda"], cond, seed=3)
     ref, _ = generate(torch_b, engines.config, engines.sampler, plans["soda"], cond, seed=3)
     assert got_rec.calls["step.fff"] > 0 and _rel_err(got, ref) > REL_TOL
+
+
+def test_open_sora_selectors_reads_decide_which_pruned_patterns_run_in_a_graph():
+    """The official Open-Sora scores read the layer's other modules: ToCa's entropy the
+    cross-attention (refreshed by a pruned cross-attention too), DuCa's value norms the attention.
+    A pruned module is chosen before a block graph only when nothing it reads is computed earlier in
+    the same layer; otherwise the layer runs module by module."""
+    from types import SimpleNamespace
+
+    from soda.blocks import Block
+    from soda.executor import Executor
+    from soda.selectors import make_selector
+
+    modules = ("attn", "cross_attn", "mlp")
+    codes = ("rrp", "rpr", "rpp", "frp", "fpr", "ffp")
+    ready = {}
+    for name in ("toca-cross-entropy", "duca-value-norm"):
+        loop = SimpleNamespace(selector=make_selector(name, {"selector_params": {"interval": 3, "bonus_ratio": 0}}),
+                               backend=SimpleNamespace(modules=modules))
+        ready[name] = {c for c in codes if Executor._ready(loop, Block(0, 0, c))}
+    assert ready["toca-cross-entropy"] == {"rrp", "rpr", "frp", "fpr"}  # not after a computed cross-attention
+    assert ready["duca-value-norm"] == {"rrp", "rpr", "rpp"}  # not after a computed attention
