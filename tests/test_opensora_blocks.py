@@ -172,7 +172,7 @@ def test_open_sora_selectors_reads_decide_which_pruned_patterns_run_in_a_graph()
     ready = {}
     for name in ("toca-cross-entropy", "duca-value-norm"):
         loop = SimpleNamespace(selector=make_selector(name, {"selector_params": {"interval": 3, "bonus_ratio": 0}}),
-                               backend=SimpleNamespace(modules=modules))
+                               backend=SimpleNamespace(modules=modules), _pre={})  # no choice made at the step start
         ready[name] = {c for c in codes if Executor._ready(loop, Block(0, 0, c))}
     assert ready["toca-cross-entropy"] == {"rrp", "rpr", "frp", "fpr"}  # not after a computed cross-attention
     assert ready["duca-value-norm"] == {"rrp", "rpr", "rpp"}  # not after a computed attention
