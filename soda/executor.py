@@ -260,12 +260,14 @@ class Executor:
         return None
 
     def _step_graph_for(self, s: int) -> Block | None:
-        """The step graph (`Block.step`) that runs all of step `s` in one call, if any."""
+        """The step graph (`Block.step`) that runs all of step `s` in one call, if any (the
+        schedule, selector and recorder are fixed: decided once per step index)."""
         if not hasattr(self, "_starts"):
             self._index_blocks()
-        if self.schedule.is_skip(s):
-            return None
-        return next((bl for bl in self._whole if self._covers(s, bl)), None)
+        if s not in self._whole_at:
+            self._whole_at[s] = None if self.schedule.is_skip(s) else next(
+                (bl for bl in self._whole if self._covers(s, bl)), None)
+        return self._whole_at[s]
 
     def _covers(self, s: int, block: Block) -> bool:
         lean = s >= self._lean_from and self.recorder is None
@@ -284,6 +286,8 @@ class Executor:
         not emit their outputs (pattern letter "c")."""
         self._starts: dict[int, list[Block]] = {}
         self._whole: list[Block] = []
+        self._whole_at: dict[int, Block | None] = {}
+        self._lean_flops: dict[tuple, list[float]] = {}
         L = self.backend.num_layers
         self._codes: dict[int, list[str | None]] = {}  # per step, each layer's pattern
         for bl in sorted(getattr(self.backend, "blocks", ()), key=lambda bl: (-bl.last, COMPUTED_ONLY not in bl.code)):
@@ -340,6 +344,8 @@ class Executor:
         """The given outputs (cache or forecast), and for pruned modules the cache and the chosen
         token indices (with their count), by graph input name."""
         feeds, kept = {}, {}
+        if GIVEN not in block.code and PRUNED not in block.code:
+            return feeds, kept
         for l in block.layers:
             for m, (name, c) in enumerate(zip(self.backend.modules, block.code)):
                 action, key = self.schedule.action(s, l, m), f"{name}.{l}"
@@ -354,6 +360,14 @@ class Executor:
 
     def _absorb(self, s: int, block: Block, out: dict, feeds: dict, kept: dict, B: int, N: int) -> None:
         """Caches, forecasts, selectors and FLOPs from a block's outputs, in the loop's order."""
+        if set(block.code) == {COMPUTED_ONLY}:  # nothing to keep: only the FLOPs, added in the loop's order
+            key = (block, B, N)
+            if key not in self._lean_flops:
+                self._lean_flops[key] = [v for l in block.layers for v in (
+                    self.flops.modulation(B), *(self.flops.module(spec.name, B, N, l) for spec in self.backend.specs))]
+            for v in self._lean_flops[key]:
+                self.flops_done += v
+            return
         for l in block.layers:
             self.flops_done += self.flops.modulation(B)
             for m, (spec, c) in enumerate(zip(self.backend.specs, block.code)):
