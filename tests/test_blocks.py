@@ -209,6 +209,22 @@ def test_uncovered_patterns_fall_back_to_modules(backends, sampler):
     assert calls["step.rr"] == 1 and calls["block.rr"] == 0 and calls["block.ff"] == 1
 
 
+def test_skip_steps_take_the_tokens_of_a_step_graph(backends, sampler):
+    """A skip step reruns only embed and final, on the last tokens: here those of a lean step graph
+    (`cc`, after the last partial step) and of a reuse one (`rr`)."""
+    from soda.schedule import FULL, REUSE, Schedule
+
+    engines, ort_b, torch_b = backends
+    cfg, L = engines.config, engines.config.depth
+    ff, rr = [[FULL, FULL] for _ in range(L)], [[REUSE, REUSE] for _ in range(L)]
+    steps = [ff, rr, "skip", ff, rr, ff, "skip", ff, "skip", "skip"]
+    steps = [s if s == "skip" else [list(r) for r in s] for s in steps]
+    hand = Schedule("hand", cfg.name, cfg.hash(), "ddim", STEPS, list(engines.modules), L, steps).validate()
+    err, calls = _parity(engines, ort_b, torch_b, sampler, hand)
+    assert err <= REL_TOL
+    assert dict(calls) == {"step.ff": 2, "step.rr": 2, "step.cc": 2, "embed": 4, "final": 4}
+
+
 def test_block_graphs_switched_off_run_module_by_module(backends, folders, sampler, soda_schedule):
     from runtime.ort_backend import OrtBackend
 
