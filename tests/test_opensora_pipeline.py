@@ -195,6 +195,13 @@ def test_bench_runs_forecast_policies_on_the_runtime(tmp_path, monkeypatch, caps
     assert set(rows) == {"full", "taylorseer", "soda-forecast"}
     for policy in ("taylorseer", "soda-forecast"):
         assert rows[policy]["flops_speedup"] >= 2.0 * 0.97 and np.isfinite(rows[policy]["psnr_db"]), rows[policy]
+    # the runtime-vs-monolithic timing takes class labels: asked for on a text model, refused before any work
+    r = run_cli(["bench", "--model", "opensora-tiny", "--random-init", "--prompt-embeds", str(tmp_path / "p.npz"),
+                 "--backend", "ort", "--engines", str(tmp_path / "eng"), "--timing-per-module", "--json",
+                 str(tmp_path / "t.json")], monkeypatch, capsys)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "opensora-tiny is text-conditioned" in lines[-1] and "Traceback" not in r.stderr
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_one_export_runs_other_video_sizes(tmp_path, monkeypatch, capsys):
