@@ -283,21 +283,30 @@ def export_graph(spec: GraphSpec, config, opset: int, exporter: str, gen: torch.
 
 
 def compact_names(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Short names for a graph's intermediate values ("v<i>") and no node names (in place): the
-    exporter's scope paths ("/blocks.1/attn/Reshape_output_0") were 2/3 of a block graph's bytes.
-    Inputs, outputs and initializers keep their names; graphs with subgraphs are left as they are."""
+    """Short names for a graph's intermediate values ("v<i>") and initializers ("w<i>"), and no
+    node names (in place): the exporter's scope paths ("/blocks.1/attn/Reshape_output_0") were
+    2/3 of a block graph's bytes, and the parameter paths ("model.blocks.3.attn.qkv.weight",
+    written once per initializer and once per use) a tenth of dit-digits' graphs. Where each
+    initializer lies in weights.bin is in the manifest (`initializers`). Inputs and outputs keep
+    their names; graphs with subgraphs are left as they are."""
     g = proto.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         return proto
-    keep = {v.name for v in [*g.input, *g.output]} | {t.name for t in g.initializer}
+    keep = {v.name for v in [*g.input, *g.output]}
     names: dict[str, str] = {}
+    for i, t in enumerate(g.initializer):
+        if t.name not in keep:
+            names[t.name] = f"w{i}"
+            t.name = names[t.name]
+    values = 0
     for node in g.node:
         node.name = ""
         for i, name in enumerate(node.input):
             node.input[i] = names.get(name, name)
         for i, name in enumerate(node.output):
             if name and name not in keep:
-                names[name] = node.output[i] = f"v{len(names)}"
+                names[name] = node.output[i] = f"v{values}"
+                values += 1
     for vi in g.value_info:
         vi.name = names.get(vi.name, vi.name)
     return proto

@@ -9,6 +9,7 @@ the weights: the outputs change. The process-RSS figures are measured in docs/ru
 """
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -58,6 +59,7 @@ def test_manifest_says_where_every_initializer_lies(folder):
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
                 want.append((t.name, int(info["offset"]), int(info["length"]), dtype, tuple(t.dims)))
         assert list(art.initializers) == want and want, name
+        assert all(re.fullmatch(r"w\d+", n) for n, *_ in want), name  # short names (export.onnx_export.compact_names)
         assert all(o + k <= size for _, o, k, _, _ in want)
 
 
