@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from soda.blocks import COMPUTE, COMPUTED_ONLY, GIVEN, Block, context_name
+from soda.blocks import COMPUTE, COMPUTED_ONLY, GIVEN, KEPT, Block, context_name
 
 F32, I64 = "float32", "int64"
 
@@ -105,10 +105,10 @@ class BlockGraph(nn.Module):
                 ctx = {n: given[context_name(self.iface, n, l)] for n in spec.context} if c != GIVEN else {}
                 if c == GIVEN:
                     D = given[f"D.{key}"]
-                elif c in (COMPUTE, COMPUTED_ONLY):
+                elif c in (COMPUTE, COMPUTED_ONLY, KEPT):
                     D, score = self.model.module_forward(l, spec.name, x, tuple(args), ctx)
-                    if c == COMPUTE:
-                        outs += [D] + ([score] if spec.score else [])
+                    if c != COMPUTED_ONLY:
+                        outs += [D] + ([score] if spec.score and c == COMPUTE else [])
                 else:
                     # Rows of the flattened tokens: Gather and ScatterND copy whole rows, 2.8x faster
                     # in onnxruntime than GatherElements/ScatterElements on an expanded index.

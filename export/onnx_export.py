@@ -30,7 +30,7 @@ from soda.errors import UserError
 from soda.schedule import Schedule
 from soda.torch_backend import TorchBackend
 
-EXPORT_VERSION = 5  # 3: block graphs (soda.blocks); 4: also for video models; 5: step graphs (a whole step, one graph); bump when the graphs or their layout change: old folders are then re-exported
+EXPORT_VERSION = 6  # 3: block graphs (soda.blocks); 4: also for video models; 5: step graphs (a whole step, one graph); 6: "kk" step graphs (no scores); bump when the graphs or their layout change: old folders are then re-exported
 WEIGHTS_FILE = "weights.bin"
 SCHEDULE_FILE = "schedule.json"
 NULL_CAPTION_FILE = "null_caption.npy"  # a text model's learned unconditional caption, when it has one
@@ -400,10 +400,10 @@ def _block_reference(spec: GraphSpec, backend: TorchBackend, args: list[np.ndarr
             ctx = {n: given[n] for n in names}
             if c == block_patterns.GIVEN:
                 D = given[f"D.{key}"]
-            elif c in (block_patterns.COMPUTE, block_patterns.COMPUTED_ONLY):
+            elif c in (block_patterns.COMPUTE, block_patterns.COMPUTED_ONLY, block_patterns.KEPT):
                 D, score = backend.module(l, m.name, x, *margs, context=ctx)
-                if c == block_patterns.COMPUTE:
-                    outs += [D] + ([score] if m.score else [])
+                if c != block_patterns.COMPUTED_ONLY:
+                    outs += [D] + ([score] if m.score and c == block_patterns.COMPUTE else [])
             else:
                 idx = given[f"idx.{key}"]
                 rows = np.arange(len(idx))[:, None]

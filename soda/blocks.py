@@ -12,14 +12,18 @@ for one *pattern* of actions, one letter per module:
   the new cache and the recomputed part) and adds the result;
 - "c" computed, nothing kept: like "f" without outputs, for full computations no later step
   reads (a full schedule, or the full steps after a schedule's last reuse), where emitting
-  the outputs (and the attention score) is work the monolithic model does not do.
+  the outputs (and the attention score) is work the monolithic model does not do;
+- "k" computed, output kept, no score: like "f" without the score, for full steps whose scores
+  no later step reads (FORA, TaylorSeer, SODA's feature mean read none; ToCa none from a full
+  step followed by another before any pruning): the attention each token receives is a
+  reduction over the whole attention map, 2-3% of a DiT-S/2 full step (docs/runtime.md).
 
 `prune@a+forecast@O` has no letter: such a layer runs module by module. A block may span a
 run of consecutive layers with the same pattern. A *step graph* (`Block.step`, named
 "step.0-{L-1}.<code>") is a block over every layer with the step's embedding (latents,
 timestep, conditioning -> tokens and step entries) before and the final layer after: a whole
 step in one call, out come the model output, the last tokens (for later skip steps) and the
-modules' outputs as its letters say. Its letters are "f", "c" and "r" only: a pruned module's
+modules' outputs as its letters say. Its letters are "f", "k", "c" and "r" only: a pruned module's
 tokens are chosen on the tokens entering its layer, which exist only inside the graph. Torch-free:
 the exporter (`export.graphs`) builds the graphs from these names, the runtime feeds them,
 and the executor (`soda.executor`) decides per step and layer which block covers what.
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 from soda.schedule import FORECAST, FULL, PRUNE, REUSE, forecast_order, parse_action
 
-GIVEN, COMPUTE, PRUNED, COMPUTED_ONLY = "r", "f", "p", "c"
+GIVEN, COMPUTE, PRUNED, COMPUTED_ONLY, KEPT = "r", "f", "p", "c", "k"
 FORMAT = 2  # the manifest's "blocks" section (2: step graphs)
 READABLE_FORMATS = (1, 2)  # 1: block graphs only, still run
 
@@ -107,7 +111,7 @@ class Block:
                 if c == COMPUTED_ONLY:
                     continue
                 outs.append((f"out.{key}", "out"))
-                if spec.score:
+                if spec.score and c != KEPT:
                     outs.append((f"{spec.score}.{key}", "score"))
         return ins, outs
 
@@ -132,8 +136,9 @@ def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
     """The block graphs an export writes, per layer: all-full, all-given, the last module (the
     MLP) pruned with the others given (the baselines' pattern: ToCa and DuCa on DiT reuse the
     attention and prune the MLP), and every pattern `schedule` uses (SODA's, fixed at export);
-    plus step graphs (`Block.step`) for a whole full step, with its outputs ("f") and without
-    ("c": full steps no later step reads), and for a whole all-given step (FORA's and SODA's
+    plus step graphs (`Block.step`) for a whole full step, with its outputs but no scores ("k";
+    a full step whose scores a later step reads runs its layers' "ff" blocks) and without ("c":
+    full steps no later step reads), and for a whole all-given step (FORA's and SODA's
     reuse steps, TaylorSeer's forecast ones). Chosen by measurement (docs/runtime.md): all 9 DiT
     patterns per layer made dit-digits' folder 1.2x its raw weights, for patterns the baselines
     never run; a pattern without a graph runs module by module at a cost of about 1% of that
@@ -153,4 +158,4 @@ def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
     return blocks + [Block(0, depth - 1, c * M, step=True) for c in STEP_CODES]
 
 
-STEP_CODES = (COMPUTE, COMPUTED_ONLY, GIVEN)  # the step graphs default_blocks writes, one letter for every module
+STEP_CODES = (KEPT, COMPUTED_ONLY, GIVEN)  # the step graphs default_blocks writes, one letter for every module

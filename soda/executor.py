@@ -22,7 +22,7 @@ from soda.errors import NonFiniteError
 from soda.flops import FlopsModel
 from soda.forecast import TaylorState
 from soda.models.interface import ModuleSpec
-from soda.blocks import COMPUTE, COMPUTED_ONLY, GIVEN, PRUNED, Block, layer_code
+from soda.blocks import COMPUTE, COMPUTED_ONLY, GIVEN, KEPT, PRUNED, Block, layer_code
 from soda.schedule import FORECAST, FULL, PRUNE, REUSE, Schedule, forecast_order, kept_tokens, parse_action
 from soda.selectors import TokenSelector, make_selector
 
@@ -275,9 +275,11 @@ class Executor:
         if per_layer is None:
             per_layer = self._codes[s] = [layer_code(row) for row in self.schedule.steps[s]]
         codes = set(per_layer[block.first:block.last + 1])
-        if lean:
-            codes = {block.code} & {c.replace(COMPUTE, COMPUTED_ONLY) for c in codes} or codes
-        return codes == {block.code} and self._ready(block)
+        # Full modules may also run as "c" (lean: nothing kept) or "k" (no scores read); the
+        # blocks are tried in that order of preference (`_index_blocks`).
+        covered = codes == {block.code} or (lean and {c.replace(COMPUTE, COMPUTED_ONLY) for c in codes} == {block.code}) \
+            or (s not in self._scored and {c and c.replace(COMPUTE, KEPT) for c in codes} == {block.code})
+        return covered and self._ready(block)
 
     def _index_blocks(self) -> None:
         """Blocks by first layer, longest first (the one emitting nothing first among equals), the
@@ -290,7 +292,7 @@ class Executor:
         self._lean_flops: dict[tuple, list[float]] = {}
         L = self.backend.num_layers
         self._codes: dict[int, list[str | None]] = {}  # per step, each layer's pattern
-        for bl in sorted(getattr(self.backend, "blocks", ()), key=lambda bl: (-bl.last, COMPUTED_ONLY not in bl.code)):
+        for bl in sorted(getattr(self.backend, "blocks", ()), key=lambda bl: (-bl.last, COMPUTED_ONLY not in bl.code, KEPT not in bl.code)):
             if not bl.step:
                 self._starts.setdefault(bl.first, []).append(bl)
             elif (bl.first, bl.last) == (0, L - 1) and PRUNED not in bl.code:  # a pruned choice needs tokens first
@@ -298,6 +300,27 @@ class Executor:
         steps = self.schedule.steps
         self._lean_from = next(s0 for s0 in range(len(steps) + 1) if all(
             st == "skip" or all(a == FULL for row in st for a in row) for st in steps[s0:]))
+        self._scored = self._scores_read()
+
+    def _scores_read(self) -> set[int]:
+        """The steps whose modules' scores (the attention each token receives, ...) a later step
+        reads: none when the selector reads no scores (`TokenSelector.reads_scores`); else those
+        followed by a pruning step before the next all-full step, which replaces every score. The
+        others may run their full modules in graphs without scores ("k", soda.blocks)."""
+        if not getattr(self.selector, "reads_scores", True):
+            return set()
+        steps, read, pruned_later = self.schedule.steps, set(), False
+        for s in reversed(range(len(steps))):
+            if steps[s] == "skip":
+                continue
+            kinds = {parse_action(a)[0] for row in steps[s] for a in row}
+            if pruned_later:
+                read.add(s)
+            if kinds == {FULL}:
+                pruned_later = False
+            if PRUNE in kinds:
+                pruned_later = True
+        return read
 
     def _ready(self, block: Block) -> bool:
         """Every pruned module of `block` has its tokens chosen before the call: at the step's
@@ -372,10 +395,10 @@ class Executor:
             self.flops_done += self.flops.modulation(B)
             for m, (spec, c) in enumerate(zip(self.backend.specs, block.code)):
                 key = f"{spec.name}.{l}"
-                score = out[f"{spec.score}.{key}"] if spec.score and c not in (GIVEN, COMPUTED_ONLY) else None
+                score = out[f"{spec.score}.{key}"] if spec.score and c in (COMPUTE, PRUNED) else None
                 if c == COMPUTED_ONLY:
                     self.flops_done += self.flops.module(spec.name, B, N, l)
-                elif c == COMPUTE:
+                elif c in (COMPUTE, KEPT):
                     D = self.cache[(l, m)] = out[f"out.{key}"]
                     self.flops_done += self.flops.module(spec.name, B, N, l)
                     if (l, m) in self.taylor:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from soda.sampling import SamplerConfig
+from soda.selectors import make_selector
 
 REL_TOL = 1e-4
 STEPS = 10
@@ -165,12 +166,20 @@ def test_block_runtime_equals_torch_reference(backends, soda_forecast_schedule, 
     full = [s for s in range(STEPS) if schedule.step_kind(s) == "full"]
     given = _given_steps(schedule)
     last_partial = max((s for s in range(STEPS) if schedule.step_kind(s) == "partial"), default=-1)
-    # a whole full step is one call; after the last partial step no module output is kept ("c")
-    assert calls["step.ff"] == sum(s < last_partial for s in full)
+    # a whole full step is one call, its outputs kept without scores ("k"); after the last partial
+    # step none kept ("c"); a full step whose scores a later pruning step reads (ToCa's attention
+    # score; DuCa here with ToCa's selector) runs its layers' "ff" blocks instead
+    reads = getattr(make_selector(schedule.selector, schedule.params), "reads_scores", True)
+    scored = [s for s in full if reads and s < last_partial and any(
+        schedule.step_kind(p) == "partial" and all(schedule.step_kind(q) != "full" for q in range(s + 1, p))
+        and any("prune" in a for row in schedule.steps[p] for a in row) for p in range(s + 1, STEPS))]
+    assert (len(scored) > 0) == (policy in ("toca", "duca"))
+    assert calls["step.kk"] == sum(s < last_partial for s in full) - len(scored)
+    assert calls["block.ff"] == engines.config.depth * len(scored) and calls["step.ff"] == 0
     assert calls["step.cc"] == sum(s > last_partial for s in full)
     assert calls["step.rr"] == len(given)  # a whole reuse (or forecast) step is one call too
     # every other step: embed, its layers, final (skip steps: embed and final only)
-    assert calls["embed"] == calls["final"] == STEPS - len(full) - len(given)
+    assert calls["embed"] == calls["final"] == STEPS - len(full) - len(given) + len(scored)
     assert not any(k.endswith("*") for k in calls)  # no multi-layer block graph: step graphs cover whole steps
     if policy in ("full", "fora", "taylorseer"):
         assert sum(calls.values()) == STEPS  # one call per step, every step
@@ -205,8 +214,9 @@ def test_uncovered_patterns_fall_back_to_modules(backends, sampler):
     # module by module: steps 2, 3 and 7 (both layers), step 4's layer 1 and step 9's layer 1 (rf),
     # and step 5 unless "pr" is exported; pruned and full modules are module calls, forecast ones not
     assert calls["modulation"] == 8 + 2 * (not pr) and calls["module"] == 13 + 2 * (not pr)
-    assert calls["step.ff"] == 2 and calls["block.rp"] == 1 and calls["block.pr"] == 2 * pr and calls["step.cc"] == 0
-    assert calls["step.rr"] == 1 and calls["block.rr"] == 0 and calls["block.ff"] == 1
+    # step 1's scores are read at step 2 (its layers' "ff" blocks), step 0's are not (step 1 replaces them)
+    assert calls["step.ff"] == 0 and calls["step.kk"] == 1 and calls["block.rp"] == 1 and calls["block.pr"] == 2 * pr and calls["step.cc"] == 0
+    assert calls["step.rr"] == 1 and calls["block.rr"] == 0 and calls["block.ff"] == L + 1
 
 
 def test_skip_steps_take_the_tokens_of_a_step_graph(backends, sampler):
@@ -317,7 +327,7 @@ def test_the_tolerance_bites(backends, sampler, where):
 
     assert _parity(engines, ort_b, torch_b, sampler, hand)[0] <= REL_TOL
     err, calls = _parity(engines, ort_b, torch_b, sampler, hand, perturb=perturb)
-    assert calls["step.ff"] > 0 and calls["block.ff"] > 0  # both kinds ran
+    assert calls["step.kk"] > 0 and calls["block.ff"] > 0  # both kinds ran (no selector: no scores read)
     assert err > 3 * REL_TOL
 
 
@@ -367,9 +377,11 @@ def test_pixart_block_runtime_equals_torch(pixart, policy):
     err = max(_rel_err(got, ref), *(_rel_err(a, b) for a, b in zip(got_rec.outputs, ref_rec.outputs)))
     assert err <= REL_TOL
     calls = got_rec.calls
-    assert calls["step.fff"] + calls["step.ccc"] == schedule.count_kinds()["full"]  # a whole full step: one call
+    scored = calls["block.fff"] // engines.config.depth  # full steps whose scores a later step reads: layer blocks
+    assert calls["step.kkk"] + calls["step.ccc"] + scored == schedule.count_kinds()["full"]  # else one call
+    assert calls["step.fff"] == 0 and (scored > 0) == (policy in ("toca", "duca"))
     assert calls["step.rrr"] == len(_given_steps(schedule))  # and a whole reuse step
-    assert calls["embed"] == calls["final"] == STEPS - schedule.count_kinds()["full"] - calls["step.rrr"]
+    assert calls["embed"] == calls["final"] == STEPS - schedule.count_kinds()["full"] - calls["step.rrr"] + scored
     if policy in ("full", "fora"):
         assert sum(calls.values()) == STEPS  # one call per step
     if policy == "fora":
@@ -396,3 +408,21 @@ def test_a_selector_without_reads_only_gets_a_layers_first_module_pruned_in_a_gr
     assert Executor._ready(loop, Block(0, 1, "rp"))
     loop._pre = {(0, 1): None}
     assert not Executor._ready(loop, Block(0, 1, "rp"))
+
+
+
+def test_the_scoreless_step_graph_leaves_the_score_reductions_out(folders):
+    """"k" (computed, output kept, no score): the step graph "kk" emits every module's output but
+    no attention score, and has none of the reductions that make one (a layer's "ff" block has)."""
+    import onnx
+
+    from runtime.engines import open_engines
+
+    engines = open_engines(folders[0].folder)
+    L = engines.config.depth
+    graphs = {n: onnx.load(str(engines.path(n)), load_external_data=False) for n in (f"step.0-{L - 1}.kk", "block.0.ff")}
+    outs = {n: {o.name for o in g.graph.output} for n, g in graphs.items()}
+    ops = {n: {x.op_type for x in g.graph.node} for n, g in graphs.items()}
+    assert outs[f"step.0-{L - 1}.kk"] == {"out", "tokens_out"} | {f"out.{m}.{l}" for m in engines.modules for l in range(L)}
+    assert "received.attn.0" in outs["block.0.ff"]
+    assert "ReduceSum" in ops["block.0.ff"] and "ReduceSum" not in ops[f"step.0-{L - 1}.kk"]

@@ -100,7 +100,7 @@ def test_artefacts_manifest_and_parity(exported, tiny_model, tiny_config):
     L = tiny_config.depth
     want = {"embed", "final"} | {f"{k}.{l}" for l in range(L) for k in ("modulation", "attn", "mlp")}
     blocks = set(m.data["blocks"]["graphs"])  # soda.blocks.default_blocks: these at least, and the schedule's
-    assert {f"block.{l}.{c}" for l in range(L) for c in ("ff", "rr", "rp")} | {f"step.0-{L - 1}.{c}" for c in ("ff", "cc", "rr")} \
+    assert {f"block.{l}.{c}" for l in range(L) for c in ("ff", "rr", "rp")} | {f"step.0-{L - 1}.{c}" for c in ("kk", "cc", "rr")} \
         <= blocks
     assert set(m.artefacts) == want | blocks
     assert m.token_counts == [16, 8, 4]  # N, prune@0.5, prune@0.25 of 16 tokens

@@ -17,6 +17,7 @@ from soda.errors import UserError
 
 class TokenSelector(Protocol):
     name: str
+    reads_scores: bool  # `observe` reads the modules' scores (`received`); absent: taken as True
 
     def reset(self) -> None: ...
 
@@ -59,6 +60,7 @@ class NoSelector:
     """For schedules without prune actions."""
 
     name = "none"
+    reads_scores = False
 
     def reset(self) -> None:
         pass

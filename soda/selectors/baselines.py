@@ -51,6 +51,7 @@ class _CacheFrequencySelector:
     """Staleness bookkeeping and the score pipeline; subclasses give the base score."""
 
     name = "base"
+    reads_scores = True  # the base scores of ToCa and the value norms read them; DuCa's random one does not
 
     def __init__(self, interval: int, staleness_weight: float = 0.25, bonus_ratio: float = 0.6,
                  grid: int = 2, skip_steps=()):
@@ -164,6 +165,7 @@ class DuCaRandomSelector(_CacheFrequencySelector):
 
     name = "duca-random"
     same_layer = ()
+    reads_scores = False
 
     def __init__(self, interval: int, staleness_weight: float = 0.25, bonus_ratio: float = 0.8,
                  grid: int = 2, skip_steps=(), seed: int = 0):

@@ -12,6 +12,7 @@ from soda.selectors import top_k
 
 class FeatureMeanSelector:
     name = "feature-mean"
+    reads_scores = False  # the module's own cache only
 
     def reset(self) -> None:
         pass
