@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mono = monolithic_session(model, Path(tmp))
         loops = {"mono full": monolithic_loop(mono, cfg, sampler, labels)}
-        for name, keep in offers.items():  # full compute never uses .rr, FORA's full steps need .ff
+        for name, keep in offers.items():  # full compute never uses .rr, FORA's full steps need .kk (.ff before export version 6)
             b = backend(keep)
             if name != "no-step.rr":
                 loops[f"{name} full"] = schedule_loop(b, cfg, sampler, full, labels)

@@ -632,7 +632,7 @@ def test_trt_profile_choice_for_module_and_block_engines(tiny_engines):
     assert select_profile(attn, {"tokens": np.zeros((2, counts[-1], 32), np.float32)}, {}) == len(counts) - 1
     with pytest.raises(UserError, match="no TensorRT profile for 5 tokens"):
         select_profile(attn, {"tokens": np.zeros((2, 5, 32), np.float32)}, {})
-    one = {profile_key(p): i for i, p in enumerate(_profiles(m.data["artefacts"]["step.0-1.ff"], counts, 4))}
+    one = {profile_key(p): i for i, p in enumerate(_profiles(m.data["artefacts"]["step.0-1.kk"], counts, 4))}
     assert select_profile(one, {"x": np.zeros((2, 4, 8, 8), np.float32)}, {}) is None
 
 
