@@ -266,6 +266,7 @@ class GraphBackend:
         self.interface = self.engines.interface
         self.specs = self.engines.specs
         self._spec = {s.name: s for s in self.specs}
+        self._named_io: dict[str, tuple] = {}  # block/step graph -> its (inputs, outputs): engines.io parses names
 
     def prepare(self, cond):
         """The per-generation context. The conditioning is put where the backend's arrays live
@@ -319,8 +320,10 @@ class GraphBackend:
         return self._run_named(block.name, {"x": x, "t": t, **feeds}, context)
 
     def _run_named(self, name: str, given: dict, context: dict) -> dict:
-        io = self.__dict__.setdefault("_named_io", {})  # engines.io parses the name: once per graph
-        ins, outs = io.get(name) or io.setdefault(name, self.engines.io(name))
+        io = self._named_io.get(name)
+        if io is None:
+            io = self._named_io[name] = self.engines.io(name)
+        ins, outs = io
         values = self._run(name, tuple(given[n] if n in given else _feed(n, context[n]) for n in ins))
         return dict(zip(outs, values))
 

@@ -17,6 +17,12 @@ from runtime.device import CupyArrays, HostArrays, cuda_availability, named_dims
 from runtime.engines import Engines, GraphBackend
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# Shared weights on the CPU are still prepacked when the weights file is at most this big. Each
+# session then packs its own copy of the MatMul/Gemm weights it reads (per-module, block and step
+# graphs read the same layer: a few copies in all, docs/runtime.md "Memory"); unpacked, every GEMM
+# repacks its weights on every call, which cost 4% per step-graph call on DiT-S/2 (125 MiB) and 5%
+# on dit-digits (docs/runtime.md "Where it stands"). Above this size memory wins (DiT-XL/2: 2.7 GB).
+PREPACK_MAX_BYTES = 256 << 20
 
 
 def session_options(threads: int | None = None, no_prepacking: bool = False):
@@ -86,10 +92,12 @@ class OrtBackend(GraphBackend):
     open on their first call, so only the patterns a schedule uses cost a session."""
 
     def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None, blocks: bool = True,
-                 io_binding: bool | None = None, share_weights: bool = True):
+                 io_binding: bool | None = None, share_weights: bool = True, prepack: bool | None = None):
         """io_binding: None = on for CUDA (device buffers), off for CPU; True on CPU binds numpy
         buffers the same way (tests drive the binding code with it). share_weights: every session
-        reads one copy of weights.bin (`runtime.shared_weights`); False: each loads its own."""
+        reads one copy of weights.bin (`runtime.shared_weights`); False: each loads its own.
+        prepack: the CPU kernels pack their own copy of the weights (None: always with private
+        weights; with shared ones only up to PREPACK_MAX_BYTES of weights)."""
         import onnxruntime as ort
 
         self.engines = engines
@@ -102,14 +110,16 @@ class OrtBackend(GraphBackend):
             providers = [(CUDA, {"device_id": str(self.arrays.device_id),
                                  "user_compute_stream": str(self.arrays.stream_ptr)}), CPU]
         self._providers = providers
-        # CPU kernels would prepack a private copy of each shared weight per session: not with sharing.
         self.shared = None
+        weights = engines.folder / engines.manifest.data["weights_file"]
         if share_weights and any(a.initializers for a in engines.manifest.artefacts.values()):  # older folders: no
             from runtime.shared_weights import SharedWeights
 
-            self.shared = SharedWeights(engines.folder / engines.manifest.data["weights_file"],
-                                        self.arrays.device_type, self.arrays.device_id)
-        self._options = lambda: session_options(threads, no_prepacking=self.shared is not None and CUDA not in providers)
+            self.shared = SharedWeights(weights, self.arrays.device_type, self.arrays.device_id)
+        if prepack is None:  # CPU kernels prepack a private copy of each shared weight per session
+            prepack = self.shared is None or weights.stat().st_size <= PREPACK_MAX_BYTES
+        self.prepack = prepack and CUDA not in providers  # the CUDA provider does not prepack
+        self._options = lambda: session_options(threads, no_prepacking=not prepack)
         self.sessions = {}
         for name in engines.graph_names():
             self.sessions[name] = self._open(name)

@@ -32,6 +32,8 @@ def copy(xp, a):
 
 def all_finite(xp, a) -> bool:
     """One reduction on the array's device; only the single bool crosses to the host."""
+    if is_numpy_array(a):  # numpy's own calls: a third of the array-API wrappers' time, once per step
+        return bool(np.isfinite(a).all())
     return bool(xp.all(xp.isfinite(a)))
 
 

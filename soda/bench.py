@@ -159,7 +159,7 @@ class Runner:
 
     def run(self, schedule, labels: np.ndarray, noise: np.ndarray, seqs, desc: str | None = None):
         """(samples, FLOPs, seconds); `seqs(c)` seeds chunk c's DDPM noise."""
-        from soda.generate import generate
+        from soda.generate import generate, make_executor
 
         outs, flops, seconds = [], 0.0, 0.0
         bs = self.batch_size
@@ -174,11 +174,12 @@ class Runner:
                 if tick is not None:
                     tick.close()
             return np.concatenate([x for x, _, _ in parts]), sum(f for _, f, _ in parts), sum(t for _, _, t in parts)
+        executor = make_executor(self.backend, self.model.config, schedule)
         try:
             for c, start in enumerate(range(0, len(labels), bs)):
                 sl = slice(start, start + bs)
                 x, stats = generate(self.backend, self.model.config, self.sampler, schedule, labels[sl], seqs(c),
-                                    noise[sl], tick and (lambda s: tick.update()))
+                                    noise[sl], tick and (lambda s: tick.update()), executor=executor)
                 outs.append(x)
                 flops += stats.flops
                 seconds += stats.seconds
@@ -486,9 +487,12 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
 
         echo(f"runtime timing: {setup.timing_images} images x {setup.timing_repeats} interleaved rounds, "
              f"against one monolithic ONNX of the model ...")
+        # Opened now, as the monolithic session is: the sessions `backend` opened during the run
+        # (after the profile) may sit in a fragmented heap (docs/runtime.md "Timing in one process").
+        timed_backend = backend_for("ort", model, setup.engines_dir, device=setup.device)
         module_backend = (backend_for("ort", model, setup.engines_dir, blocks=False, device=setup.device)
                           if setup.timing_per_module else None)
-        report["runtime"] = runtime_report(model, backend, sampler, main_schedules, labels[:setup.timing_images],
+        report["runtime"] = runtime_report(model, timed_backend, sampler, main_schedules, labels[:setup.timing_images],
                                            setup.timing_repeats, progress=progress, module_backend=module_backend)
     if setup.keep_samples > 0:
         report["kept_samples"] = kept

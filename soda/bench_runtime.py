@@ -117,11 +117,14 @@ def interleaved(loops: dict[str, Loop], repeats: int, echo: Callable[[str], None
 
 def schedule_loop(backend, config, sampler_cfg: SamplerConfig, schedule: Schedule, labels: np.ndarray,
                   seed: int = 0) -> Loop:
-    """One generation with `schedule` on `backend` through the shared executor."""
-    from soda.generate import generate
+    """One generation with `schedule` on `backend` through the shared executor (one for every
+    round, as a caller generating batch after batch would keep it)."""
+    from soda.generate import generate, make_executor
+
+    executor = make_executor(backend, config, schedule)
 
     def loop():
-        x, stats = generate(backend, config, sampler_cfg, schedule, labels, seed)
+        x, stats = generate(backend, config, sampler_cfg, schedule, labels, seed, executor=executor)
         return x, stats.flops
 
     return loop
@@ -196,6 +199,8 @@ def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[s
     """Measured in one run on `backend` (an OrtBackend): stitched full compute against one
     monolithic ONNX of `model` (`mono`, a session, or exported here), and each schedule's wall
     speedup against its FLOPs speedup, in interleaved rounds. `schedules` must include "full".
+    Give a backend opened just before, as the monolithic session is: a session's speed depends on
+    what the process did before it was made (docs/runtime.md "Timing in one process").
     `module_backend` (the same engines run module by module, no block graphs): every schedule
     is also timed on it, in the same rounds ("per-module <name>" rows), the before of docs/runtime.md."""
     config = model.config
@@ -210,9 +215,15 @@ def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[s
             counter = CallCounter(b) if hasattr(b, "_run") else None
             loops.update({f"{prefix} {n}": counted_loop(schedule_loop(b, config, sampler_cfg, s, labels), counter, steps,
                                                         calls, f"{prefix} {n}") for n, s in schedules.items()})
-        warm = ["monolithic full", "stitched full"] + (["per-module full"] if module_backend is not None else [])
-        for name in warm:
-            loops[name]()  # warm-up: first-run allocations and kernel selection
+        # Warm-up, untimed: every loop once (a schedule's block graphs open on their first call;
+        # first-run allocations and kernel selection).
+        bar = progress(f"warm-up: {len(loops)} entries", len(loops)) if progress else None
+        for loop in loops.values():
+            loop()
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
         cpu: dict[str, list[float]] = {}
         results = interleaved(loops, repeats, echo, progress, cpu)
     rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, len(labels), tuple(schedules["full"].modules)))

@@ -81,6 +81,7 @@ class Executor:
         self.selector = selector or make_selector(schedule.selector, schedule.params)
         self.recorder = recorder
         self.orders = schedule.forecast_orders()  # [L][M]: Taylor factors kept per (layer, module)
+        self.xp = None  # the array namespace of the backend's arrays, from its first step
         self.reset()
 
     def reset(self) -> None:
@@ -115,7 +116,7 @@ class Executor:
         if whole is not None:
             return self._run_step_graph(s, whole, x, t)
         tokens, step = b.embed(x, t, self.context)
-        self.xp = namespace(tokens)
+        self.xp = self.xp or namespace(tokens)
         if check:
             check("embed", tokens, *step)
         self.flops_done += self.flops.embed(B)
@@ -357,7 +358,7 @@ class Executor:
         feeds, kept = self._block_feeds(s, block, None)
         out = self.backend.step_graph(block, x, t, feeds, self.context)
         tokens = self.last_tokens = out["tokens_out"]
-        self.xp = namespace(tokens)
+        self.xp = self.xp or namespace(tokens)
         self.flops_done += self.flops.embed(B)
         self._absorb(s, block, out, feeds, kept, B, tokens.shape[1])
         self.flops_done += self.flops.final(B)
@@ -384,7 +385,7 @@ class Executor:
     def _absorb(self, s: int, block: Block, out: dict, feeds: dict, kept: dict, B: int, N: int) -> None:
         """Caches, forecasts, selectors and FLOPs from a block's outputs, in the loop's order."""
         if set(block.code) == {COMPUTED_ONLY}:  # nothing to keep: only the FLOPs, added in the loop's order
-            key = (block, B, N)
+            key = (id(block), B, N)  # the backend's blocks live as long as this executor
             if key not in self._lean_flops:
                 self._lean_flops[key] = [v for l in block.layers for v in (
                     self.flops.modulation(B), *(self.flops.module(spec.name, B, N, l) for spec in self.backend.specs))]

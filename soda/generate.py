@@ -144,10 +144,13 @@ def generate(
     noise: np.ndarray | None = None,
     progress=None,
     rng=None,
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, RunStats]:
     """Final samples [n, C, H, W] (before any VAE) and what it cost. `labels`: class labels, or a
     `Conditioning` (captions) for a text-conditioned model. `rng` (default: the generator after
-    `seed`'s initial noise) draws DDPM's per-step noise."""
+    `seed`'s initial noise) draws DDPM's per-step noise. `executor` (`make_executor`): one to
+    reuse, reset here, so a caller generating batch after batch makes the graph choice of each
+    step once (on dit-digits a new executor per generation cost ~2% of its time, docs/runtime.md)."""
     cond = labels if isinstance(labels, Conditioning) else Conditioning.from_labels(labels, config.null_label)
     check_memory(config, len(cond) * (2 if sampler.uses_cfg else 1), backend.num_layers * len(backend.modules))
     diffusion = make_diffusion(sampler, config.learn_sigma)
@@ -156,10 +159,20 @@ def generate(
     rng = seed_rng if rng is None else rng
     if noise is not None:
         z = noise
-    executor = Executor(backend, schedule, FlopsModel.for_config(config))
+    if executor is None:
+        executor = make_executor(backend, config, schedule)
+    elif executor.backend is not backend or executor.schedule is not schedule:
+        raise ValueError("the executor was made for another backend or schedule")
+    else:
+        executor.reset()
     t0 = time.perf_counter()
     x = sample_loop(executor, diffusion, z, cond, None, config.in_channels, rng, progress)
     return x, RunStats(executor.flops_done, time.perf_counter() - t0)
+
+
+def make_executor(backend: Backend, config: ModelConfig, schedule: Schedule) -> Executor:
+    """The executor `generate` runs `schedule` with (FLOPs counted for `config`)."""
+    return Executor(backend, schedule, FlopsModel.for_config(config))
 
 
 def full_flops(config: ModelConfig, sampler: SamplerConfig, batch: int, modules=None) -> float:

@@ -162,3 +162,26 @@ def test_choices_made_at_the_step_start_equal_the_ones_made_layer_by_layer(tiny_
         np.testing.assert_array_equal(early(s, x + 0.1 * s, t, y), late(s, x + 0.1 * s, t, y))
     assert sum(made) > 0  # choices were made early
     assert early.flops_done == late.flops_done
+
+
+@pytest.mark.parametrize("policy", ["toca", "taylorseer"])
+def test_a_reused_executor_generates_what_a_new_one_does(tiny_model, tiny_config, policy):
+    """`generate(executor=...)` resets it: the second generation knows nothing of the first's
+    caches, forecasts or selector state (ToCa's scores, TaylorSeer's factors); one made for
+    another schedule is refused."""
+    from soda.generate import generate, make_executor
+    from soda.sampling import SamplerConfig
+
+    sampler = SamplerConfig("ddim", 6, 4.0, 3)
+    spec = ScheduleSpec.for_model(tiny_config, sampler.kind, sampler.steps)
+    schedule = make_schedule(policy, spec)
+    backend = TorchBackend(tiny_model)
+    executor = make_executor(backend, tiny_config, schedule)
+    runs = [(np.array([1, 7]), 3), (np.array([2, 5]), 4), (np.array([1, 7]), 3)]
+    reused = [generate(backend, tiny_config, sampler, schedule, y, seed, executor=executor) for y, seed in runs]
+    for (y, seed), (x, stats) in zip(runs, reused):
+        fresh, fresh_stats = generate(backend, tiny_config, sampler, schedule, y, seed)
+        np.testing.assert_array_equal(x, fresh)
+        assert stats.flops == fresh_stats.flops
+    with pytest.raises(ValueError, match="another backend or schedule"):
+        generate(backend, tiny_config, sampler, make_schedule("full", spec), np.array([1]), 0, executor=executor)

@@ -84,6 +84,42 @@ def test_sessions_share_one_copy_and_match_private_weights(folder):
     assert shared.shared.nbytes <= engines.manifest.data["weights_bytes"]
 
 
+def test_shared_weights_are_prepacked_only_in_small_folders(folder, monkeypatch):
+    """Prepacking gives each session a packed copy of its GEMM weights: on for private weights and
+    for shared ones up to PREPACK_MAX_BYTES of weights, off above (and when asked). Unpacked
+    shared weights compute bit for bit what unpacked private ones do."""
+    from runtime import ort_backend
+    from runtime.engines import open_engines
+
+    engines = open_engines(folder)
+    size = (folder / "weights.bin").stat().st_size
+    small = ort_backend.OrtBackend(engines, device="cpu", threads=1)
+    assert small.shared is not None and small.prepack
+    assert ort_backend.OrtBackend(engines, device="cpu", threads=1, share_weights=False).prepack
+    monkeypatch.setattr(ort_backend, "PREPACK_MAX_BYTES", size - 1)
+    big = ort_backend.OrtBackend(engines, device="cpu", threads=1)
+    assert big.shared is not None and not big.prepack
+    monkeypatch.setattr(ort_backend, "PREPACK_MAX_BYTES", size)
+    assert ort_backend.OrtBackend(engines, device="cpu", threads=1).prepack
+    assert not ort_backend.OrtBackend(engines, device="cpu", threads=1, prepack=False).prepack
+
+    def packs(backend) -> set[bool]:  # what each session was told (no entry: onnxruntime's default, on)
+        told = set()
+        for session in backend.sessions.values():
+            try:
+                told.add(session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1")
+            except RuntimeError:
+                told.add(True)
+        return told
+
+    assert packs(small) == {True} and packs(big) == {False}
+    own = ort_backend.OrtBackend(engines, device="cpu", threads=1, share_weights=False, prepack=False)
+    unpacked = _generate(big, engines)
+    assert np.array_equal(unpacked, _generate(own, engines))
+    packed = _generate(small, engines)
+    assert np.max(np.abs(packed - unpacked)) <= 1e-5 * np.max(np.abs(unpacked))
+
+
 def test_sessions_read_the_shared_values(folder, tmp_path):
     """A session given a scaled copy of the weights computes with it: the values are used in place
     of the graph's own external data (were they ignored, both outputs would be equal)."""
