@@ -25,10 +25,28 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 PREPACK_MAX_BYTES = 256 << 20
 
 
-def session_options(threads: int | None = None, no_prepacking: bool = False):
+_ARENA_REGISTERED = False  # onnxruntime's environment is one per process, and so is its shared arena
+
+
+def register_shared_cpu_arena() -> None:
+    """One CPU arena in onnxruntime's process-wide environment for every session made with
+    `shared_arena` (`session.use_env_allocators`). Each session otherwise keeps an arena as large
+    as its own peak: a schedule's block sessions held about 1 GB of them on DiT-S/2 under ToCa
+    (docs/runtime.md "Memory"), while the sessions of one loop never run at the same time."""
+    global _ARENA_REGISTERED
+    if not _ARENA_REGISTERED:
+        import onnxruntime as ort
+
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+        _ARENA_REGISTERED = True
+
+
+def session_options(threads: int | None = None, no_prepacking: bool = False, shared_arena: bool = False):
     """Options every session shares: no spinning (torch may share the process and is slowed 3x
     by spinning ORT threads), full graph optimisation. no_prepacking: the CPU kernels use the
-    weights where they lie (shared weights, `runtime.shared_weights`) instead of packed copies."""
+    weights where they lie (shared weights, `runtime.shared_weights`) instead of packed copies.
+    shared_arena: CPU memory from the one arena of `register_shared_cpu_arena`."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -40,6 +58,9 @@ def session_options(threads: int | None = None, no_prepacking: bool = False):
         so.intra_op_num_threads = threads
     if no_prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if shared_arena:
+        register_shared_cpu_arena()
+        so.add_session_config_entry("session.use_env_allocators", "1")
     return so
 
 
@@ -92,12 +113,14 @@ class OrtBackend(GraphBackend):
     open on their first call, so only the patterns a schedule uses cost a session."""
 
     def __init__(self, engines: Engines, device: str = "auto", threads: int | None = None, blocks: bool = True,
-                 io_binding: bool | None = None, share_weights: bool = True, prepack: bool | None = None):
+                 io_binding: bool | None = None, share_weights: bool = True, prepack: bool | None = None,
+                 shared_arena: bool = True):
         """io_binding: None = on for CUDA (device buffers), off for CPU; True on CPU binds numpy
         buffers the same way (tests drive the binding code with it). share_weights: every session
         reads one copy of weights.bin (`runtime.shared_weights`); False: each loads its own.
         prepack: the CPU kernels pack their own copy of the weights (None: always with private
-        weights; with shared ones only up to PREPACK_MAX_BYTES of weights)."""
+        weights; with shared ones only up to PREPACK_MAX_BYTES of weights). shared_arena: the CPU
+        sessions take their working memory from one arena (`register_shared_cpu_arena`)."""
         import onnxruntime as ort
 
         self.engines = engines
@@ -119,7 +142,8 @@ class OrtBackend(GraphBackend):
         if prepack is None:  # CPU kernels prepack a private copy of each shared weight per session
             prepack = self.shared is None or weights.stat().st_size <= PREPACK_MAX_BYTES
         self.prepack = prepack and CUDA not in providers  # the CUDA provider does not prepack
-        self._options = lambda: session_options(threads, no_prepacking=not prepack)
+        self.shared_arena = shared_arena and CUDA not in providers
+        self._options = lambda: session_options(threads, no_prepacking=not prepack, shared_arena=self.shared_arena)
         self.sessions = {}
         for name in engines.graph_names():
             self.sessions[name] = self._open(name)

@@ -5,11 +5,12 @@
 Each entry runs in a fresh process: open `OrtBackend` on the folder (CPU), run two generations
 of the policy (the first opens the block sessions the schedule uses), and report the resident
 set after opening and after the generations, the peak, the second generation's seconds and a
-hash of the samples. "own": every session loads its own weights (`share_weights=False`);
-"own, no prepacking": the same with onnxruntime's weight prepacking off; "shared, no prepacking":
-one copy of the raw weights (`runtime.shared_weights`) and no packed copies; "shared": the
-default, one copy of the raw weights and, up to `PREPACK_MAX_BYTES` of weights, a packed copy
-per session (`OrtBackend(prepack=None)`). The entries alternate for
+hash of the samples. "own": every session loads its own weights (`share_weights=False`) and
+keeps its own arena (before issue 17's memory work); "shared, no prepacking": one copy of the raw
+weights (`runtime.shared_weights`), no packed copies, own arenas (the default until 1587524);
+"shared": the same with a packed copy per session up to `PREPACK_MAX_BYTES` of weights;
+"shared, one arena": the default now, the sessions' working memory from one CPU arena
+(`register_shared_cpu_arena`); "shared, no prepacking, one arena": the least memory. The entries alternate for
 `--rounds` rounds (RSS from the first round, seconds the median). Resident sizes are read from
 /proc/self/status after `malloc_trim(0)` (glibc keeps freed memory otherwise); Linux only.
 """
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("own", "own, no prepacking", "shared, no prepacking", "shared")
+VARIANTS = ("own", "shared, no prepacking", "shared", "shared, one arena", "shared, no prepacking, one arena")
 
 
 def _memory() -> dict[str, int]:
@@ -54,14 +55,15 @@ def child(folder: str, policy: str, variant: str, labels: str) -> dict:
     ys = make_conditioning(engines.config, labels, None, engines.null_caption(), sampler)
     schedule = resolve_schedule(engines, sampler, None if policy == "exported" else policy)
     backend = ort_backend.OrtBackend(engines, device="cpu", share_weights=variant.startswith("shared"),
-                                     prepack=False if variant.endswith("no prepacking") else None)
+                                     prepack=False if "no prepacking" in variant else None,
+                                     shared_arena="one arena" in variant)
     opened = _memory()
     generate(backend, engines.config, sampler, schedule, ys, 0)
     t = time.perf_counter()
     x, _ = generate(backend, engines.config, sampler, schedule, ys, 0)
     seconds = time.perf_counter() - t
     after = _memory()
-    return {"variant": variant, "prepacked": backend.prepack, "sessions": len(backend.sessions), "rss_open_mib": opened["VmRSS"],
+    return {"variant": variant, "prepacked": backend.prepack, "one_arena": backend.shared_arena, "sessions": len(backend.sessions), "rss_open_mib": opened["VmRSS"],
             "rss_after_mib": after["VmRSS"], "anon_after_mib": after["RssAnon"], "file_after_mib": after["RssFile"],
             "peak_mib": after["VmHWM"], "seconds": round(seconds, 3),
             "samples_sha256": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:16]}

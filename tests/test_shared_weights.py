@@ -120,6 +120,32 @@ def test_shared_weights_are_prepacked_only_in_small_folders(folder, monkeypatch)
     assert np.max(np.abs(packed - unpacked)) <= 1e-5 * np.max(np.abs(unpacked))
 
 
+def test_cpu_sessions_take_their_memory_from_one_arena(folder):
+    """By default every CPU session asks for onnxruntime's environment arena (registered once per
+    process); the samples are bit for bit those of sessions with arenas of their own. (What it
+    saves is resident memory, measured in docs/runtime.md "Memory".)"""
+    from runtime import ort_backend
+    from runtime.engines import open_engines
+
+    engines = open_engines(folder)
+
+    def asks(backend) -> set[str]:
+        told = set()
+        for session in backend.sessions.values():
+            try:
+                told.add(session.get_session_options().get_session_config_entry("session.use_env_allocators"))
+            except RuntimeError:  # not set: the session's own arena
+                told.add("0")
+        return told
+
+    one = ort_backend.OrtBackend(engines, device="cpu", threads=1)
+    own = ort_backend.OrtBackend(engines, device="cpu", threads=1, shared_arena=False)
+    assert one.shared_arena and asks(one) == {"1"} and asks(own) == {"0"}
+    assert ort_backend._ARENA_REGISTERED
+    assert np.array_equal(_generate(one, engines), _generate(own, engines))
+    assert asks(one) == {"1"}  # the block sessions the schedule opened too
+
+
 def test_sessions_read_the_shared_values(folder, tmp_path):
     """A session given a scaled copy of the weights computes with it: the values are used in place
     of the graph's own external data (were they ignored, both outputs would be equal)."""
