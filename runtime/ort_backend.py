@@ -143,7 +143,8 @@ class OrtBackend(GraphBackend):
             prepack = self.shared is None or weights.stat().st_size <= PREPACK_MAX_BYTES
         self.prepack = prepack and CUDA not in providers  # the CUDA provider does not prepack
         self.shared_arena = shared_arena and CUDA not in providers
-        self._options = lambda: session_options(threads, no_prepacking=not prepack, shared_arena=self.shared_arena)
+        self._options = lambda: session_options(threads, no_prepacking=CUDA not in providers and not prepack,
+                                                shared_arena=self.shared_arena)
         self.sessions = {}
         for name in engines.graph_names():
             self.sessions[name] = self._open(name)

@@ -11,9 +11,10 @@ from graph to graph), and is handed to every session that reads it with
 device the session plans the initializer for:
 
 - CPU: the OrtValues are views of a read-only memory map of weights.bin (no copy; the page cache
-  holds the bytes once). onnxruntime's CPU kernels would still prepack each session's own packed
-  copy of every MatMul/Gemm weight (the C API's PrepackedWeightsContainer, which shares those, is
-  not in the Python API), so shared sessions run with `session.disable_prepacking`.
+  holds the bytes once). onnxruntime's CPU kernels still prepack each session's own packed copy
+  of every MatMul/Gemm weight (the C API's PrepackedWeightsContainer, which shares those, is not
+  in the Python API): `OrtBackend` lets them up to `PREPACK_MAX_BYTES` of weights (packed GEMMs
+  are 4-5% faster per call) and runs larger folders with `session.disable_prepacking`.
 - CUDA: each tensor is uploaded once (`OrtValue.ortvalue_from_numpy(a, "cuda", id)`); the CUDA
   provider does not prepack.
 """

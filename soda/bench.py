@@ -489,7 +489,8 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
              f"against one monolithic ONNX of the model ...")
         # Opened now, as the monolithic session is: the sessions `backend` opened during the run
         # (after the profile) may sit in a fragmented heap (docs/runtime.md "Timing in one process").
-        timed_backend = backend_for("ort", model, setup.engines_dir, device=setup.device)
+        # On a GPU that is not the host heap's concern, and a second backend would upload the weights again.
+        timed_backend = backend if setup.device == "cuda" else backend_for("ort", model, setup.engines_dir)
         module_backend = (backend_for("ort", model, setup.engines_dir, blocks=False, device=setup.device)
                           if setup.timing_per_module else None)
         report["runtime"] = runtime_report(model, timed_backend, sampler, main_schedules, labels[:setup.timing_images],

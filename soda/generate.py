@@ -149,8 +149,9 @@ def generate(
     """Final samples [n, C, H, W] (before any VAE) and what it cost. `labels`: class labels, or a
     `Conditioning` (captions) for a text-conditioned model. `rng` (default: the generator after
     `seed`'s initial noise) draws DDPM's per-step noise. `executor` (`make_executor`): one to
-    reuse, reset here, so a caller generating batch after batch makes the graph choice of each
-    step once (on dit-digits a new executor per generation cost ~2% of its time, docs/runtime.md)."""
+    reuse, reset before and after, so a caller generating batch after batch makes the graph
+    choice of each step once (on dit-digits a new executor per generation cost ~2% of its time,
+    docs/runtime.md)."""
     cond = labels if isinstance(labels, Conditioning) else Conditioning.from_labels(labels, config.null_label)
     check_memory(config, len(cond) * (2 if sampler.uses_cfg else 1), backend.num_layers * len(backend.modules))
     diffusion = make_diffusion(sampler, config.learn_sigma)
@@ -159,15 +160,20 @@ def generate(
     rng = seed_rng if rng is None else rng
     if noise is not None:
         z = noise
-    if executor is None:
+    given = executor is not None
+    if not given:
         executor = make_executor(backend, config, schedule)
-    elif executor.backend is not backend or executor.schedule is not schedule:
-        raise ValueError("the executor was made for another backend or schedule")
+    elif (executor.backend is not backend or executor.schedule is not schedule
+          or executor.flops != FlopsModel.for_config(config)):
+        raise ValueError("the executor was made for another backend, schedule or model")
     else:
         executor.reset()
     t0 = time.perf_counter()
     x = sample_loop(executor, diffusion, z, cond, None, config.in_channels, rng, progress)
-    return x, RunStats(executor.flops_done, time.perf_counter() - t0)
+    stats = RunStats(executor.flops_done, time.perf_counter() - t0)
+    if given:
+        executor.reset()  # it holds no caches between generations (a bench keeps one per schedule)
+    return x, stats
 
 
 def make_executor(backend: Backend, config: ModelConfig, schedule: Schedule) -> Executor:

@@ -183,5 +183,5 @@ def test_a_reused_executor_generates_what_a_new_one_does(tiny_model, tiny_config
         fresh, fresh_stats = generate(backend, tiny_config, sampler, schedule, y, seed)
         np.testing.assert_array_equal(x, fresh)
         assert stats.flops == fresh_stats.flops
-    with pytest.raises(ValueError, match="another backend or schedule"):
+    with pytest.raises(ValueError, match="another backend, schedule or model"):
         generate(backend, tiny_config, sampler, make_schedule("full", spec), np.array([1]), 0, executor=executor)

@@ -226,3 +226,26 @@ def test_cuda_sessions_share_device_weights(folder):
     assert shared.shared.device_type == "cuda"
     got, ref = _generate(shared, engines), _generate(own, engines)
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
+
+
+def test_a_reused_executor_runs_the_block_and_step_graphs_as_a_new_one(folder):
+    """One executor per schedule across generations (`generate(executor=)`) on the block path:
+    ToCa's full steps with scores, its pruned blocks (token choices made at the step start),
+    reuse steps as one step graph; and full compute as the lean step graph. Every generation
+    equals a fresh executor's, FLOPs included, and the executor holds no caches in between."""
+    from runtime.engines import open_engines, resolve_schedule
+    from runtime.ort_backend import OrtBackend
+    from soda.generate import generate, make_executor
+
+    engines = open_engines(folder)
+    backend = OrtBackend(engines, device="cpu", threads=1)
+    assert backend.blocks
+    for policy in ("toca", "full"):
+        schedule = resolve_schedule(engines, SAMPLER, policy, None, None)
+        executor = make_executor(backend, engines.config, schedule)
+        for labels, seed in (([1, 7], 3), ([2, 5], 4), ([1, 7], 3)):
+            x, stats = generate(backend, engines.config, SAMPLER, schedule, np.array(labels), seed, executor=executor)
+            assert not executor.cache and executor.last_tokens is None and executor.flops_done == 0
+            fresh, fresh_stats = generate(backend, engines.config, SAMPLER, schedule, np.array(labels), seed)
+            assert np.array_equal(x, fresh) and stats.flops == fresh_stats.flops, policy
+        assert any(name.startswith("step.") for name in backend.sessions)  # the step graphs ran
