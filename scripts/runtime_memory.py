@@ -80,6 +80,14 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.folder, args.policy, args.child, args.labels)))
         return
+    from runtime.engines import open_engines
+    from soda.errors import UserError
+
+    try:  # a wrong folder: one line here, not a child's traceback
+        open_engines(args.folder, verify="size")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
         for v in VARIANTS:

@@ -86,4 +86,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from soda.errors import UserError
+
+    try:
+        main()
+    except UserError as e:  # a wrong folder, policy or model: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -88,14 +88,14 @@ class Report:
 
 
 def interleaved(loops: dict[str, Loop], repeats: int, echo: Callable[[str], None] = lambda s: None,
-                progress: Callable | None = None, cpu: dict | None = None) -> dict:
+                progress: Callable | None = None, cpu: dict | None = None, what: str = "timing") -> dict:
     """{name: (seconds per round, samples, flops)}: every round runs every loop once.
-    `progress(desc, total)`: a progress bar with one tick per timed run. `cpu`: filled with
-    {name: CPU seconds of this process per round} (all its threads; time spent waiting for a
-    core that other processes hold is not counted, so it moves less with their load)."""
+    `progress(desc, total)`: a progress bar with one tick per timed run (`what` names it). `cpu`:
+    filled with {name: CPU seconds of this process per round} (all its threads; time spent
+    waiting for a core that other processes hold is not counted, so it moves less with their load)."""
     times: dict[str, list[float]] = {k: [] for k in loops}
     last: dict[str, tuple[np.ndarray, float]] = {}
-    bar = progress(f"timing {len(loops)} entries x {repeats} rounds", repeats * len(loops)) if progress else None
+    bar = progress(f"{what} {len(loops)} entries x {repeats} rounds", repeats * len(loops)) if progress else None
     try:
         for r in range(repeats):
             for name, loop in loops.items():
@@ -215,15 +215,9 @@ def runtime_report(model, backend, sampler_cfg: SamplerConfig, schedules: dict[s
             counter = CallCounter(b) if hasattr(b, "_run") else None
             loops.update({f"{prefix} {n}": counted_loop(schedule_loop(b, config, sampler_cfg, s, labels), counter, steps,
                                                         calls, f"{prefix} {n}") for n, s in schedules.items()})
-        # Warm-up, untimed: every loop once (a schedule's block graphs open on their first call;
-        # first-run allocations and kernel selection).
-        bar = progress(f"warm-up: {len(loops)} entries", len(loops)) if progress else None
-        for loop in loops.values():
-            loop()
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
+        # Warm-up, not counted: every loop once (a schedule's block graphs open on their first
+        # call; first-run allocations and kernel selection).
+        interleaved(loops, 1, progress=progress, what="warm-up:")
         cpu: dict[str, list[float]] = {}
         results = interleaved(loops, repeats, echo, progress, cpu)
     rows = rows_from(results, "stitched full", full_flops(config, sampler_cfg, len(labels), tuple(schedules["full"].modules)))
