@@ -200,7 +200,9 @@ def machine() -> dict:
     return info
 
 
-def run(args, echo=print) -> dict:
+def run(args, echo=print, save=lambda report: None) -> dict:
+    """The report; `save(report)` is called after each backend, so a run stopped at a time limit
+    keeps what it measured."""
     import torch
 
     from soda.bench_runtime import export_monolithic
@@ -272,6 +274,8 @@ def run(args, echo=print) -> dict:
                 report["backends"][b] = {"failed": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
                 echo(f"{b}: FAILED {report['backends'][b]['failed']}")
             report["backends"][b]["backend_seconds"] = round(time.perf_counter() - t0, 1)
+            echo(summary(b, report["backends"][b]))
+            save(report)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     tc = report["backends"].get("torch-cuda", {})
     if "policies" in tc and "soda" in tc["policies"]:
@@ -279,6 +283,14 @@ def run(args, echo=print) -> dict:
             "soda_wall_speedup": tc["policies"]["soda"]["wall_speedup"] >= TARGETS["soda_wall_speedup_min"],
             "stitched_overhead": tc["stitched_full_over_monolithic"] - 1 <= TARGETS["stitched_overhead_max"]}
     return report
+
+
+def summary(name: str, r: dict) -> str:
+    """One line per backend: its figures, or why it has none."""
+    if "policies" in r:
+        return f"{name}: stitched full / monolithic = {r['stitched_full_over_monolithic']:.3f}; " + ", ".join(
+            f"{p} {v['wall_speedup']:.2f}x wall / {v['flops_speedup']:.2f}x FLOPs" for p, v in r["policies"].items())
+    return f"{name}: {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped') or r.get('failed')}"
 
 
 def one_backend(name, model, config, sampler_cfg, schedules, labels, tmp: Path, args, echo) -> dict:
@@ -370,20 +382,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from soda.errors import UserError
 
+    from soda.schedule import write_json_atomic
+
     try:
-        report = run(args, echo=lambda s: print(s, flush=True))
+        report = run(args, echo=lambda s: print(s, flush=True), save=lambda r: write_json_atomic(out, r))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from soda.schedule import write_json_atomic
-
     write_json_atomic(out, report)
     for b, r in report["backends"].items():
-        if "policies" in r:
-            print(f"{b}: stitched full / monolithic = {r['stitched_full_over_monolithic']:.3f}; " + ", ".join(
-                f"{p} {v['wall_speedup']:.2f}x wall / {v['flops_speedup']:.2f}x FLOPs" for p, v in r["policies"].items()))
-        else:
-            print(f"{b}: {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped') or r.get('failed')}")
+        print(summary(b, r))
     print(f"report -> {out}")
     # A GPU session must not pass with nothing measured: a failed backend, or none that ran, is exit 1.
     failed = [b for b, r in report["backends"].items() if "failed" in r]
