@@ -11,7 +11,8 @@ image quality. Backends (each skipped with its reason where this machine lacks i
   ort-cuda                      onnxruntime CUDA on CuPy arrays (IO binding); monolithic = one ONNX
   trt-fp16                      TensorRT engines (built and checked against ONNX fp32 here, minutes);
                                 monolithic = one engine of the whole model
-  torch-cpu, ort-cpu            the same on the CPU (--tiny runs these, so the script cannot rot)
+  torch-cpu, torch-cpu-bf16,    the same on the CPU (--tiny runs these, so the script cannot rot;
+  ort-cpu                       torch-cpu-bf16 is there for the bf16 code path, not for its speed)
 Every policy is scheduled at the same FLOPs speedup (--speedup, 2.5); SODA is profiled on
 --profile-samples generations first. Entries of a backend are timed in interleaved rounds
 after one warm-up run; seconds are medians, a wall speedup is the median of per-round ratios
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GPU_BACKENDS = ("torch-cuda", "torch-cuda-bf16", "ort-cuda", "trt-fp16")
-CPU_BACKENDS = ("torch-cpu", "ort-cpu")
+CPU_BACKENDS = ("torch-cpu", "torch-cpu-bf16", "ort-cpu")
 TARGETS = {"soda_wall_speedup_min": 2.3, "stitched_overhead_max": 0.03}  # issue 13, torch-cuda
 
 
@@ -67,7 +68,7 @@ def unavailable(name: str) -> str:
         if trt is None or gpu is None:
             return why
         return cuda_availability()[1]
-    if name == "torch-cpu":
+    if name in ("torch-cpu", "torch-cpu-bf16"):
         return ""
     return f"unknown backend {name!r}"
 
@@ -81,10 +82,13 @@ def torch_monolithic(model, device: str, dtype, config, sampler_cfg, labels):
 
     diffusion = Diffusion(sampler_cfg, learn_sigma=config.learn_sigma)
 
+    # The same precision as TorchBackend(device, dtype): float32 weights and inputs, matmuls under
+    # autocast (casting the input alone would meet float32 weights in the first convolution).
     @torch.no_grad()
     def model_fn(s, x, t, y):
-        out = model(torch.from_numpy(x).to(device, dtype), torch.from_numpy(t).to(device),
-                    torch.from_numpy(y["y"]).to(device))
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(torch.from_numpy(x).to(device), torch.from_numpy(t).to(device),
+                        torch.from_numpy(y["y"]).to(device))
         return out.float().cpu().numpy()
 
     def loop():
@@ -236,6 +240,8 @@ def run(args, echo=print, save=lambda report: None) -> dict:
     model = build_model(config)
     model.randomize_zero_init(0)
     model, weights = model.eval(), "random-init-0"
+    with torch.no_grad():  # the same seed gives the same weights on any machine; this shows it did
+        report["weights_sum"] = float(sum(p.double().sum() for p in model.parameters()))
     sampler_cfg = SamplerConfig(args.sampler, args.steps, args.cfg_scale, 3 if config.in_channels == 4 else None)
     spec = ScheduleSpec.for_model(config, args.sampler, args.steps)
     fm = FlopsModel.for_config(config)
@@ -246,11 +252,7 @@ def run(args, echo=print, save=lambda report: None) -> dict:
         if p == "full":
             continue
         if p.startswith("soda"):
-            from soda.profile import profile
-
-            echo(f"profiling {args.profile_samples} generation(s) for {p} (torch, CPU) ...")
-            prof = profile(model, sampler_cfg, args.profile_samples, seed=1, weights=weights,
-                           orders=(1, 2) if p == "soda-forecast" else ())
+            prof = soda_profile(args, p, model, sampler_cfg, weights, echo)
             schedules[p] = make_schedule(p, spec, speedup=args.speedup, profile=prof)
         else:
             schedules[p] = make_schedule(p, spec, speedup=args.speedup, flops=fm)
@@ -285,6 +287,32 @@ def run(args, echo=print, save=lambda report: None) -> dict:
     return report
 
 
+def soda_profile(args, policy: str, model, sampler_cfg, weights: str, echo):
+    """SODA's profile: read from --profile when that file exists (made by an earlier run for the same
+    model, weights and sampler), else computed here (on the CPU: DiT-XL/2 at DDIM-50 took 6 of a
+    GPU session's 15 minutes) and written there when --profile names a file."""
+    from soda.errors import UserError
+    from soda.profile import Profile, profile
+
+    orders = (1, 2) if policy == "soda-forecast" else ()
+    path = Path(args.profile) if args.profile else None
+    if path is not None and path.exists():
+        prof = Profile.load(path)
+        made = (prof.weights, prof.samples, prof.seed, prof.sampler, tuple(prof.orders))
+        wanted = (weights, args.profile_samples, 1, sampler_cfg.to_dict(), orders)
+        if made != wanted:
+            raise UserError(f"--profile {path}: made for {made}, this run needs {wanted} "
+                            "(delete it to profile again)")
+        echo(f"{policy}: profile read from {path}")
+        return prof
+    echo(f"profiling {args.profile_samples} generation(s) for {policy} (torch, CPU) ...")
+    prof = profile(model, sampler_cfg, args.profile_samples, seed=1, weights=weights, orders=orders)
+    if path is not None:
+        prof.save(path)
+        echo(f"{policy}: profile written to {path} (--profile {path} reuses it)")
+    return prof
+
+
 def summary(name: str, r: dict) -> str:
     """One line per backend: its figures, or why it has none."""
     if "policies" in r:
@@ -299,7 +327,7 @@ def one_backend(name, model, config, sampler_cfg, schedules, labels, tmp: Path, 
     if name.startswith("torch"):
         from soda.torch_backend import DTYPES, TorchBackend
 
-        device = "cpu" if name == "torch-cpu" else "cuda"
+        device = "cpu" if name.startswith("torch-cpu") else "cuda"
         dtype = DTYPES["bf16"] if name.endswith("bf16") else torch.float32
         backend = TorchBackend(model, device=device, dtype=dtype)  # a copy of the model there, in this precision
         mono = torch_monolithic(backend.model, device, dtype, config, sampler_cfg, labels)
@@ -340,6 +368,8 @@ def parse(argv):
     ap.add_argument("--speedup", type=float, default=2.5)
     ap.add_argument("--repeats", type=int, default=None, help="Interleaved timing rounds [3; --tiny: 1].")
     ap.add_argument("--profile-samples", type=int, default=1)
+    ap.add_argument("--profile", default=None, help="SODA's profile: read from this file when it exists, "
+                    "else computed and written there (saves the profiling on a later run).")
     ap.add_argument("--backends", default=None,
                     help=f"[{','.join(GPU_BACKENDS)}; --tiny adds {','.join(CPU_BACKENDS)}]")
     ap.add_argument("--workdir", default=None, help="Where the temporary export goes [system temp].")
