@@ -298,9 +298,11 @@ def soda_profile(args, policy: str, model, sampler_cfg, weights: str, echo):
     path = Path(args.profile) if args.profile else None
     if path is not None and path.exists():
         prof = Profile.load(path)
-        made = (prof.weights, prof.samples, prof.seed, prof.sampler, tuple(prof.orders))
-        wanted = (weights, args.profile_samples, 1, sampler_cfg.to_dict(), orders)
-        if made != wanted:
+        made = (prof.weights, prof.samples, prof.seed, prof.sampler)
+        wanted = (weights, args.profile_samples, 1, sampler_cfg.to_dict())
+        # A profile with more forecast orders serves too: E_c and E_p do not depend on them.
+        if made != wanted or not set(orders) <= set(prof.orders):
+            made, wanted = (*made, f"orders {prof.orders}"), (*wanted, f"orders {list(orders)}")
             raise UserError(f"--profile {path}: made for {made}, this run needs {wanted} "
                             "(delete it to profile again)")
         echo(f"{policy}: profile read from {path}")

@@ -83,3 +83,11 @@ def test_gpu_check_profile_is_written_then_reused_and_refused_for_another_run(tm
     third = _check(tmp_path, *flags, "--steps", "8")
     assert third.returncode == 2 and "--profile" in third.stderr and "ddim" in third.stderr, third.stderr
     assert "Traceback" not in third.stderr
+    # a profile made with forecast orders serves SODA too (its E_c and E_p do not depend on them); not the reverse
+    forecast = tmp_path / "forecast_profile.json"
+    made = _check(tmp_path, "--tiny", "--backends", "ort-cpu", "--policies", "full,soda-forecast", "--profile", str(forecast))
+    assert made.returncode == 0, made.stderr[-2000:]
+    served = _check(tmp_path, *flags[:-1], str(forecast))
+    assert served.returncode == 0 and f"profile read from {forecast}" in served.stdout, served.stderr[-2000:]
+    refused = _check(tmp_path, "--tiny", "--backends", "ort-cpu", "--policies", "full,soda-forecast", "--profile", str(prof))
+    assert refused.returncode == 2 and "orders []" in refused.stderr and "orders [1, 2]" in refused.stderr, refused.stderr
