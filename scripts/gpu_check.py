@@ -230,7 +230,11 @@ def run(args, echo=print, save=lambda report: None) -> dict:
     for b, r in reasons.items():
         if r:
             echo(f"{b}: skipped ({r})")
-    if not todo:
+    # With nothing to time here, only a --profile still to be made is worth the model: profile on
+    # this machine's CPU now, so a GPU session reads it instead of spending its minutes on it.
+    profile_here = bool(args.profile) and not Path(args.profile).exists() and any(
+        p.startswith("soda") for p in args.policies.split(","))
+    if not todo and not profile_here:
         return report
     t_start = time.perf_counter()
     if args.threads:
@@ -256,6 +260,10 @@ def run(args, echo=print, save=lambda report: None) -> dict:
             schedules[p] = make_schedule(p, spec, speedup=args.speedup, profile=prof)
         else:
             schedules[p] = make_schedule(p, spec, speedup=args.speedup, flops=fm)
+    if profile_here:
+        report["soda_profile_written"] = args.profile
+    if not todo:
+        return report
     exported = next((schedules[p] for p in ("soda", "soda-forecast") if p in schedules), schedules["full"])
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
@@ -371,7 +379,8 @@ def parse(argv):
     ap.add_argument("--repeats", type=int, default=None, help="Interleaved timing rounds [3; --tiny: 1].")
     ap.add_argument("--profile-samples", type=int, default=1)
     ap.add_argument("--profile", default=None, help="SODA's profile: read from this file when it exists, "
-                    "else computed and written there (saves the profiling on a later run).")
+                    "else computed and written there, even on a machine with no backend to time (so a GPU "
+                    "session can read it instead of profiling on its clock).")
     ap.add_argument("--backends", default=None,
                     help=f"[{','.join(GPU_BACKENDS)}; --tiny adds {','.join(CPU_BACKENDS)}]")
     ap.add_argument("--workdir", default=None, help="Where the temporary export goes [system temp].")
@@ -428,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     # A GPU session must not pass with nothing measured: a failed backend, or none that ran, is exit 1.
     failed = [b for b, r in report["backends"].items() if "failed" in r]
     measured = [b for b, r in report["backends"].items() if "policies" in r]
+    if not failed and not measured and report.get("soda_profile_written"):
+        print(f"nothing to time here; SODA's profile is in {report['soda_profile_written']} for a GPU run to read")
+        return 0
     if failed or not measured:
         print(f"error: {'failed: ' + ', '.join(failed) if failed else 'no backend could be measured here'} "
               f"(reasons in {out})", file=sys.stderr)

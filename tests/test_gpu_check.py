@@ -91,3 +91,17 @@ def test_gpu_check_profile_is_written_then_reused_and_refused_for_another_run(tm
     assert served.returncode == 0 and f"profile read from {forecast}" in served.stdout, served.stderr[-2000:]
     refused = _check(tmp_path, "--tiny", "--backends", "ort-cpu", "--policies", "full,soda-forecast", "--profile", str(prof))
     assert refused.returncode == 2 and "orders []" in refused.stderr and "orders [1, 2]" in refused.stderr, refused.stderr
+
+
+def test_gpu_check_profiles_ahead_on_a_machine_without_the_backends(tmp_path):
+    """--profile on a CPU-only machine: SODA's profile is made here, for a GPU session to read."""
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA: torch-cuda would be timed")
+    prof = tmp_path / "ahead.json"
+    r = _check(tmp_path, "--tiny", "--backends", "torch-cuda", "--policies", "full,soda", "--profile", str(prof))
+    assert r.returncode == 0 and f"SODA's profile is in {prof}" in r.stdout, r.stderr[-2000:]
+    assert json.loads(prof.read_text())["kind"] and "no CUDA device" in r.stdout
