@@ -110,18 +110,30 @@ class BlockGraph(nn.Module):
                     if c != COMPUTED_ONLY:
                         outs += [D] + ([score] if spec.score and c == COMPUTE else [])
                 else:
-                    # Rows of the flattened tokens: Gather and ScatterND copy whole rows, 2.8x faster
-                    # in onnxruntime than GatherElements/ScatterElements on an expanded index.
-                    B, N, H = x.shape
-                    at = (given[f"idx.{key}"] + torch.arange(B).unsqueeze(1) * N).reshape(-1)
-                    part, score = self.model.module_forward(l, spec.name, x.reshape(-1, H)[at].reshape(B, -1, H),
-                                                            tuple(args), ctx)
-                    D = given[f"cache.{key}"].reshape(-1, H).clone()
-                    D[at] = part.reshape(-1, H)
-                    D = D.reshape(B, N, H)
+                    idx = given[f"idx.{key}"]
+                    part, score = self.model.module_forward(l, spec.name, gather_rows(x, idx), tuple(args), ctx)
+                    D = scatter_rows(given[f"cache.{key}"], idx, part)
                     outs += [D, part] + ([score] if spec.score else [])
                 x = x + gate.unsqueeze(1) * D if spec.gated else x + D
         return x, outs
+
+
+def gather_rows(x, idx):
+    """x[b, idx[b]]: [B, k, D] from x [B, N, D] and idx [B, k]. Whole rows of the flattened tokens
+    (ONNX Gather): 2.8x faster in onnxruntime than GatherElements on an expanded index."""
+    B, N, H = x.shape
+    at = (idx + torch.arange(B).unsqueeze(1) * N).reshape(-1)
+    return x.reshape(-1, H)[at].reshape(B, -1, H)
+
+
+def scatter_rows(cache, idx, part):
+    """A copy of `cache` [B, N, D] with rows idx [B, k] replaced by `part` [B, k, D]: one ONNX
+    ScatterND on the [B, N, D] tensor itself, by (row, token) pairs. Scattering into the
+    flattened tokens needs a reshape back, which onnxruntime copies when it is a graph output
+    (the new cache): 120 us of a 1.8 ms pruned DiT-S/2 layer."""
+    out = cache.clone()
+    out[torch.arange(cache.shape[0]).unsqueeze(1).expand_as(idx), idx] = part
+    return out
 
 
 class FinalGraph(nn.Module):
