@@ -97,8 +97,9 @@ class BlockGraph(nn.Module):
 
     def _layers(self, given: dict, x, step: tuple):
         outs = []
+        given_only = frozenset(spec.name for spec, c in zip(self.iface.modules, self.block.code) if c == GIVEN)
         for l in self.block.layers:
-            mods = self.model.layer_modulation(l, step)
+            mods = self.model.layer_modulation(l, step, gates_only=given_only)  # a given output needs its gate only
             for spec, c in zip(self.iface.modules, self.block.code):
                 key = f"{spec.name}.{l}"
                 args, gate = mods[spec.name]

@@ -426,3 +426,41 @@ def test_the_scoreless_step_graph_leaves_the_score_reductions_out(folders):
     assert outs[f"step.0-{L - 1}.kk"] == {"out", "tokens_out"} | {f"out.{m}.{l}" for m in engines.modules for l in range(L)}
     assert "received.attn.0" in outs["block.0.ff"]
     assert "ReduceSum" in ops["block.0.ff"] and "ReduceSum" not in ops[f"step.0-{L - 1}.kk"]
+
+
+def test_a_layer_of_given_outputs_reads_only_their_gates(folders, strong_tiny_model):
+    """A DiT layer whose modules are all given ("rr") computes only the two gates: its graph holds
+    two D x D slices of adaLN's weight, a third of what a full layer ("ff") reads for its
+    modulation; a pruned layer ("rp") reads four. The slices are the same tensors in every
+    graph, so the weights file still holds each once."""
+    import torch
+
+    from runtime.engines import open_engines
+
+    engines = open_engines(folders[0].folder)
+    D = engines.config.hidden_size
+    linear = strong_tiny_model.blocks[0].adaLN_modulation[1]
+    chunks = [linear.weight[i * D:(i + 1) * D].detach().numpy() for i in range(6)]
+    weights = engines.folder / engines.manifest.data["weights_file"]
+
+    def modulation_terms(graph: str) -> set[int]:
+        """Which of adaLN's six weight slices (shift_msa, scale_msa, gate_msa, shift_mlp, ...) the
+        graph reads (the biases, D floats, are small enough to stay inside the graph)."""
+        held = set()
+        for _, offset, length, _, shape in engines.manifest.artefacts[graph].initializers:
+            if tuple(shape) == (D, D):
+                a = np.fromfile(weights, dtype=np.float32, count=length // 4, offset=offset).reshape(D, D)
+                held |= {i for i, ch in enumerate(chunks) if np.array_equal(a, ch)}
+        return held
+
+    assert modulation_terms("block.0.rr") == {2, 5}
+    assert modulation_terms("block.0.rp") == {2, 3, 4, 5}
+    assert modulation_terms("block.0.ff") == set(range(6))
+    assert engines.manifest.data["weights_bytes"] <= 1.1 * engines.manifest.data["raw_fp32_bytes"]
+    # the gates alone equal the gates of the whole modulation; given modules get no shift/scale
+    c = torch.randn(3, D, generator=torch.Generator().manual_seed(0))
+    whole = strong_tiny_model.blocks[0].modulation(c)
+    gates = strong_tiny_model.layer_modulation(0, (c,), gates_only=frozenset({"attn", "mlp"}))
+    for name in ("attn", "mlp"):
+        assert gates[name][0] is None
+        torch.testing.assert_close(gates[name][1], whole[name].gate, rtol=0, atol=1e-6)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from soda.models.config import ModelConfig
 
@@ -254,9 +255,21 @@ class DiT(nn.Module):
         tokens, c = self.embed(x, t, context["y"])
         return tokens, (c,)
 
-    def layer_modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, torch.Tensor]]:
-        mods = self.blocks[layer].modulation(step[0])
-        return {name: ((m.shift, m.scale), m.gate) for name, m in mods.items()}
+    def layer_modulation(self, layer: int, step: tuple, gates_only: frozenset[str] = frozenset()
+                         ) -> dict[str, tuple[tuple | None, torch.Tensor]]:
+        """{module: ((shift, scale), gate)}; (None, gate) for the modules in `gates_only`, whose
+        cached outputs are only added. adaLN's linear runs chunk by chunk (a D x D slice of its
+        weight per term): a layer that reuses both modules reads a third of the weights (the
+        memory-bound part of a reuse step), and every graph slices the same tensors, which the
+        export stores once. The same sums as `DiTBlock.modulation` (1e-6 here, not bit for bit)."""
+        linear = self.blocks[layer].adaLN_modulation[1]
+        s, D = F.silu(step[0]), self.config.hidden_size
+
+        def chunk(i: int) -> torch.Tensor:  # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+            return F.linear(s, linear.weight[i * D:(i + 1) * D], linear.bias[i * D:(i + 1) * D])
+
+        return {name: (None if name in gates_only else (chunk(3 * m), chunk(3 * m + 1)), chunk(3 * m + 2))
+                for m, name in enumerate(DiTBlock.modules_order)}
 
     def module_forward(self, layer: int, name: str, tokens: torch.Tensor, args: tuple, context: dict | None = None):
         """(pre-gate D, attention received or None) of module `name` at `layer`; `context` holds

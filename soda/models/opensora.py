@@ -449,7 +449,9 @@ class STDiT3(nn.Module):
         grid = torch.zeros_like(t[:, None], dtype=torch.int64) + shape  # [B, 3]
         return tokens, (cond.t_mlp, cond.t, grid)
 
-    def layer_modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, torch.Tensor | None]]:
+    def layer_modulation(self, layer: int, step: tuple, gates_only: frozenset[str] = frozenset()
+                         ) -> dict[str, tuple[tuple, torch.Tensor | None]]:
+        # A table add: nothing to save for `gates_only` (a DiT layer's matmul), so every term comes.
         mods = self.layers[layer].modulation(step[0])
         return {name: (() if m.shift is None else (m.shift, m.scale), m.gate) for name, m in mods.items()}
 

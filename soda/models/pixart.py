@@ -197,7 +197,9 @@ class PixArt(nn.Module):
         temb = self.t_embedder(t)
         return tokens, (self.t_block(temb), temb)
 
-    def layer_modulation(self, layer: int, step: tuple) -> dict[str, tuple[tuple, torch.Tensor | None]]:
+    def layer_modulation(self, layer: int, step: tuple, gates_only: frozenset[str] = frozenset()
+                         ) -> dict[str, tuple[tuple, torch.Tensor | None]]:
+        # A table add: nothing to save for `gates_only` (a DiT layer's matmul), so every term comes.
         sm, cm, gm, sf, cf, gf = self.blocks[layer].modulation(step[0])
         return {"attn": ((sm, cm), gm), "cross_attn": ((), None), "mlp": ((sf, cf), gf)}
 
