@@ -422,7 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --json {out}: use a .json file", file=sys.stderr)
         return 2
     from soda.errors import UserError
-
     from soda.schedule import write_json_atomic
 
     try:

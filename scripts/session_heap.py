@@ -86,10 +86,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from soda.errors import UserError
+    from soda.errors import main_or_exit
 
-    try:
-        main()
-    except UserError as e:  # a wrong folder, policy or model: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_or_exit(main)  # a wrong folder, policy or model: one line, not a traceback

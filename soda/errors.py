@@ -3,6 +3,10 @@
 The CLI prints its message as a single line and exits 2; anything else is a bug and keeps
 its traceback.
 """
+from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class UserError(Exception):
@@ -11,3 +15,12 @@ class UserError(Exception):
 
 class NonFiniteError(UserError):
     """NaN or inf appeared while sampling (damaged weights, absurd noise); says where first."""
+
+
+def main_or_exit(main: Callable[[], object]) -> None:
+    """Run a script's `main`; a UserError ends it as the CLI does: one "error:" line, exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,18 @@
+"""The timing scripts answer a wrong folder with one "error:" line and exit 2 (soda.errors.main_or_exit)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("script", ["step_kinds.py", "session_heap.py"])
+def test_a_missing_engines_folder_is_one_line(tmp_path, script):
+    missing = tmp_path / "no-such-folder"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--engines", str(missing)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and str(missing) in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
