@@ -84,7 +84,10 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     for name, art in manifest["artefacts"].items():
         plan = out / f"{name}.{precision}.plan"
         profiles = _profiles(art, counts, max_batch, max_caption, video)
-        if not profiles:  # a pruned block while the exported schedule prunes nothing: no count to build for
+        if not profiles:  # a pruned block while the exported schedule prunes nothing, or too many combinations
+            if pruned_axes(art) and any(k < max(counts) for k in counts):
+                echo(f"TensorRT {name}: no engine (over {MAX_BLOCK_PROFILES} combinations of pruned counts); "
+                     "its layers run from their per-layer engines")
             continue
         key = {"onnx_sha256": art["sha256"], "precision": precision, "profiles": profiles}
         entry = {"file": str(plan.relative_to(folder)), "precision": precision, "profiles": profiles,
@@ -118,6 +121,11 @@ def pruned_axes(art: dict) -> list[str]:
     return axes
 
 
+# A block engine gets one optimization profile per combination of its pruned counts; past this
+# many (a block pruning one module in each of 12 layers at 2 counts has 4096) it gets no engine.
+MAX_BLOCK_PROFILES = 64
+
+
 def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1, video: dict | None = None
               ) -> list[dict]:
     """One profile per token count for graphs with a token axis "n"; for a block graph one per
@@ -125,7 +133,8 @@ def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1
     one profile. Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch, a caption
     axis L from 1 to the model's caption length; a video model's size axes fixed at the exported
     video, so TensorRT engines serve that size only, onnxruntime any). Empty: a pruned block with
-    no pruned count to build for."""
+    no pruned count to build for, or with more combinations than MAX_BLOCK_PROFILES (a pruned step
+    over every layer): no engine, and the runtime runs those layers from their per-layer engines."""
     import itertools
 
     video = video or {}
@@ -135,6 +144,8 @@ def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1
         tokens = next(t["shape"] for t in art["inputs"] if t["name"] == "tokens")
         N = video.get(tokens[1], tokens[1])  # a video block's "N": the exported video's
         pruned = [k for k in counts if k < N]  # a block takes all N tokens; its modules prune to k < N
+        if len(pruned) ** len(axes) > MAX_BLOCK_PROFILES:  # e.g. a pruned step over every layer
+            return []
         combos = [dict(zip(axes, ks)) for ks in itertools.product(pruned, repeat=len(axes))]
     else:
         combos = [{}]

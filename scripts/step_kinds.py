@@ -3,9 +3,10 @@
 
     python scripts/step_kinds.py --engines /tmp/s2f --policy toca --rounds 3
 
-One backend with block and step graphs, one module by module (`OrtBackend(blocks=False)`), the
-same schedule (a baseline made for the exported sampler at --speedup); generations alternate
-between them after one warm-up each. Per step: the median over the rounds of the executor call
+One backend with block and step graphs, one module by module (`OrtBackend(blocks=False)`) or,
+with `--versus DIR2`, the block graphs of another export of the same model (an A/B of two graph
+sets), the same schedule (a baseline made for the exported sampler at --speedup); generations
+alternate between them after one warm-up each. Per step: the median over the rounds of the executor call
 (the model output of that step, CFG rows included); per kind of step: the sum over its steps,
 and its share of the policy's FLOPs. "prune+reuse" is a step whose layers prune some modules
 and reuse the others.
@@ -31,10 +32,12 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=2.5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--labels", default="1,7")
+    ap.add_argument("--versus", help="a second engines folder of the same model, timed in place of the per-module path")
     args = ap.parse_args()
 
     from runtime.engines import open_engines, resolve_schedule
     from runtime.ort_backend import OrtBackend
+    from soda.errors import UserError
     from soda.generate import make_conditioning, make_executor
     from soda.sampling import initial_noise, make_diffusion, sample_loop
     from soda.schedule import parse_action
@@ -48,7 +51,14 @@ def main() -> None:
     times: dict[str, dict[int, list[float]]] = {}
     flops: dict[int, float] = {}
     entries = {}
-    for name, backend in (("blocks", OrtBackend(engines)), ("per-module", OrtBackend(engines, blocks=False))):
+    other = ("per-module", OrtBackend(engines, blocks=False))
+    if args.versus:
+        second = open_engines(args.versus)
+        mine, theirs = ((e.manifest.model_hash, e.manifest.weights) for e in (engines, second))
+        if mine != theirs:
+            raise UserError(f"--versus {args.versus} holds another model or weights ({theirs}) than {args.engines} ({mine})")
+        other = ("versus", OrtBackend(second))
+    for name, backend in (("blocks", OrtBackend(engines)), other):
         executor = make_executor(backend, config, schedule)
         times[name] = collections.defaultdict(list)
 
@@ -80,7 +90,7 @@ def main() -> None:
         versus = f", per FLOP {per_flop[kind] / per_flop['full']:.2f}x the full steps'" if "full" in per_flop else ""
         print(f"  {kind:<14} {len(steps):2d} steps, {kind_flops / total:6.1%} of the FLOPs: "
               + "  ".join(f"{name} {v * 1e3:8.1f} ms" for name, v in sums.items())
-              + f"  blocks / per-module {sums['blocks'] / sums['per-module']:.3f}{versus}")
+              + f"  blocks / {other[0]} {sums['blocks'] / sums[other[0]]:.3f}{versus}")
     all_ms = {name: sum(statistics.median(v) for v in times[name].values()) for name in times}
     print("  all steps:     " + "  ".join(f"{name} {v * 1e3:8.1f} ms" for name, v in all_ms.items()))
 

@@ -136,6 +136,8 @@ def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
     """The block graphs an export writes, per layer: all-full, all-given, the last module (the
     MLP) pruned with the others given (the baselines' pattern: ToCa and DuCa on DiT reuse the
     attention and prune the MLP), and every pattern `schedule` uses (SODA's, fixed at export);
+    the baselines' pattern also over every layer at once, their pruned steps' layers in one call
+    (on DiT-S/2 those steps ran 0.96x (ToCa) and 0.90x (DuCa) the per-layer blocks, docs/runtime.md);
     plus step graphs (`Block.step`) for a whole full step, with its outputs but no scores ("k";
     a full step whose scores a later step reads runs its layers' "ff" blocks) and without ("c":
     full steps no later step reads), and for a whole all-given step (FORA's and SODA's
@@ -155,6 +157,8 @@ def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
             if code is not None and code not in chosen:
                 chosen.append(code)
     blocks = [Block(l, l, c) for l in range(depth) for c in chosen]
+    if interface.modules[-1].prunable and depth > 1:
+        blocks.append(Block(0, depth - 1, GIVEN * (M - 1) + PRUNED))
     return blocks + [Block(0, depth - 1, c * M, step=True) for c in STEP_CODES]
 
 

@@ -20,6 +20,7 @@ import json
 import numpy as np
 import pytest
 
+from soda.blocks import layer_code
 from soda.sampling import SamplerConfig
 from soda.selectors import make_selector
 
@@ -180,7 +181,12 @@ def test_block_runtime_equals_torch_reference(backends, soda_forecast_schedule, 
     assert calls["step.rr"] == len(given)  # a whole reuse (or forecast) step is one call too
     # every other step: embed, its layers, final (skip steps: embed and final only)
     assert calls["embed"] == calls["final"] == STEPS - len(full) - len(given) + len(scored)
-    assert not any(k.endswith("*") for k in calls)  # no multi-layer block graph: step graphs cover whole steps
+    # the one multi-layer block: a step of the baselines' pruned pattern (attention given, MLP
+    # pruned) in every layer runs its layers in one call when its tokens can be chosen before it
+    whole_pruned = sum(st != "skip" and {layer_code(row) for row in st} == {"rp"} for st in schedule.steps)
+    assert {k for k in calls if k.endswith("*")} <= {"block.rp*"} and calls["block.rp*"] <= whole_pruned
+    if policy in ("toca", "duca"):  # ToCa's DDPM-10 schedule here prunes in layer 0 only ("rp/rr")
+        assert calls["block.rp*"] == whole_pruned and (whole_pruned > 0 or (policy, kind) == ("toca", "ddpm"))
     if policy in ("full", "fora", "taylorseer"):
         assert sum(calls.values()) == STEPS  # one call per step, every step
     if policy in ("fora", "taylorseer"):

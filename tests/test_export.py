@@ -450,6 +450,10 @@ def test_trt_block_profiles_one_per_pruned_count(exported):
                      {"name": "idx.mlp.0", "shape": ["B", "n_mlp_0"]}]}
     assert [p["axes"] for p in _profiles(pp, [16, 8, 4], 2)] == [
         {"n_attn_0": a, "n_mlp_0": b} for a in (8, 4) for b in (8, 4)]
+    # a pruned step over every layer: one axis per layer, too many combinations for engine profiles
+    step = {"inputs": [{"name": "tokens", "shape": ["B", 16, 32]}]
+            + [{"name": f"idx.mlp.{l}", "shape": ["B", f"n_mlp_{l}"]} for l in range(12)]}
+    assert _profiles(step, [16, 8], 2) != [] and _profiles(step, [16, 8, 4], 2) == []  # 1 and 4096 combinations
     video = {"inputs": [{"name": "tokens", "shape": ["B", "N", 32]}, {"name": "idx.mlp.0", "shape": ["B", "n_mlp_0"]}]}
     assert [p["axes"]["n_mlp_0"] for p in _profiles(video, [24, 12, 6], 2, video={"N": 24})] == [12, 6]
 
