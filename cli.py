@@ -463,6 +463,9 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
               help="torch threads; 1 is fastest on a shared machine (10x faster than 2 under a load of 10).")
 @click.option("--timing-rounds", type=click.IntRange(min=1), default=None,
               help="--backend ort: interleaved rounds of the runtime-vs-monolithic timing [5].")
+@click.option("--timing-images", type=click.IntRange(min=1), default=None,
+              help="--backend ort: images (first of the evaluation samples) in each timing round [2]; the "
+                   "fixed per-step cost of streaming the weights weighs less with more.")
 @click.option("--timing-per-module", is_flag=True,
               help="--backend ort: also time every schedule module by module (no block graphs), in the same rounds.")
 @video_options
@@ -473,7 +476,7 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
 def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cfg_channels, policies, speedup,
               samples, seed, batch_size, profile_file, profile_samples, frontier, plot, backend, engines_dir, device,
               precision, eval_seeds, tune, tune_samples, planner, ablation, prompt_embeds, calibration_prompts, threads,
-              timing_rounds, timing_per_module, height, width, num_frames, fps, json_out, grid_png, ray_address, workers):
+              timing_rounds, timing_images, timing_per_module, height, width, num_frames, fps, json_out, grid_png, ray_address, workers):
     """Fidelity and speed of every policy against full compute, on the same noise."""
     import shlex
 
@@ -487,7 +490,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
                        eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
                        tune_samples=tune_samples, planner=planner, ablation=ablation, prompt_embeds=prompt_embeds,
                        calibration_prompts=calibration_prompts, keep_samples=min(10, samples) if grid_png else 0,
-                       timing_repeats=timing_rounds or 5, timing_per_module=timing_per_module, device=device,
+                       timing_repeats=timing_rounds or 5, timing_images=timing_images or 2,
+                       timing_per_module=timing_per_module, device=device,
                        precision=precision)
     if device == "cuda" and (ray_address or workers):
         raise UserError("--device cuda runs in this process on this machine's GPU; drop --ray/--workers")
@@ -502,9 +506,12 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     check_setup(setup)
     if engines_dir and backend != "ort":
         raise UserError("--engines is for --backend ort")
-    if backend != "ort" and (timing_rounds is not None or timing_per_module):
-        raise UserError(f"--timing-rounds and --timing-per-module are for --backend ort (the runtime-vs-monolithic "
-                        f"timing), not --backend {backend}")
+    if backend != "ort" and (timing_rounds is not None or timing_images is not None or timing_per_module):
+        raise UserError(f"--timing-rounds, --timing-images and --timing-per-module are for --backend ort (the "
+                        f"runtime-vs-monolithic timing), not --backend {backend}")
+    if timing_images is not None and timing_images > samples:
+        raise UserError(f"--timing-images {timing_images} times the first evaluation samples: give at least "
+                        f"--samples {timing_images} (got {samples})")
     if profile_samples < 1:
         raise UserError(f"--profile-samples must be at least 1, got {profile_samples}")
     check_out_suffix(plot, "--plot", (".png", ".pdf", ".svg", ".jpg"))
@@ -516,9 +523,11 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 
     torch.set_num_threads(threads)
     model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
-    if (timing_rounds is not None or timing_per_module) and model.config.interface.cond != ("y",):
+    if (timing_rounds is not None or timing_images is not None or timing_per_module) \
+            and model.config.interface.cond != ("y",):
         # said now, not as a note after the whole bench: the monolithic reference takes class labels
-        raise UserError(f"--timing-rounds and --timing-per-module time the runtime against one monolithic ONNX of a "
+        raise UserError(f"--timing-rounds, --timing-images and --timing-per-module time the runtime against one "
+                        f"monolithic ONNX of a "
                         f"label-conditioned model; {model.config.name} is text-conditioned (for a video model, "
                         "scripts/video_blocks_timing.py times block graphs against module by module)")
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))

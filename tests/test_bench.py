@@ -169,6 +169,7 @@ def test_bench_on_ort_reports_runtime_against_monolithic(strong_tiny_model, tmp_
     assert report["results"][1]["psnr_db"] == pytest.approx(torch_report["results"][1]["psnr_db"], abs=0.01)
     assert report["results"][1]["psnr_db"] < 90  # FORA really differs from full here (69 dB)
     rt = report["runtime"]
+    assert rt["images"] == 1  # timing_images (--timing-images): the first of the evaluation samples
     names = [r["name"] for r in rt["rows"]]
     assert names == ["monolithic full", "stitched full", "stitched fora rule"]
     assert rt["monolithic_max_rel_diff"] < 1e-4  # the monolithic graph computes the same samples

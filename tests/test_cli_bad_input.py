@@ -32,8 +32,10 @@ def _cli(*args, cwd=ROOT):
     (["profile", "--rates", "0.5,1.5", "--out", "p.json"], "strictly between 0 and 1"),
     (["bench", "--policies", ""], "--policies is empty"),
     (["bench", "--engines", "somewhere"], "--engines is for --backend ort"),
-    (["bench", "--timing-rounds", "3"], "--timing-rounds and --timing-per-module are for --backend ort"),
-    (["bench", "--timing-per-module"], "--timing-rounds and --timing-per-module are for --backend ort"),
+    (["bench", "--timing-rounds", "3"], "--timing-images and --timing-per-module are for --backend ort"),
+    (["bench", "--timing-per-module"], "--timing-images and --timing-per-module are for --backend ort"),
+    (["bench", "--timing-images", "4"], "--timing-images and --timing-per-module are for --backend ort"),
+    (["bench", "--backend", "ort", "--samples", "2", "--timing-images", "4"], "give at least --samples 4 (got 2)"),
     (["bench", "--speedup", "nan"], "at least 1 and finite"),
     (["bench", "--speedup", "1000"], "cannot reach a 1000x FLOPs speedup"),  # before any profiling or sampling
     (["bench", "--plot", "plot.txt"], "--plot plot.txt: use one of"),
