@@ -120,21 +120,56 @@ class BlockGraph(nn.Module):
 
 
 def gather_rows(x, idx):
-    """x[b, idx[b]]: [B, k, D] from x [B, N, D] and idx [B, k]. Whole rows of the flattened tokens
-    (ONNX Gather): 2.8x faster in onnxruntime than GatherElements on an expanded index."""
-    B, N, H = x.shape
-    at = (idx + torch.arange(B).unsqueeze(1) * N).reshape(-1)
-    return x.reshape(-1, H)[at].reshape(B, -1, H)
+    """x[b, idx[b]]: [B, k, D] from x [B, N, D] and idx [B, k]: one ONNX GatherND with batch_dims=1
+    (whole rows, like Gather on the flattened tokens, 2.8x faster in onnxruntime than
+    GatherElements on an expanded index), without the index arithmetic on the dynamic B that
+    tracing the indexing writes (25 nodes a pruned module)."""
+    return _GatherRows.apply(x, idx)
 
 
 def scatter_rows(cache, idx, part):
     """A copy of `cache` [B, N, D] with rows idx [B, k] replaced by `part` [B, k, D]: one ONNX
-    ScatterND on the [B, N, D] tensor itself, by (row, token) pairs. Scattering into the
-    flattened tokens needs a reshape back, which onnxruntime copies when it is a graph output
-    (the new cache): 120 us of a 1.8 ms pruned DiT-S/2 layer."""
-    out = cache.clone()
-    out[torch.arange(cache.shape[0]).unsqueeze(1).expand_as(idx), idx] = part
-    return out
+    ScatterND on the [B, N, D] tensor itself, by (row, token) pairs built in 8 small nodes (32 when
+    traced). Scattering into the flattened tokens needs a reshape back, which onnxruntime copies
+    when it is a graph output (the new cache): 120 us of a 1.8 ms pruned DiT-S/2 layer."""
+    return _ScatterRows.apply(cache, idx, part)
+
+
+def _rows(idx):
+    return torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx)
+
+
+class _GatherRows(torch.autograd.Function):
+    """The row gather in torch, with its ONNX form for the TorchScript exporter (the dynamo
+    exporter traces `forward`)."""
+
+    @staticmethod
+    def forward(ctx, x, idx):
+        return x[_rows(idx), idx]
+
+    @staticmethod
+    def symbolic(g, x, idx):
+        last = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+        return g.op("GatherND", x, g.op("Unsqueeze", idx, last), batch_dims_i=1)
+
+
+class _ScatterRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cache, idx, part):
+        out = cache.clone()
+        out[_rows(idx), idx] = part
+        return out
+
+    @staticmethod
+    def symbolic(g, cache, idx, part):
+        def const(v):
+            return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
+
+        shape = g.op("Shape", idx)  # [B, k]
+        batch = g.op("Range", const(0), g.op("Gather", shape, const(0), axis_i=0), const(1))
+        rows = g.op("Expand", g.op("Unsqueeze", batch, const([1])), shape)  # [B, k]: b
+        pairs = g.op("Concat", g.op("Unsqueeze", rows, const([-1])), g.op("Unsqueeze", idx, const([-1])), axis_i=-1)
+        return g.op("ScatterND", cache, pairs, part)
 
 
 class FinalGraph(nn.Module):

@@ -491,3 +491,33 @@ def test_trt_manifest_lists_block_engines(exported, tmp_path, monkeypatch):
     data = dict(data, token_counts=[16])
     section = trt_mod.build_engines(out, data, "fp16", max_batch=4, echo=lambda s: None)
     assert "block.0.rp" not in section["engines"] and "block.0.ff" in section["engines"]
+
+
+def test_attributes_that_restate_their_default_are_dropped():
+    """Gemm's alpha = beta = 1 and transA = 0 are the defaults (absent means default): dropped;
+    transB = 1 and a non-default alpha stay; a node of another domain is left as it is."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.onnx_export import default_attributes_dropped
+
+    nodes = [helper.make_node("Gemm", ["a", "b"], ["c"], alpha=1.0, beta=1.0, transA=0, transB=1),
+             helper.make_node("Gemm", ["a", "b"], ["d"], alpha=2.0),
+             helper.make_node("FusedMatMul", ["a", "b"], ["e"], domain="com.microsoft", alpha=1.0)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in "abcde"]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:2], io[2:]), opset_imports=[helper.make_opsetid("", 17)])
+    out = default_attributes_dropped(model).graph.node
+    assert [[(a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute] for n in out] == [
+        [("transB", 1)], [("alpha", 2.0)], [("alpha", 1.0)]]
+
+
+def test_the_dynamo_exporter_exports_module_and_block_graphs(tiny_model, tmp_path):
+    """`--exporter dynamo`: graphs whose forwards take `*inputs` (embed, the blocks) get their
+    dynamic axes by position (a dict keyed by the graph's input names failed in torch.export), and
+    the export's own parity check passes for every graph, the pruned step over both layers too."""
+    from soda.blocks import Block
+
+    res, _ = _export(tiny_model, tmp_path / "e", exporter="dynamo", blocks=[Block(0, 1, "rp"), Block(0, 1, "kk", step=True)])
+    m = load_manifest(tmp_path / "e")
+    assert {"embed", "block.0-1.rp", "step.0-1.kk"} <= set(m.artefacts) and m.data["opset"] >= 18
+    assert all(a.parity_max_abs <= 1e-4 for a in m.artefacts.values())
