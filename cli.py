@@ -464,8 +464,8 @@ def schedule_cmd(profile_file, policy, speedup, anchors, lam, planner, out):
 @click.option("--timing-rounds", type=click.IntRange(min=1), default=None,
               help="--backend ort: interleaved rounds of the runtime-vs-monolithic timing [5].")
 @click.option("--timing-images", type=click.IntRange(min=1), default=None,
-              help="--backend ort: images (first of the evaluation samples) in each timing round [2]; the "
-                   "fixed per-step cost of streaming the weights weighs less with more.")
+              help="--backend ort: images in each timing round, the first of the evaluation samples [2, or "
+                   "--samples if fewer]; the fixed per-step cost of streaming the weights weighs less with more.")
 @click.option("--timing-per-module", is_flag=True,
               help="--backend ort: also time every schedule module by module (no block graphs), in the same rounds.")
 @video_options
@@ -490,7 +490,7 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
                        eval_seeds=min(5, max(samples, 1)) if eval_seeds is None else eval_seeds, tune=tune,
                        tune_samples=tune_samples, planner=planner, ablation=ablation, prompt_embeds=prompt_embeds,
                        calibration_prompts=calibration_prompts, keep_samples=min(10, samples) if grid_png else 0,
-                       timing_repeats=timing_rounds or 5, timing_images=timing_images or 2,
+                       timing_repeats=timing_rounds or 5, timing_images=timing_images or max(1, min(2, samples)),
                        timing_per_module=timing_per_module, device=device,
                        precision=precision)
     if device == "cuda" and (ray_address or workers):
@@ -510,8 +510,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
         raise UserError(f"--timing-rounds, --timing-images and --timing-per-module are for --backend ort (the "
                         f"runtime-vs-monolithic timing), not --backend {backend}")
     if timing_images is not None and timing_images > samples:
-        raise UserError(f"--timing-images {timing_images} times the first evaluation samples: give at least "
-                        f"--samples {timing_images} (got {samples})")
+        raise UserError(f"--timing-images {timing_images} times the first {timing_images} evaluation samples: "
+                        f"give at least --samples {timing_images} (got {samples})")
     if profile_samples < 1:
         raise UserError(f"--profile-samples must be at least 1, got {profile_samples}")
     check_out_suffix(plot, "--plot", (".png", ".pdf", ".svg", ".jpg"))

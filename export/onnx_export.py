@@ -31,7 +31,7 @@ from soda.errors import UserError
 from soda.schedule import Schedule
 from soda.torch_backend import TorchBackend
 
-EXPORT_VERSION = 6  # 3: block graphs (soda.blocks); 4: also for video models; 5: step graphs (a whole step, one graph); 6: "kk" step graphs (no scores); bump when the graphs or their layout change: old folders are then re-exported
+EXPORT_VERSION = 7  # 3: block graphs (soda.blocks); 4: also for video models; 5: step graphs (a whole step, one graph); 6: "kk" step graphs (no scores); 7: the pruned step over every layer, rows by GatherND, default attributes dropped; bump when the graphs or their layout change: old folders are then re-exported
 WEIGHTS_FILE = "weights.bin"
 SCHEDULE_FILE = "schedule.json"
 NULL_CAPTION_FILE = "null_caption.npy"  # a text model's learned unconditional caption, when it has one
@@ -360,12 +360,14 @@ def default_attributes_dropped(proto: onnx.ModelProto) -> onnx.ModelProto:
     """No attribute that only restates its default at the graph's opset (in place): the exporter
     writes every Gemm's alpha = beta = 1 and transA = 0, and the like; an absent attribute means its
     default (the ONNX spec), so nothing that runs changes. 6.5% of dit-digits' graph bytes."""
-    versions = {o.domain or "": o.version for o in proto.opset_import}
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        return proto
     for node in proto.graph.node:
-        if not node.attribute or (node.domain or "") not in ("", "ai.onnx"):
+        if not node.attribute or node.domain not in ("", "ai.onnx"):
             continue
         try:
-            schema = onnx.defs.get_schema(node.op_type, versions.get("", 1), "")
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
         except onnx.defs.SchemaError:
             continue
         kept = [a for a in node.attribute if not _is_default(schema.attributes.get(a.name), a)]

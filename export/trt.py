@@ -7,7 +7,9 @@ gathered token count. Block and step graphs (soda.blocks) get engines too (a ste
 one profile, like embed). A block graph takes all N tokens and, per pruned module,
 the indices of the k it recomputes (a dynamic axis `n_<module>_<layer>` each): it gets one
 profile per pruned count k < N of the manifest for each such axis (every combination where a
-block prunes several modules), or one profile when it prunes none; a block that prunes while
+block prunes several modules, up to MAX_BLOCK_PROFILES: past it, as for the pruned step over
+every layer, no engine, and its layers run from their one-layer engines), or one profile when it
+prunes none; a block that prunes while
 the export prunes nothing gets no engine (the runtime runs that pattern module by module).
 TensorRT engines hold their own weights: unlike the onnxruntime sessions (runtime.shared_weights)
 a layer's module and block engines each carry a copy (docs/export.md "TensorRT"). Engines live
@@ -83,11 +85,13 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     engines = {}
     for name, art in manifest["artefacts"].items():
         plan = out / f"{name}.{precision}.plan"
+        combos = block_combinations(art, counts, video)
+        if combos > MAX_BLOCK_PROFILES:
+            echo(f"TensorRT {name}: no engine ({combos} combinations of pruned counts, over {MAX_BLOCK_PROFILES}); "
+                 "the runtime runs those layers from their one-layer block engines")
+            continue
         profiles = _profiles(art, counts, max_batch, max_caption, video)
-        if not profiles:  # a pruned block while the exported schedule prunes nothing, or too many combinations
-            if pruned_axes(art) and any(k < max(counts) for k in counts):
-                echo(f"TensorRT {name}: no engine (over {MAX_BLOCK_PROFILES} combinations of pruned counts); "
-                     "its layers run from their per-layer engines")
+        if not profiles:  # a pruned block while the exported schedule prunes nothing: no count to build for
             continue
         key = {"onnx_sha256": art["sha256"], "precision": precision, "profiles": profiles}
         entry = {"file": str(plan.relative_to(folder)), "precision": precision, "profiles": profiles,
@@ -121,9 +125,22 @@ def pruned_axes(art: dict) -> list[str]:
     return axes
 
 
-# A block engine gets one optimization profile per combination of its pruned counts; past this
-# many (a block pruning one module in each of 12 layers at 2 counts has 4096) it gets no engine.
+# A block engine over several pruned axes gets one optimization profile per combination of their
+# counts; past this many it gets no engine (the pruned step over 12 layers: ToCa's DiT-S/2 schedule
+# has 87 pruned counts, 87**12 combinations). A one-axis block keeps one profile per count, however many.
 MAX_BLOCK_PROFILES = 64
+
+
+def block_combinations(art: dict, counts: list[int], video: dict | None = None) -> int:
+    """How many optimization profiles a block graph's pruned axes need: the pruned counts (k < N)
+    to the power of its axes; 1 for a graph without pruned axes, and for a one-axis block (never
+    capped: it is what a pruned layer runs)."""
+    axes = pruned_axes(art)
+    if len(axes) < 2:
+        return 1
+    tokens = next(t["shape"] for t in art["inputs"] if t["name"] == "tokens")
+    N = (video or {}).get(tokens[1], tokens[1])  # a video block's "N": the exported video's
+    return sum(k < N for k in counts) ** len(axes)
 
 
 def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1, video: dict | None = None
@@ -133,8 +150,9 @@ def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1
     one profile. Each maps input name -> [min, opt, max] shapes (B from 1 to max_batch, a caption
     axis L from 1 to the model's caption length; a video model's size axes fixed at the exported
     video, so TensorRT engines serve that size only, onnxruntime any). Empty: a pruned block with
-    no pruned count to build for, or with more combinations than MAX_BLOCK_PROFILES (a pruned step
-    over every layer): no engine, and the runtime runs those layers from their per-layer engines."""
+    no pruned count to build for, or one over several axes with more combinations than
+    MAX_BLOCK_PROFILES (`block_combinations`; `build_engines` says so): no engine, and the runtime
+    runs those layers from their one-layer block engines."""
     import itertools
 
     video = video or {}
@@ -144,7 +162,7 @@ def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1
         tokens = next(t["shape"] for t in art["inputs"] if t["name"] == "tokens")
         N = video.get(tokens[1], tokens[1])  # a video block's "N": the exported video's
         pruned = [k for k in counts if k < N]  # a block takes all N tokens; its modules prune to k < N
-        if len(pruned) ** len(axes) > MAX_BLOCK_PROFILES:  # e.g. a pruned step over every layer
+        if block_combinations(art, counts, video) > MAX_BLOCK_PROFILES:  # e.g. a pruned step over every layer
             return []
         combos = [dict(zip(axes, ks)) for ks in itertools.product(pruned, repeat=len(axes))]
     else:

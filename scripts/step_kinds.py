@@ -4,8 +4,8 @@
     python scripts/step_kinds.py --engines /tmp/s2f --policy toca --rounds 3
 
 One backend with block and step graphs, one module by module (`OrtBackend(blocks=False)`) or,
-with `--versus DIR2`, the block graphs of another export of the same model (an A/B of two graph
-sets), the same schedule (a baseline made for the exported sampler at --speedup); generations
+with `--versus DIR2`, the block graphs of another export of the same model, weights and sampler
+(an A/B of two graph sets; --engines is opened first, so run it both ways round), the same schedule (a baseline made for the exported sampler at --speedup); generations
 alternate between them after one warm-up each. Per step: the median over the rounds of the executor call
 (the model output of that step, CFG rows included); per kind of step: the sum over its steps,
 and its share of the policy's FLOPs. "prune+reuse" is a step whose layers prune some modules
@@ -51,14 +51,16 @@ def main() -> None:
     times: dict[str, dict[int, list[float]]] = {}
     flops: dict[int, float] = {}
     entries = {}
-    other = ("per-module", OrtBackend(engines, blocks=False))
-    if args.versus:
+    if args.versus:  # the same model, weights and sampler, or the A/B compares more than graph sets
         second = open_engines(args.versus)
-        mine, theirs = ((e.manifest.model_hash, e.manifest.weights) for e in (engines, second))
+        mine, theirs = ((e.manifest.model_hash, e.manifest.weights, e.sampler_with().to_dict()) for e in (engines, second))
         if mine != theirs:
-            raise UserError(f"--versus {args.versus} holds another model or weights ({theirs}) than {args.engines} ({mine})")
-        other = ("versus", OrtBackend(second))
-    for name, backend in (("blocks", OrtBackend(engines)), other):
+            raise UserError(f"--versus {args.versus} holds another model, weights or sampler than {args.engines}")
+    # opened in this order, --engines first: in A/Bs of identical graph sets here the two backends
+    # differed by 1-4% with the open order (docs/runtime.md), so run an A/B both ways round
+    first = OrtBackend(engines)
+    other = ("versus", OrtBackend(second)) if args.versus else ("per-module", OrtBackend(engines, blocks=False))
+    for name, backend in (("blocks", first), other):
         executor = make_executor(backend, config, schedule)
         times[name] = collections.defaultdict(list)
 

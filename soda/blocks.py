@@ -137,7 +137,7 @@ def default_blocks(interface, depth: int, schedule=None) -> list[Block]:
     MLP) pruned with the others given (the baselines' pattern: ToCa and DuCa on DiT reuse the
     attention and prune the MLP), and every pattern `schedule` uses (SODA's, fixed at export);
     the baselines' pattern also over every layer at once, their pruned steps' layers in one call
-    (on DiT-S/2 those steps ran 0.96x (ToCa) and 0.90x (DuCa) the per-layer blocks, docs/runtime.md);
+    (about 5% faster than one call per layer on DiT-S/2, docs/runtime.md "Where it stands");
     plus step graphs (`Block.step`) for a whole full step, with its outputs but no scores ("k";
     a full step whose scores a later step reads runs its layers' "ff" blocks) and without ("c":
     full steps no later step reads), and for a whole all-given step (FORA's and SODA's

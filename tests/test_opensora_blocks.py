@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from soda.blocks import layer_code
 from tests.test_blocks import Counting
 
 STEPS = 8
@@ -115,6 +116,8 @@ def test_opensora_block_runtime_equals_torch(setup, policy, other):
         assert calls["module"] == calls["modulation"] == 0, calls
     if policy in ("toca", "duca"):  # the MLP pruned inside a graph, its tokens chosen by the official scores
         assert calls["block.rrp"] + calls["block.rrp*"] > 0  # per layer, or a whole pruned step in one call
+        whole = sum(st != "skip" and {layer_code(row) for row in st} == {"rrp"} for st in schedule.steps)
+        assert calls["block.rrp*"] == whole, (calls, whole)  # a step pruning every layer's MLP: one call
 
 
 def test_video_block_graphs_are_exported_with_video_axes(setup):
