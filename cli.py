@@ -506,7 +506,8 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
     check_setup(setup)
     if engines_dir and backend != "ort":
         raise UserError("--engines is for --backend ort")
-    if backend != "ort" and (timing_rounds is not None or timing_images is not None or timing_per_module):
+    timing_asked = timing_rounds is not None or timing_images is not None or timing_per_module
+    if backend != "ort" and timing_asked:
         raise UserError(f"--timing-rounds, --timing-images and --timing-per-module are for --backend ort (the "
                         f"runtime-vs-monolithic timing), not --backend {backend}")
     if timing_images is not None and timing_images > samples:
@@ -523,12 +524,10 @@ def bench_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scal
 
     torch.set_num_threads(threads)
     model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
-    if (timing_rounds is not None or timing_images is not None or timing_per_module) \
-            and model.config.interface.cond != ("y",):
+    if timing_asked and model.config.interface.cond != ("y",):
         # said now, not as a note after the whole bench: the monolithic reference takes class labels
         raise UserError(f"--timing-rounds, --timing-images and --timing-per-module time the runtime against one "
-                        f"monolithic ONNX of a "
-                        f"label-conditioned model; {model.config.name} is text-conditioned (for a video model, "
+                        f"monolithic ONNX of a label-conditioned model; {model.config.name} is text-conditioned (for a video model, "
                         "scripts/video_blocks_timing.py times block graphs against module by module)")
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
     bar = lambda desc, total: tqdm(total=total, desc=desc, file=sys.stderr, leave=False)

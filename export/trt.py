@@ -85,13 +85,12 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     engines = {}
     for name, art in manifest["artefacts"].items():
         plan = out / f"{name}.{precision}.plan"
-        combos = block_combinations(art, counts, video)
-        if combos > MAX_BLOCK_PROFILES:
-            echo(f"TensorRT {name}: no engine ({combos} combinations of pruned counts, over {MAX_BLOCK_PROFILES}); "
-                 "the runtime runs those layers from their one-layer block engines")
-            continue
         profiles = _profiles(art, counts, max_batch, max_caption, video)
-        if not profiles:  # a pruned block while the exported schedule prunes nothing: no count to build for
+        if not profiles:  # a pruned block while the exported schedule prunes nothing, or too many combinations
+            combos = block_combinations(art, counts, video)
+            if combos > MAX_BLOCK_PROFILES:
+                echo(f"TensorRT {name}: no engine ({combos} combinations of pruned counts, over {MAX_BLOCK_PROFILES}); "
+                     "the runtime runs those layers from their one-layer block engines")
             continue
         key = {"onnx_sha256": art["sha256"], "precision": precision, "profiles": profiles}
         entry = {"file": str(plan.relative_to(folder)), "precision": precision, "profiles": profiles,
@@ -136,11 +135,15 @@ def block_combinations(art: dict, counts: list[int], video: dict | None = None) 
     to the power of its axes; 1 for a graph without pruned axes, and for a one-axis block (never
     capped: it is what a pruned layer runs)."""
     axes = pruned_axes(art)
-    if len(axes) < 2:
-        return 1
+    return 1 if len(axes) < 2 else len(_pruned_counts(art, counts, video)) ** len(axes)
+
+
+def _pruned_counts(art: dict, counts: list[int], video: dict | None) -> list[int]:
+    """The counts k < N a block graph's pruned modules run at: a block takes all N tokens (a video
+    block's "N" is the exported video's)."""
     tokens = next(t["shape"] for t in art["inputs"] if t["name"] == "tokens")
-    N = (video or {}).get(tokens[1], tokens[1])  # a video block's "N": the exported video's
-    return sum(k < N for k in counts) ** len(axes)
+    N = (video or {}).get(tokens[1], tokens[1])
+    return [k for k in counts if k < N]
 
 
 def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1, video: dict | None = None
@@ -159,11 +162,9 @@ def _profiles(art: dict, counts: list[int], max_batch: int, max_caption: int = 1
     has_n = any("n" in t["shape"] for t in art["inputs"])
     axes = pruned_axes(art)
     if axes:
-        tokens = next(t["shape"] for t in art["inputs"] if t["name"] == "tokens")
-        N = video.get(tokens[1], tokens[1])  # a video block's "N": the exported video's
-        pruned = [k for k in counts if k < N]  # a block takes all N tokens; its modules prune to k < N
         if block_combinations(art, counts, video) > MAX_BLOCK_PROFILES:  # e.g. a pruned step over every layer
             return []
+        pruned = _pruned_counts(art, counts, video)
         combos = [dict(zip(axes, ks)) for ks in itertools.product(pruned, repeat=len(axes))]
     else:
         combos = [{}]

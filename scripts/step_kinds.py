@@ -5,8 +5,9 @@
 
 One backend with block and step graphs, one module by module (`OrtBackend(blocks=False)`) or,
 with `--versus DIR2`, the block graphs of another export of the same model, weights and sampler
-(an A/B of two graph sets; --engines is opened first, so run it both ways round), the same schedule (a baseline made for the exported sampler at --speedup); generations
-alternate between them after one warm-up each. Per step: the median over the rounds of the executor call
+(an A/B of two graph sets; --engines is opened first, so run it both ways round), the same
+schedule (a baseline made for the exported sampler at --speedup); generations alternate
+between them after one warm-up each. Per step: the median over the rounds of the executor call
 (the model output of that step, CFG rows included); per kind of step: the sum over its steps,
 and its share of the policy's FLOPs. "prune+reuse" is a step whose layers prune some modules
 and reuse the others.
