@@ -18,7 +18,7 @@ MODEL_HELP = ("dit-xl-2 | dit-l-4 | ... | dit-digits (shipped) | dit (infer from
 def model_options(f):
     """--model, --ckpt, --num-heads, --random-init: how every command finds its weights."""
     f = click.option("--random-init", is_flag=True, help="Random weights (toolchain check only; outputs say so).")(f)
-    f = click.option("--num-heads", type=int, default=None,
+    f = click.option("--num-heads", type=click.IntRange(min=1), default=None,
                      help="Heads, for a non-standard width with --model dit or pixart.")(f)
     f = click.option("--ckpt", type=click.Path(), default=None,
                      help="Checkpoint (.pt, .pth or .safetensors; for PixArt also a diffusers folder).")(f)
@@ -204,10 +204,6 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     from soda.pipeline import resolve_schedule
     from soda.torch_backend import TorchBackend
 
-    from pathlib import Path
-
-    if vae and not Path(vae).is_dir():
-        raise UserError(f"VAE folder not found: {vae}")
     policy = policy_or_schedule(policy, schedule_file)
     check_out_suffix(out, "--out")
     check_out_suffix(save_latents, "--save-latents", (".npy",))
@@ -216,6 +212,12 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     if vae and config.frames is not None:
         raise UserError("--vae decodes image latents; Open-Sora's video VAE is not supported (the PNG shows the "
                         "latent frames)")
+    if vae and config.in_channels in (1, 3):
+        raise UserError(f"--vae is for latent models; {config.name} makes pixels")
+    if vae:  # a wrong folder or a missing diffusers fails now, not after the sampling
+        from soda.pictures import load_vae
+
+        vae = load_vae(vae)
     sampler_cfg = make_sampler(config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
     sampler, steps = sampler_cfg.kind, sampler_cfg.steps
     from soda.generate import default_prompt_embeds
@@ -653,8 +655,8 @@ def run(engines_dir, policy, schedule_file, speedup, labels, prompt_embeds, seed
     check_out_suffix(save_latents, "--save-latents", (".npy",))
 
     run_command(engines_dir, labels, policy, schedule_file, speedup, seed, noise, save_latents, out, backend,
-                sampler, steps, cfg_scale, threads, device, echo=click.echo, toca_official_loop=toca_official_loop,
-                prompt_embeds=prompt_embeds, video=(height, width, num_frames, fps))
+                sampler, steps, cfg_scale, threads, device, echo=click.echo, progress_bar=progress_bar,
+                toca_official_loop=toca_official_loop, prompt_embeds=prompt_embeds, video=(height, width, num_frames, fps))
 
 
 # --- generate (issue 14) ---------------------------------------------------------------------
@@ -750,6 +752,15 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
                                     schedule_file, speedup, profile_file, echo=click.echo, progress=progress_bar)
     if random_init:
         click.echo("note: RANDOM weights: the samples show the toolchain, not a real model", err=True)
+    # what would otherwise fail inside the first shard, after OUT/ and its manifest exist
+    from soda.generate import check_memory
+
+    rows = min(shard_size, num_samples) * (2 if sampler_cfg.uses_cfg else 1)
+    check_memory(config, rows, config.depth * len(config.modules))
+    if vae:
+        from soda.pictures import load_vae
+
+        load_vae(vae)  # a wrong folder or a missing diffusers: one line now (each worker loads its own)
     job = GenerateJob(config.name, config.hash(), weights, spec.backend, sampler_cfg.to_dict(), schedule.to_dict(),
                       num_samples, shard_size, seed, str(Path(vae).resolve()) if vae else None,
                       prompt_embeds_sha256=file_sha256(Path(prompt_embeds)) if prompts is not None else None)
@@ -797,6 +808,9 @@ def demo(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, cf
     if out_dir.is_dir() and any(out_dir.iterdir()) and not any((out_dir / n).is_file() for n in ("report.md", "profile.json")):
         raise UserError(f"refusing to write into {out}: it holds other files (no report.md); choose another --out")
     model, weights = load(model_name, ckpt, num_heads, random_init)
+    if model.config.interface.cond != ("y",):  # demo has no --prompt-embeds nor video flags
+        raise UserError(f"demo runs class-label models (dit-digits, dit-*); {model.config.name} takes captions: "
+                        f"use sample, bench and export with --prompt-embeds")
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels)
     cfg = DemoConfig(Path(out), speedup, parse_speedups(frontier), samples, profile_samples, seed=seed)
 

@@ -1,7 +1,8 @@
 """The body of `cli.py run`: engines folder + policy or schedule -> samples, numpy + ORT/TRT only."""
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def run_command(
     threads: int | None = None,
     device: str = "auto",
     echo: Callable[[str], None] = print,
-    progress: Callable[[int], None] | None = None,
+    progress_bar: Callable[[str, int], Any] | None = None,
     toca_official_loop: bool = False,
     prompt_embeds: str | None = None,
     video: tuple | None = None,
@@ -65,7 +66,10 @@ def run_command(
         impl.check_schedule(schedule, len(ys) * (2 if sampler_cfg.uses_cfg else 1))
     if engines.random_init:
         echo(f"note: {engines.folder} holds RANDOM weights ({engines.weights}); outputs show the toolchain only")
-    x, stats = generate(impl, config, sampler_cfg, schedule, ys, seed, z, progress)
+    bar = progress_bar(f"run {schedule.policy}", sampler_cfg.steps) if progress_bar else contextlib.nullcontext()
+    with bar:
+        step_done = (lambda s: bar.update()) if progress_bar else None
+        x, stats = generate(impl, config, sampler_cfg, schedule, ys, seed, z, step_done)
     speed = full_flops(config, sampler_cfg, len(ys), engines.modules) / stats.flops
     n_steps = sampler_cfg.steps
     echo(f"{len(ys)} samples, {sampler_cfg.kind}-{n_steps}, policy {schedule.policy}, {impl.describe()}: "

@@ -37,11 +37,12 @@ FIELDS = ("policy", "variant", "target_speedup", "flops_speedup", "wall_speedup"
 
 
 def backend_for(kind: str, model, engines_dir: str | None = None, blocks: bool = True, device: str = "cpu",
-                precision: str = "fp32"):
+                precision: str = "fp32", weights: str | None = None):
     """The backend the bench runs: "torch" (the reference) or "ort" (an exported engines folder,
     opened by the runtime's own `make_backend`, so bench measures exactly what `run` runs).
     device "cuda": torch keeps weights and every loop array on the GPU (in `precision`); ort
-    runs the CUDA provider on device arrays."""
+    runs the CUDA provider on device arrays. `weights`: the bench's weights id, which the engines'
+    must equal (else the report would name weights the graphs do not hold)."""
     if kind == "torch":
         from soda.torch_backend import DTYPES, TorchBackend
 
@@ -65,6 +66,8 @@ def backend_for(kind: str, model, engines_dir: str | None = None, blocks: bool =
             engines = engines.at_video(*model.video)
         if engines.config.hash() != model.config.hash():
             raise UserError(f"{engines_dir} was exported from {engines.config.name}, not {model.config.name}")
+        if weights is not None:  # the graphs carry their own weights: the bench's must be the same
+            engines.manifest.check_matches(weights=weights)
         if precision != "fp32":
             raise UserError(f"--precision {precision} is for --backend torch (onnxruntime runs the exported fp32 graphs)")
         return make_backend(engines, "ort", device=device, blocks=blocks)
@@ -301,7 +304,8 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     check_setup(setup)
     config = model.config
     metrics, classifier = _scores(config.name, echo)
-    backend = backend_for(setup.backend, model, setup.engines_dir, device=setup.device, precision=setup.precision)
+    backend = backend_for(setup.backend, model, setup.engines_dir, device=setup.device, precision=setup.precision,
+                          weights=weights)
     runner = Runner(backend, model, sampler, setup.batch_size, progress, pool)
     spec, fm = spec_for(model, sampler), FlopsModel.for_config(config)
     targets = list(dict.fromkeys([setup.speedup, *setup.frontier]))

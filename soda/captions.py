@@ -74,10 +74,13 @@ def load_prompt_embeds(path: str | Path, channels: int | None = None) -> PromptE
     if not path.is_file():
         raise UserError(f"prompt embeddings file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read {path} as an .npz file ({e})") from None
+    if isinstance(z, np.ndarray):  # an .npy: one array, not the named ones
+        raise UserError(f"{path} is one .npy array; give an .npz with {', '.join(KEYS[:2])} (np.savez)")
+    with z:
+        data = {k: z[k] for k in z.files}
     missing = [k for k in KEYS[:2] if k not in data]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)} (diffusers' names: {', '.join(KEYS)})")

@@ -59,7 +59,8 @@ def load_vae(vae_dir: str):
     if not Path(vae_dir).is_dir():
         raise UserError(f"VAE folder not found: {vae_dir}")
     try:
-        return AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+        # low_cpu_mem_usage=False: what diffusers falls back to without `accelerate`, said so it does not warn
+        return AutoencoderKL.from_pretrained(vae_dir, local_files_only=True, low_cpu_mem_usage=False).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a diffusers AutoencoderKL from {vae_dir}: {e}") from None
 

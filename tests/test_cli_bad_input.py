@@ -42,6 +42,16 @@ def _cli(*args, cwd=ROOT):
     (["bench", "--precision", "bf16"], "--precision bf16 needs --backend torch --device cuda"),
     (["bench", "--device", "cuda", "--ray", "local:2"], "--device cuda runs in this process"),
     (["train", "--steps", "2", "--lr", "nan"], "--lr must be positive"),
+    # checked before any sampling, not at the end (dit-digits makes pixels; dit-s-8 latents)
+    (["sample", "--vae", "vae"], "--vae is for latent models; dit-digits makes pixels"),
+    (["sample", *S8, "--vae", "vae"], "VAE folder not found: vae"),
+    (["generate", *S8, "--policy", "full", "--num-samples", "2", "--vae", ".", "--out", "g"],
+     "cannot load a diffusers AutoencoderKL from ."),  # before g/ and its manifest are written
+    (["generate", "--steps", "2", "--policy", "full", "--num-samples", "9999999", "--shard-size", "9999999",
+      "--out", "g"],
+     "GiB for its token caches"),
+    (["demo", "--model", "pixart-digits"], "demo runs class-label models"),
+    (["demo", "--model", "opensora-tiny", "--random-init"], "opensora-tiny takes captions"),
 ])
 def test_one_line_error(args, match, tmp_path):
     r = _cli(*args, cwd=tmp_path)
@@ -51,7 +61,7 @@ def test_one_line_error(args, match, tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is written on bad input"
 
 
-@pytest.mark.parametrize("args", [["sample", "--seed", "-1"], ["profile", "--batch-size", "0"],
+@pytest.mark.parametrize("args", [["sample", "--seed", "-1"], ["sample", "--num-heads", "0"], ["profile", "--batch-size", "0"],
                                   ["export", "--opset", "5"], ["run", "--engines", "x", "--threads", "0"]])
 def test_option_ranges_are_click_errors(args, tmp_path):
     r = _cli(*args, cwd=tmp_path)

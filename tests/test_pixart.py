@@ -221,6 +221,9 @@ def test_bad_prompt_embeds(tmp_path):
         np.savez(tmp_path / f"{name}.npz", **arrays)
         with pytest.raises(UserError, match=expect[name]):
             load_prompt_embeds(tmp_path / f"{name}.npz", CAPTION)
+    np.save(tmp_path / "one.npy", caption)  # one array, not the named ones: np.load gives no archive
+    with pytest.raises(UserError, match="is one .npy array; give an .npz with prompt_embeds, prompt_attention_mask"):
+        load_prompt_embeds(tmp_path / "one.npy", CAPTION)
     ok = tmp_path / "ok.npz"
     np.savez(ok, prompt_embeds=caption, prompt_attention_mask=mask, negative_prompt_embeds=neg[:1],
              negative_prompt_attention_mask=neg_mask[:1])

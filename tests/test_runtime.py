@@ -10,6 +10,7 @@ The torch-free claim is tested for real in a subprocess where `import torch` and
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -666,3 +667,39 @@ def test_engine_check_feeds_block_graphs_at_every_profile(tiny_engines, tiny_bac
     off = compare({}, engines.io, counts, plain._run,
                   lambda name, feed: [o * (1.01 if name == rp else 1.0) for o in plain._run(name, feed)], cases)
     assert off[rp] == pytest.approx(0.01, rel=1e-3) and max(v for n, v in off.items() if n != rp) == 0.0
+
+
+def test_bench_refuses_engines_of_other_weights(tiny_engines, strong_tiny):
+    """bench --backend ort times the graphs' own weights: naming others (--ckpt, another seed)
+    would put their name on the report, so it is refused; the engines' own id passes."""
+    from runtime.engines import open_engines
+    from soda.bench import backend_for
+
+    with pytest.raises(UserError, match="was exported from weights random-init-strong, not random-init-0"):
+        backend_for("ort", strong_tiny, engines_dir=str(tiny_engines), weights="random-init-0")
+    assert backend_for("ort", strong_tiny, engines_dir=str(tiny_engines), weights=open_engines(tiny_engines).weights)
+
+
+def test_run_shows_progress(tiny_engines):
+    """`cli.py run` gets a bar per generation (sample has one): one update per step."""
+    from runtime.run import run_command
+
+    seen = []
+
+    class Bar:
+        def __init__(self, desc, total):
+            seen.append((desc, total))
+            self.n = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            seen.append(self.n)
+
+        def update(self):
+            self.n += 1
+
+    run_command(str(tiny_engines), "1", policy="full", out=None, echo=lambda m: None, progress_bar=Bar)
+    steps = json.loads((tiny_engines / "manifest.json").read_text())["sampler"]["steps"]
+    assert seen == [("run full", steps), steps]
