@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # soda from this checkout, as the children get it (PYTHONPATH)
 VARIANTS = ("own", "shared, no prepacking", "shared", "shared, one arena", "shared, no prepacking, one arena")
 
 
@@ -70,30 +71,30 @@ def child(folder: str, policy: str, variant: str, labels: str) -> dict:
 
 
 def main() -> None:
+    from soda.errors import UserError, positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder")
     ap.add_argument("--policy", default="toca", help="full | fora | toca | duca | taylorseer | exported")
     ap.add_argument("--labels", default="1,2")
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=positive_int, default=1)
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.folder, args.policy, args.child, args.labels)))
         return
     from runtime.engines import open_engines
-    from soda.errors import UserError
 
-    try:  # a wrong folder: one line here, not a child's traceback
-        open_engines(args.folder, verify="size")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    open_engines(args.folder, verify="size")  # a wrong folder: one line here, not a child's traceback
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(args.rounds):
         for v in VARIANTS:
             out = subprocess.run([sys.executable, __file__, args.folder, "--policy", args.policy, "--labels",
-                                  args.labels, "--child", v], cwd=ROOT, capture_output=True, text=True, check=True,
+                                  args.labels, "--child", v], cwd=ROOT, capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if out.returncode:  # a wrong policy or labels: the child's own last line
+                last = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+                raise UserError(f"the {v} child failed: {last.removeprefix('error: ')}")
             runs[v].append(json.loads(out.stdout.splitlines()[-1]))
     for v, rs in runs.items():
         row = dict(rs[0], seconds=statistics.median(r["seconds"] for r in rs), rounds=len(rs))
@@ -101,4 +102,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from soda.errors import main_or_exit
+
+    main_or_exit(main)  # a wrong folder, model or policy: one line, not a traceback

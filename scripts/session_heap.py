@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
+    from soda.errors import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", required=True, help="an engines folder made by `cli.py export`")
     ap.add_argument("--model", default="dit-digits", help="the model the folder was exported from")
-    ap.add_argument("--calls", type=int, default=1000)
-    ap.add_argument("--profile-samples", type=int, default=2)
+    ap.add_argument("--calls", type=positive_int, default=1000)
+    ap.add_argument("--profile-samples", type=positive_int, default=2)
     args = ap.parse_args()
 
     from runtime.engines import open_engines

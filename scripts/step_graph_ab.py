@@ -37,13 +37,14 @@ def main(argv: list[str] | None = None) -> dict:
     from soda.blocks import COMPUTE, COMPUTED_ONLY, Block, default_blocks
     from soda.models.loading import load_model
     from soda.policies import ScheduleSpec, make_schedule
+    from soda.errors import positive_int
     from soda.sampling import SamplerConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dit-digits")
     ap.add_argument("--random-init", action="store_true")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--steps", type=positive_int, default=50)
+    ap.add_argument("--rounds", type=positive_int, default=30)
     ap.add_argument("--speedup", type=float, default=2.5)
     ap.add_argument("--out", required=True, help="export folder (reused when this script made it)")
     args = ap.parse_args(argv)
@@ -109,4 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from soda.errors import main_or_exit
+
+    main_or_exit(main)  # a wrong folder, model or policy: one line, not a traceback

@@ -21,17 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
+    from soda.errors import positive_int
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engines", required=True)
     ap.add_argument("--policy", default="toca", help="full | fora | toca | duca | taylorseer")
     ap.add_argument("--speedup", type=float, default=2.5)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--labels", default="1,7")
     ap.add_argument("--versus", help="a second engines folder of the same model, timed in place of the per-module path")
     args = ap.parse_args()

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,7 +23,8 @@ def main() -> None:
     from runtime.engines import open_engines
     from runtime.ort_backend import OrtBackend
     from soda.bench_runtime import CallCounter
-    from soda.captions import PromptEmbeds, caption_conditioning
+    from soda.captions import caption_conditioning, load_prompt_embeds
+    from soda.errors import UserError, positive_int
     from soda.generate import generate, with_video
     from soda.models.loading import load_model
     from soda.models.opensora import apply_video
@@ -36,16 +36,18 @@ def main() -> None:
     ap.add_argument("--prompt-embeds", required=True, help="npz: the first 2 captions calibrate SODA, the next 2 are timed")
     ap.add_argument("--policies", default="full,fora,toca,duca,soda")
     ap.add_argument("--speedup", type=float, default=2.5)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     args = ap.parse_args()
 
     engines = open_engines(args.engines)
     model, weights = load_model(engines.config.name, random_init=True)  # the random-init model of the export
     apply_video(model, *engines.sampler.video)
     sampler = engines.sampler
-    p = np.load(args.prompt_embeds)
-    cap = caption_conditioning(PromptEmbeds(p["prompt_embeds"], p["prompt_attention_mask"].astype(np.float32)),
-                               model.null_caption_table())
+    prompts = load_prompt_embeds(args.prompt_embeds, model.config.caption_channels)
+    if len(prompts.embeds) < 4:
+        raise UserError(f"{args.prompt_embeds} holds {len(prompts.embeds)} captions; give at least 4 "
+                        f"(2 calibrate SODA, 2 are timed)")
+    cap = caption_conditioning(prompts, model.null_caption_table())
     cond = with_video(cap, model.config, sampler)
     calib, timed = cond.rows(slice(0, 2)), cond.rows(slice(2, 4))
     prof = profile(model, sampler, samples=2, seed=0, batch_size=2, conditioning=calib, weights=weights)
@@ -77,4 +79,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from soda.errors import main_or_exit
+
+    main_or_exit(main)  # a wrong folder, model or policy: one line, not a traceback

@@ -17,6 +17,19 @@ class NonFiniteError(UserError):
     """NaN or inf appeared while sampling (damaged weights, absurd noise); says where first."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (rounds, calls): an integer of at least 1, else argparse's one line."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main_or_exit(main: Callable[[], object]) -> None:
     """Run a script's `main`; a UserError ends it as the CLI does: one "error:" line, exit status 2."""
     try:
