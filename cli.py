@@ -133,9 +133,16 @@ def _say_created(folder, flag: str) -> None:
         click.echo(f"note: {flag}: creating the folder {folder}", err=True)
 
 
-def policy_or_schedule(policy: str | None, schedule_file: str | None) -> str:
+def policy_or_schedule(policy: str | None, schedule_file: str | None, profile_file: str | None = None) -> str:
+    """The policy asked for (default full); --profile only where it is read (SODA's planner)."""
+    from soda.policies import PROFILED
+
     if policy and schedule_file:
         raise UserError("give --policy or --schedule, not both")
+    if profile_file and schedule_file:
+        raise UserError("--profile does not apply to a --schedule file (it is planned already)")
+    if profile_file and (policy or "full") not in PROFILED:
+        raise UserError(f"--profile plans --policy {' or '.join(PROFILED)}; --policy {policy or 'full'} does not read it")
     return policy or "full"
 
 
@@ -204,7 +211,7 @@ def sample(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_scale, 
     from soda.pipeline import resolve_schedule
     from soda.torch_backend import TorchBackend
 
-    policy = policy_or_schedule(policy, schedule_file)
+    policy = policy_or_schedule(policy, schedule_file, profile_file)
     check_out_suffix(out, "--out")
     check_out_suffix(save_latents, "--save-latents", (".npy",))
     model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
@@ -607,7 +614,7 @@ def export_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_sca
     if trt:
         from runtime.engine_check import check_trt_engines
 
-    policy = policy_or_schedule(policy, schedule_file)
+    policy = policy_or_schedule(policy, schedule_file, profile_file)
     check_out_folder(out or str(Path("engines") / model_name))
     model, weights = load(model_name, ckpt, num_heads, random_init, (height, width, num_frames, fps))
     sampler_cfg = make_sampler(model.config, sampler, steps, cfg_scale, cfg_channels, getattr(model, "video", None))
@@ -702,6 +709,13 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
         raise UserError(f"VAE folder not found: {vae}")
     if engines_dir and (ckpt or random_init):
         raise UserError("give --engines or --ckpt/--random-init, not both")
+    if engines_dir:  # the folder fixes the model and how it was made: a flag about those would be ignored
+        ctx = click.get_current_context()
+        ignored = [p.opts[0] for p in ctx.command.params if p.name in ("model_name", "num_heads", "cfg_channels",
+                   "profile_file") and ctx.get_parameter_source(p.name).name != "DEFAULT"]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply with --engines "
+                            f"(the folder holds its model, sampler channels and schedule inputs)")
     video = (height, width, num_frames, fps)
     if engines_dir:
         from runtime.engines import open_engines
@@ -748,7 +762,7 @@ def generate_cmd(model_name, ckpt, num_heads, random_init, sampler, steps, cfg_s
     else:
         from soda.pipeline import resolve_schedule
 
-        schedule = resolve_schedule(model, weights, sampler_cfg, policy_or_schedule(policy, schedule_file),
+        schedule = resolve_schedule(model, weights, sampler_cfg, policy_or_schedule(policy, schedule_file, profile_file),
                                     schedule_file, speedup, profile_file, echo=click.echo, progress=progress_bar)
     if random_init:
         click.echo("note: RANDOM weights: the samples show the toolchain, not a real model", err=True)

@@ -29,6 +29,7 @@ def main() -> None:
     from soda.models.loading import load_model
     from soda.models.opensora import apply_video
     from soda.pipeline import resolve_schedule
+    from soda.policies import PROFILED
     from soda.profile import profile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,7 +53,8 @@ def main() -> None:
     calib, timed = cond.rows(slice(0, 2)), cond.rows(slice(2, 4))
     prof = profile(model, sampler, samples=2, seed=0, batch_size=2, conditioning=calib, weights=weights)
     schedules = {pol: resolve_schedule(model, weights, sampler, pol, speedup=None if pol == "full" else args.speedup,
-                                       profile_file=prof, echo=lambda *a: None) for pol in args.policies.split(",")}
+                                       profile_file=prof if pol in PROFILED else None, echo=lambda *a: None)
+                 for pol in args.policies.split(",")}
     paths = {"blocks": OrtBackend(engines), "per-module": OrtBackend(engines, blocks=False)}
     counters = {k: CallCounter(b) for k, b in paths.items()}
     times: dict = {}

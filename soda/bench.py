@@ -266,8 +266,9 @@ def split_prompts(model, setup: BenchSetup, sampler=None):
     for a label-conditioned model."""
     config = model.config
     if config.interface.cond == ("y",):
-        if setup.prompt_embeds:
-            raise UserError(f"--prompt-embeds is for text-conditioned models; {config.name} takes class labels")
+        if setup.prompt_embeds or setup.calibration_prompts is not None:
+            flag = "--prompt-embeds" if setup.prompt_embeds else "--calibration-prompts"
+            raise UserError(f"{flag} is for text-conditioned models; {config.name} takes class labels")
         return None, None
     if not setup.prompt_embeds:
         raise UserError(f"{config.name} is text-conditioned: bench needs --prompt-embeds FILE.npz "

@@ -51,6 +51,13 @@ def _cli(*args, cwd=ROOT):
       "--out", "g"],
      "GiB for its token caches"),
     (["demo", "--model", "pixart-digits"], "demo runs class-label models"),
+    # a flag the command would ignore
+    (["sample", "--profile", "p.json"], "--profile plans --policy soda or soda-forecast; --policy full does not"),
+    (["export", "--schedule", "s.json", "--profile", "p.json"], "--profile does not apply to a --schedule file"),
+    (["generate", "--engines", "e", "--model", "dit-s-2", "--cfg-channels", "all", "--num-samples", "2",
+      "--out", "g"],
+     "--model, --cfg-channels do not apply with --engines"),
+    (["bench", "--calibration-prompts", "2"], "--calibration-prompts is for text-conditioned models"),
     (["demo", "--model", "opensora-tiny", "--random-init"], "opensora-tiny takes captions"),
 ])
 def test_one_line_error(args, match, tmp_path):
@@ -61,7 +68,8 @@ def test_one_line_error(args, match, tmp_path):
     assert not any(tmp_path.iterdir()), "nothing is written on bad input"
 
 
-@pytest.mark.parametrize("args", [["sample", "--seed", "-1"], ["sample", "--num-heads", "0"], ["profile", "--batch-size", "0"],
+@pytest.mark.parametrize("args", [["sample", "--seed", "-1"], ["sample", "--num-heads", "0"],
+                                  ["profile", "--batch-size", "0"],
                                   ["export", "--opset", "5"], ["run", "--engines", "x", "--threads", "0"]])
 def test_option_ranges_are_click_errors(args, tmp_path):
     r = _cli(*args, cwd=tmp_path)
