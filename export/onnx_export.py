@@ -124,6 +124,7 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
                                      True, time.perf_counter() - t0)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UserError(f"refusing to replace {out}: it is not an export folder (no {MANIFEST}); choose another --out")
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first: removed on failure
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -154,6 +155,12 @@ def export_model(model, weights_id: str, schedule: Schedule, sampler_cfg, out: s
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():  # a failed export leaves no folders it made for --out either
+            for p in made:
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
     res = _result_from_manifest(out, data, False, time.perf_counter() - t0)
     res.rows = rows
     return res

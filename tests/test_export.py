@@ -263,6 +263,10 @@ def test_full_disk_names_the_folder_and_leaves_nothing(tiny_model, tmp_path, mon
         _export(tiny_model, tmp_path / "eng")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "eng")
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # --out under folders the export makes: those go too, what was there stays
+    with pytest.raises(OSError):
+        _export(tiny_model, tmp_path / "mine" / "a" / "b" / "eng")
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")] == ["mine"]
 
 
 def test_stale_temporary_folder_of_a_killed_export_is_removed(exported, tiny_model, tmp_path):
