@@ -106,10 +106,6 @@ class Manifest:
         return self.data["opset"]
 
     @property
-    def tools(self) -> dict:
-        return self.data["tools"]
-
-    @property
     def trt(self) -> dict | None:
         return self.data.get("trt")
 

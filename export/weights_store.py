@@ -28,8 +28,6 @@ class WeightsStore:
         self._file = open(self.path, "wb")
         self._offset = 0
         self._index: dict[tuple[int, str], tuple[int, int]] = {}
-        self.tensors_written = 0
-        self.tensors_shared = 0
 
     def externalize(self, model: onnx.ModelProto) -> list[list]:
         """Move every initializer of >= threshold bytes into the shared file (in place). Returns
@@ -60,7 +58,6 @@ class WeightsStore:
     def _put(self, dtype: int, data: bytes) -> tuple[int, int]:
         key = (dtype, hashlib.sha256(data).hexdigest())
         if key in self._index:
-            self.tensors_shared += 1
             return self._index[key]
         align = PAGE if len(data) >= PAGE_ALIGN_FROM else SMALL_ALIGN
         pad = -self._offset % align
@@ -70,7 +67,6 @@ class WeightsStore:
         self._file.write(data)
         self._index[key] = (self._offset, len(data))
         self._offset += len(data)
-        self.tensors_written += 1
         return self._index[key]
 
     def close(self) -> None:

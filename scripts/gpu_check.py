@@ -22,7 +22,6 @@ per-round stitched full / monolithic.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex

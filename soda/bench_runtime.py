@@ -10,7 +10,7 @@ reported, so a burst of load from other processes hits all entries alike.
 
     python -m soda.bench_runtime --model dit-s-2 --images 2 --steps 20 --repeats 3
 
-`measure_schedules` is the part `cli.py bench --backend ort` can call with its own schedules.
+`runtime_report` is the part `cli.py bench --backend ort` calls with its own schedules.
 """
 from __future__ import annotations
 
@@ -141,18 +141,6 @@ def rows_from(results: dict, reference: str, full: float) -> list[Row]:
         wx = wall_speedup(ref_rounds, rounds)
         rows.append(Row(name, statistics.median(rounds), [round(v, 3) for v in rounds], fx, wx, wx / fx))
     return rows
-
-
-def measure_schedules(backend, config, sampler_cfg: SamplerConfig, schedules: dict[str, Schedule],
-                      labels: np.ndarray, seed: int = 0, repeats: int = 3, reference: str = "full",
-                      echo: Callable[[str], None] = lambda s: None) -> list[Row]:
-    """Wall speedup vs FLOPs speedup of each schedule on `backend` (e.g. runtime OrtBackend),
-    interleaved, against `schedules[reference]` (normally the full schedule)."""
-    if reference not in schedules:
-        raise ValueError(f"schedules must include the reference entry {reference!r}")
-    loops = {name: schedule_loop(backend, config, sampler_cfg, s, labels, seed) for name, s in schedules.items()}
-    results = interleaved(loops, repeats, echo)
-    return rows_from(results, reference, full_flops(config, sampler_cfg, len(labels), tuple(schedules[reference].modules)))
 
 
 def monolithic_session(model, folder: Path, threads: int | None = None):

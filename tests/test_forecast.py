@@ -128,7 +128,7 @@ def test_forecast_values_by_hand():
 
 
 def test_pruned_tokens_replace_forecast_values():
-    S, L = 6, 1
+    L = 1
     steps = [[[FULL, FULL]], [[FULL, FULL]], [[FULL, FULL]],
              [[forecast(2), prune(0.5, 2)]], [[REUSE, prune(0.25)]], [[forecast(1), prune(0.25, 1)]]]
     sched = _schedule(steps, L, selector="feature-mean")

@@ -558,10 +558,11 @@ def test_trt_backend_equals_ort(tmp_path, strong_tiny, tiny_sampler):
 
 
 # --- the benchmark's measuring function (numbers themselves: docs/runtime.md) -----------------
-def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends, monkeypatch):
-    from soda.bench_runtime import measure_schedules
+def test_interleaved_rows_report_flops_and_wall_speedups(tiny_backends, monkeypatch):
+    """What `runtime_report` does with its loops: interleaved rounds, rows against the full one."""
     from runtime.engines import resolve_schedule
     from soda.flops import FlopsModel, schedule_flops
+    from soda.generate import full_flops
 
     engines, ort_b, _ = tiny_backends
     sc = engines.sampler
@@ -574,10 +575,9 @@ def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends, monkey
     import soda.bench_runtime as br
 
     clock, costs = {"t": 0.0}, {"full": [3.0, 30.0, 6.0], "fora": [1.0, 10.0, 3.0]}
-    real = br.schedule_loop
 
     def fake_loop(backend, config, sampler_cfg, schedule, labels, seed=0):
-        loop = real(backend, config, sampler_cfg, schedule, labels, seed)
+        loop = br.schedule_loop(backend, config, sampler_cfg, schedule, labels, seed)
 
         def run():
             out = loop()
@@ -586,8 +586,9 @@ def test_measure_schedules_reports_flops_and_wall_speedups(tiny_backends, monkey
         return run
 
     monkeypatch.setattr(br, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"]))
-    monkeypatch.setattr(br, "schedule_loop", fake_loop)
-    rows = {r.name: r for r in measure_schedules(ort_b, engines.config, sc, schedules, np.array([1, 7]), repeats=3)}
+    loops = {name: fake_loop(ort_b, engines.config, sc, s, np.array([1, 7])) for name, s in schedules.items()}
+    full = full_flops(engines.config, sc, 2, tuple(schedules["full"].modules))
+    rows = {r.name: r for r in br.rows_from(br.interleaved(loops, 3), "full", full)}
     fm = FlopsModel.for_config(engines.config)
     want = schedule_flops(schedules["full"], fm, 4) / schedule_flops(schedules["fora"], fm, 4)
     assert rows["fora"].flops_speedup == pytest.approx(want) and want > 1.5

@@ -10,7 +10,7 @@ from soda.flops import FlopsModel, schedule_flops
 from soda.policies import ScheduleSpec, make_schedule
 from soda.policies.full import full_schedule
 from soda.profile import Profile
-from soda.schedule import FULL, REUSE, forecast_order, parse_action
+from soda.schedule import forecast_order, parse_action
 
 
 def _brute_force(err, S, n_anchors, K):

@@ -70,4 +70,4 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     cost = lambda fm, n_, r_: toca.fast_flops(spec, fm, n_, r_, wt, wl, True, code, iw)  # noqa: E731
     if N is not None:  # a tuned setting: N (and the weights) fixed, R fills the budget
         return scaling.fixed_interval(spec, "DuCa", build, cost, flops, speedup, N)
-    return scaling.search_interval_ratio("DuCa", spec, build, cost, flops, speedup, p["N"], p["R"])
+    return scaling.search_interval_ratio("DuCa", spec, build, cost, flops, speedup, p["R"])

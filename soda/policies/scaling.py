@@ -101,7 +101,7 @@ def ratio_for_target(spec: ScheduleSpec, cost: Callable[[FlopsModel, int, float]
 
 def search_interval_ratio(policy: str, spec: ScheduleSpec, build: Callable[[int, float], Schedule],
                           cost: Callable[[FlopsModel, int, float], float], flops: FlopsModel | None,
-                          target: float, N_pub: int, R_pub: float) -> Schedule:
+                          target: float, R_pub: float) -> Schedule:
     """ToCa/DuCa at a target speedup by the published rule, scaled.
 
     For each interval N in 2..16, bisection over R on a 0.001 grid (speedup falls as R grows)

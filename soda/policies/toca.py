@@ -237,7 +237,7 @@ def make(spec: ScheduleSpec, speedup: float | None = None, flops=None, N: int | 
     cost = lambda fm, n_, r_: fast_flops(spec, fm, n_, r_, wt, wl, False, code)  # noqa: E731
     if N is not None:  # a tuned setting: N (and the weights) fixed, R fills the budget
         return scaling.fixed_interval(spec, "ToCa", build, cost, flops, speedup, N)
-    return scaling.search_interval_ratio("ToCa", spec, build, cost, flops, speedup, p["N"], p["R"])
+    return scaling.search_interval_ratio("ToCa", spec, build, cost, flops, speedup, p["R"])
 
 
 def selector_for(code: str, N: int, dit_bonus: float, skip_steps=None) -> tuple[dict, str]:

@@ -174,4 +174,4 @@ def make(policy: str, spec: ScheduleSpec, speedup: float | None = None, flops=No
     cost = lambda fm, n_, r_: fast_flops(spec, fm, n_, r_, dual, sw, lw)  # noqa: E731
     if N is not None:  # a tuned setting: N (and the weights) fixed, R fills the budget
         return scaling.fixed_interval(spec, name, build, cost, flops, speedup, N)
-    return scaling.search_interval_ratio(name, spec, build, cost, flops, speedup, PUBLISHED["N"], PUBLISHED["R"])
+    return scaling.search_interval_ratio(name, spec, build, cost, flops, speedup, PUBLISHED["R"])
