@@ -373,3 +373,18 @@ def test_schedules_run_end_to_end(tiny_model, tiny_config, policy, params):
     x, stats = generate(TorchBackend(tiny_model), tiny_config, sampler, sched, labels, seed=0)
     assert np.isfinite(x).all()
     assert stats.flops == schedule_flops(sched, fm, 2 * len(labels))
+
+
+def test_fora_refuses_a_target_just_above_one_anchor():
+    """One anchor is FORA's fastest schedule: a target up to 3% above it was answered with that
+    schedule, below the target, where every other policy says the target is out of reach."""
+    import re
+
+    spec = spec_of(DIGITS)
+    with pytest.raises(UserError) as e:
+        make_schedule("fora", spec, speedup=1000.0)
+    hi = float(re.search(r"to ([\d.]+)x", str(e.value)).group(1))  # rounded to 0.01
+    with pytest.raises(UserError, match="cannot reach"):
+        make_schedule("fora", spec, speedup=hi * 1.01)
+    sched = make_schedule("fora", spec, speedup=hi * 0.995)
+    assert sched.params["anchor_count"] == 1 and sched.params["achieved_speedup"] >= hi * 0.995

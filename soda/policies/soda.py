@@ -216,13 +216,14 @@ class Planner:
         prune = np.full((S, L * M, len(self.rates), K + 1), np.nan)
         prune[:, :, :, 1:] = self.ep[:, :, :, :, cols].reshape(S, L * M, len(self.rates), K)
         prune_cost = np.tile(self.module_prune, (L, 1))  # [L*M, A], j = l*M + m
-        budget = self.full_flops / speedup - S * self.step_base
+        base = self.generation_base + S * self.step_base  # what every plan pays: conditioning, embed, final, adaLN
+        budget = self.full_flops / speedup - base
         try:
             jp = solve_joint(reuse, prune, L * float(self.module_full.sum()), prune_cost, budget)
         except UserError as e:
             raise UserError(f"speedup {speedup:g}x: {e}") from None
         actions = {(s, j // M, j % M): a for (s, j), a in jp.actions.items()}
-        return Plan(jp.anchors, None, None, S * self.step_base + jp.flops, jp.error, actions)
+        return Plan(jp.anchors, None, None, base + jp.flops, jp.error, actions)
 
     def plan_anchors_only(self, speedup: float, evenly: bool = False) -> Plan:
         """No pruning: the most anchors whose speedup still reaches `speedup`, placed by the DCS
