@@ -38,6 +38,8 @@ def _cli(*args, cwd=ROOT):
     (["bench", "--backend", "ort", "--samples", "2", "--timing-images", "4"], "give at least --samples 4 (got 2)"),
     (["bench", "--speedup", "nan"], "at least 1 and finite"),
     (["bench", "--speedup", "1000"], "cannot reach a 1000x FLOPs speedup"),  # before any profiling or sampling
+    (["bench", "--policies", "soda", "--speedup", "20"], "speedup 20x is not reachable: at most 5.88x"),
+    (["sample", "--policy", "soda", "--speedup", "20"], "speedup 20x is not reachable: at most 5.88x"),
     (["bench", "--plot", "plot.txt"], "--plot plot.txt: use one of"),
     (["bench", "--precision", "bf16"], "--precision bf16 needs --backend torch --device cuda"),
     (["bench", "--device", "cuda", "--ray", "local:2"], "--device cuda runs in this process"),

@@ -288,3 +288,23 @@ def test_ablation_planners_prune_nothing(cfg):
     assert fixed.params["anchors"] == sorted({(i * 20) // n for i in range(n)})
     with pytest.raises(UserError, match="unknown planner"):
         make_schedule("soda", spec_of(cfg), speedup=2.0, profile=prof, planner="magic")
+
+
+def test_reach_is_said_before_profiling_and_agrees_with_the_planner(cfg):
+    """`unreachable` (no profile: what `sample`/`bench` check before profiling) refuses exactly
+    the targets the planner refuses on a profile with the same intervals."""
+    import re
+
+    from soda.policies.soda import unreachable
+
+    prof = synthetic_profile(cfg)  # intervals 1..6, the profiler's default
+    err = unreachable(1000.0, FlopsModel.for_config(cfg), 20, cfg.depth, cfg.modules, 6)
+    best = float(re.search(r"at most ([\d.]+)x", str(err)).group(1))
+    for target in (best * 0.999, best * 1.001):  # `best` is rounded to 0.01: both sides of the real bound
+        said = unreachable(target, FlopsModel.for_config(cfg), 20, cfg.depth, cfg.modules, 6)
+        try:
+            make_schedule("soda", spec_of(cfg), speedup=target, profile=prof)
+            planned = None
+        except UserError as e:
+            planned = str(e)
+        assert (said is None) == (planned is None) and (said is None or str(said) == planned), (target, said, planned)

@@ -100,6 +100,27 @@ def planner_inputs(policy: str, spec: ScheduleSpec, profile, speedup, anchors, r
     return profile, rates, FlopsModel.for_config(ModelConfig.from_dict(profile.model_config))
 
 
+def flops_parts(fm: FlopsModel, num_layers: int, modules) -> tuple[float, float, np.ndarray]:
+    """Per batch row: once per generation (conditioning), once per step (embed, final, every
+    layer's adaLN), and each module's full compute in one layer."""
+    step_base = fm.embed(1) + fm.final(1) + num_layers * fm.modulation(1)
+    return fm.condition(1), step_base, np.array([fm.module(n, 1, fm.num_tokens) for n in modules])
+
+
+def unreachable(speedup: float, fm: FlopsModel, steps: int, num_layers: int, modules, max_age: int) -> UserError | None:
+    """The error for a target above SODA's fastest plan, else None: ceil(S / (K + 1)) anchors and
+    every other step served from the cache (pruning only adds compute). Needs no profile, so
+    a hopeless --speedup is said before profiling."""
+    generation, step, module_full = flops_parts(fm, num_layers, modules)
+    n = -(-steps // (max_age + 1))
+    best = (generation + steps * (step + num_layers * module_full.sum())) / \
+        (generation + steps * step + n * num_layers * module_full.sum())
+    if speedup <= best * (1 + 1e-9):
+        return None
+    return UserError(f"speedup {speedup:g}x is not reachable: at most {best:.2f}x with {n} anchors "
+                     f"and cache ages up to {max_age} (profile more --intervals for more)")
+
+
 class Planner:
     """Holds the profile as arrays and the per-action FLOPs, and searches (N_s, beta, lam)."""
 
@@ -121,10 +142,8 @@ class Planner:
         self.ec_scale = float(finite.mean()) if finite.size and finite.mean() > 0 else 1.0
         N = fm.num_tokens
         names = profile.modules
-        self.module_full = np.array([fm.module(n, 1, N) for n in names])  # [M]
+        self.generation_base, self.step_base, self.module_full = flops_parts(fm, self.L, names)  # module_full: [M]
         self.module_prune = np.array([[fm.module(n, 1, kept_tokens(a, N)) for a in rates] for n in names])  # [M, A]
-        self.step_base = fm.embed(1) + fm.final(1) + self.L * fm.modulation(1)
-        self.generation_base = fm.condition(1)  # once per generation (caption K/V)
         self.full_flops = self.generation_base + self.S * (self.step_base + self.L * self.module_full.sum())
 
     # --- FLOPs and errors of a plan -------------------------------------------------------
@@ -195,10 +214,8 @@ class Planner:
         budget = self.full_flops / speedup
         feasible = [n for n in range(1, self.S + 1) if self.table.feasible(n) and self.reuse_flops(n) <= budget * (1 + 1e-9)]
         if not feasible:
-            n_min = -(-self.S // (self.K + 1))
-            best = self.full_flops / self.reuse_flops(n_min)
-            raise UserError(f"speedup {speedup:g}x is not reachable: at most {best:.2f}x with {n_min} anchors "
-                            f"and cache ages up to {self.K} (profile more --intervals for more)")
+            raise unreachable(speedup, self.fm, self.S, self.L, self.profile.modules, self.K) or \
+                UserError(f"speedup {speedup:g}x: no anchor count of this profile reaches it")
         plans = [self._fill(self.table.anchors(n)[0], budget, lm) for n in feasible for lm in lams]
         close = [p for p in plans if self.full_flops / p.flops <= speedup * (1 + TOLERANCE)]
         if close:
