@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from export.manifest import file_sha256
+from soda.errors import UserError
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 WORKSPACE_BYTES = 4 << 30
@@ -55,6 +56,19 @@ def availability() -> tuple[object | None, str | None, str]:
     return tensorrt, gpu, ""
 
 
+def precision_flag(trt, precision: str):
+    """The builder flag that lets TensorRT pick fp16 or bf16 kernels (None for fp32). TensorRT 11
+    removed these weak-typing flags (strongly typed networks only; mixed precision moves into the
+    ONNX, via ModelOpt AutoCast): said in one line before any engine is built."""
+    if precision == "fp32":
+        return None
+    flag = getattr(trt.BuilderFlag, precision.upper(), None)
+    if flag is None:
+        raise UserError(f"TensorRT {trt.__version__} has no {precision} builder flag (from TensorRT 11 networks are "
+                        f"strongly typed): use --trt-precision fp32, or TensorRT 10 (pip install 'tensorrt<11')")
+    return flag
+
+
 def engine_dir(folder: Path, gpu: str, version: str) -> Path:
     """Engines are only valid for one GPU model and TensorRT version: both are in the path."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", gpu).strip("-")
@@ -71,6 +85,7 @@ def build_engines(folder: Path, manifest: dict, precision: str = "fp16", max_bat
     if trt is None or gpu is None:
         echo(why)
         return None
+    precision_flag(trt, precision)
     out = engine_dir(folder, gpu, trt.__version__)
     out.mkdir(parents=True, exist_ok=True)
     cache_file = out / "timing.cache"
@@ -192,10 +207,9 @@ def _build_one(trt, builder, logger, onnx_path: Path, profiles: list[dict], prec
         raise RuntimeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
+    flag = precision_flag(trt, precision)
+    if flag is not None:
+        config.set_flag(flag)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     for p in profiles:

@@ -57,8 +57,14 @@ class HostArrays:
         pass
 
 
+_STREAMS: dict[int, object] = {}  # device id -> the one stream of this process on it
+
+
 class CupyArrays:
-    """CuPy arrays on `device_id`, one non-blocking stream made current for all CuPy work."""
+    """CuPy arrays on `device_id`, on the process's one non-blocking stream for that device, made
+    current for all CuPy work. One per process, not per instance: a second backend (bench's
+    per-module path, gpu_check's monolithic engine) that made its own stream current would
+    leave the first backend's engines on a stream the loop's kernels no longer wait for."""
 
     device_type = "cuda"
 
@@ -69,7 +75,9 @@ class CupyArrays:
         self.cp = cupy
         self.device_id = device_id
         cupy.cuda.Device(device_id).use()
-        self.stream = cupy.cuda.Stream(non_blocking=True)
+        if device_id not in _STREAMS:
+            _STREAMS[device_id] = cupy.cuda.Stream(non_blocking=True)
+        self.stream = _STREAMS[device_id]
         self.stream.use()  # the loop's CuPy kernels go on the stream the engines run on
         self.stream_ptr = int(self.stream.ptr)
 
@@ -86,8 +94,10 @@ class CupyArrays:
         return int(a.data.ptr)
 
     def from_ortvalue(self, value):
-        """An onnxruntime output left on the device, as a CuPy array (DLPack, no copy)."""
-        return self.cp.from_dlpack(value)
+        """An onnxruntime output left on the device, as a CuPy array (DLPack, no copy). The
+        Python OrtValue has __dlpack__ only in recent onnxruntime; older ones keep it on the
+        C-level value it wraps."""
+        return self.cp.from_dlpack(value if hasattr(value, "__dlpack__") else value._ortvalue)
 
     def synchronize(self) -> None:
         self.stream.synchronize()

@@ -20,6 +20,8 @@ Needs TensorRT, CuPy and a GPU, and engines built by `cli.py export --trt`.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from soda.errors import UserError
@@ -72,7 +74,7 @@ class TrtEngine:
     `specs`: the graph's input specs from the manifest (a block graph's pruned axes are read there)."""
 
     def __init__(self, trt, runtime, path, profiles: list[dict], arrays: CupyArrays, specs=()):
-        self.trt, self.arrays = trt, arrays
+        self.trt, self.arrays, self.name = trt, arrays, Path(path).name
         self.profile_by_key = {profile_key(p): i for i, p in enumerate(profiles)}
         self.profile_by_n = {p.get("n"): i for i, p in enumerate(profiles) if not p.get("axes")}
         self.axes = axis_positions(specs)
@@ -104,7 +106,9 @@ class TrtEngine:
         fed = {}
         for name in self.inputs:
             a = fed[name] = arrays.put(feeds[name], self.dtypes[name])  # the loop's array itself when it fits
-            self.context.set_input_shape(name, a.shape)
+            if not self.context.set_input_shape(name, a.shape):  # returns False, raises nothing
+                raise UserError(f"TensorRT engine {self.name}: input {name} of shape {list(a.shape)} is outside "
+                                f"its profile; re-export for this schedule (cli.py export --trt)")
             self.context.set_tensor_address(name, arrays.ptr(a))
         results = {}
         for name in self.outputs:
