@@ -473,6 +473,9 @@ def test_trt_manifest_lists_block_engines(exported, tmp_path, monkeypatch):
     class FakeTrt:
         __version__ = "10.0.0"
 
+        class BuilderFlag:  # TensorRT 10's weak-typing flags (11 has none)
+            FP16, BF16 = "fp16", "bf16"
+
         class Logger:
             WARNING = 0
 
