@@ -30,7 +30,7 @@ def test_parsers():
     assert parse_speedups("1.5,3") == [1.5, 3.0] and parse_speedups(None) == []
     with pytest.raises(UserError, match="unknown policy fast"):
         parse_policies("full,fast")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="--frontier must be comma-separated numbers, got '2,x'"):
         parse_speedups("2,x")
 
 

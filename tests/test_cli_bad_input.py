@@ -75,7 +75,7 @@ def test_one_line_error(args, match, tmp_path):
                                   ["export", "--opset", "5"], ["run", "--engines", "x", "--threads", "0"]])
 def test_option_ranges_are_click_errors(args, tmp_path):
     r = _cli(*args, cwd=tmp_path)
-    assert r.returncode == 2 and "Invalid value" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and f"Invalid value for '{args[-2]}'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_noise_npz_is_one_clear_error(tmp_path):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from soda.errors import UserError
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -169,7 +171,7 @@ def test_shipped_classifier_recognises_held_out_digits(classifier, split):
     real = classifier.frechet(split.train_images[idx])
     noise = classifier.frechet(rng.standard_normal((100, 1, 16, 16)).astype(np.float32))
     assert real < 20 and noise > 10 * real
-    with pytest.raises(Exception, match="16, 16"):
+    with pytest.raises(UserError, match=r"takes images \[n, 1, 16, 16\], got \[2, 1, 8, 8\]"):
         classifier.predict(np.zeros((2, 1, 8, 8), np.float32))
 
 

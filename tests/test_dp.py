@@ -94,5 +94,5 @@ def test_step_errors_uses_contiguous_ages_only():
     ec[0] = np.nan
     err = step_errors(ec, [1, 2, 4])  # age 4 without 3: only 1..2 usable
     assert err.shape == (S, 3) and err[1, 1] == L * M and np.isinf(err[0, 1])
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"no cache age 1 \(intervals \[2, 3, 4\]\); the DP needs 1..K"):
         step_errors(ec, [2, 3, 4])

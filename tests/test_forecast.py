@@ -159,7 +159,8 @@ def test_action_syntax_and_versioning(tmp_path):
     assert parse_action("prune@0.5+forecast@1") == ("prune", 0.5) and forecast_order("prune@0.5+forecast@1") == 1
     assert forecast_order("prune@0.5") == 0 and forecast_order(REUSE) == 0
     for bad in ("forecast@0", "forecast@5", "forecast@x", "prune@0.5+forecast@9", "prune@abc"):
-        with pytest.raises(UserError):
+        said = "unknown action" if bad == "prune@abc" else "forecast order must be an integer in 1..4"
+        with pytest.raises(UserError, match=f"{said}.*{bad.replace('+', '[+]')}"):
             parse_action(bad)
     with pytest.raises(UserError, match="step 0 of a schedule must compute everything"):
         _schedule([[[FULL, forecast(1)]], [[FULL, FULL]]], 1)

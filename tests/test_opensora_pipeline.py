@@ -80,7 +80,9 @@ def test_all_policies_torch_and_runtime_agree(tiny, tmp_path):
         got, _ = generate(OrtBackend(engines, threads=1), config, sampler, sched, cond, noise=x)
         assert rel(got, want) < 1e-4, policy
         speed = full_flops(config, sampler, len(cond)) / stats.flops
-        assert speed == pytest.approx(1.0) if policy == "full" else speed >= 2.0 * 0.97, (policy, speed)
+        # the bench's window [target, 1.03 target]; FORA moves by whole anchor steps, so at least the target
+        in_window = 2.0 * (1 - 1e-9) <= speed <= 2.0 * 1.03 or (policy == "fora" and speed >= 2.0)
+        assert speed == pytest.approx(1.0) if policy == "full" else in_window, (policy, speed)
     assert any(step == SKIP for step in make_schedule("duca", spec_for(model, sampler)).steps)
 
 
@@ -173,7 +175,8 @@ def test_forecast_policies_torch_and_runtime_agree(tiny, tmp_path):
         want, stats = generate(TorchBackend(model), config, sampler, sched, cond, noise=x)
         got, _ = generate(OrtBackend(engines, threads=1), config, sampler, sched, cond, noise=x)
         assert rel(got, want) < 1e-4, policy
-        assert full_flops(config, sampler, len(cond)) / stats.flops >= 2.0 * 0.97, policy
+        speed = full_flops(config, sampler, len(cond)) / stats.flops  # TaylorSeer: whole full steps, like FORA
+        assert 2.0 * (1 - 1e-9) <= speed and (speed <= 2.0 * 1.03 or policy == "taylorseer"), (policy, speed)
 
 
 def test_bench_runs_forecast_policies_on_the_runtime(tmp_path, monkeypatch, capsys):
@@ -194,7 +197,9 @@ def test_bench_runs_forecast_policies_on_the_runtime(tmp_path, monkeypatch, caps
     rows = {row["policy"]: row for row in out["results"]}
     assert set(rows) == {"full", "taylorseer", "soda-forecast"}
     for policy in ("taylorseer", "soda-forecast"):
-        assert rows[policy]["flops_speedup"] >= 2.0 * 0.97 and np.isfinite(rows[policy]["psnr_db"]), rows[policy]
+        speed = rows[policy]["flops_speedup"]  # rounded to 4 decimals; TaylorSeer moves by whole full steps
+        assert 2.0 * 0.999 <= speed and (speed <= 2.0 * 1.03 or policy == "taylorseer"), rows[policy]
+        assert np.isfinite(rows[policy]["psnr_db"]), rows[policy]
     # the runtime-vs-monolithic timing takes class labels: asked for on a text model, refused before any work
     r = run_cli(["bench", "--model", "opensora-tiny", "--random-init", "--prompt-embeds", str(tmp_path / "p.npz"),
                  "--backend", "ort", "--engines", str(tmp_path / "eng"), "--timing-per-module", "--json",

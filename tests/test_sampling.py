@@ -16,9 +16,12 @@ def test_timestep_order_noisiest_first():
     assert d.model_timestep(0) == 999 and d.model_timestep(49) == 0
 
 
-@pytest.mark.parametrize("kw", [dict(steps=0), dict(kind="euler"), dict(cfg_scale=0.5), dict(steps=1001)])
-def test_bad_sampler_config_is_a_user_error(kw):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("kw, match", [(dict(steps=0), "--steps must be at least 1, got 0"),
+                                       (dict(kind="euler"), "unknown sampler 'euler'; choose one of: ddim"),
+                                       (dict(cfg_scale=0.5), "--cfg-scale must be >= 1"),
+                                       (dict(steps=1001), "--steps 1001 exceeds the 1000 training timesteps")])
+def test_bad_sampler_config_is_a_user_error(kw, match):
+    with pytest.raises(UserError, match=match):
         SamplerConfig(**kw)
 
 

@@ -213,12 +213,22 @@ def test_folder_without_initializer_table_loads_private_copies(folder, tmp_path)
     assert np.array_equal(_generate(backend, engines), ref)
 
 
-@pytest.mark.skip(reason="needs onnxruntime-gpu, CuPy and a CUDA GPU; this machine and CI have none. The CUDA path "
-                         "uploads each tensor once (OrtValue.ortvalue_from_numpy(a, 'cuda', id)) and hands it to every "
-                         "session with SessionOptions.add_initializer, which the CUDA provider uses in place")
 def test_cuda_sessions_share_device_weights(folder):
+    """The CUDA path uploads each tensor once (OrtValue.ortvalue_from_numpy(a, 'cuda', id)) and
+    hands it to every session with SessionOptions.add_initializer, which the CUDA provider uses
+    in place: the samples equal sessions that load their own weights. Runs where onnxruntime-gpu,
+    CuPy and a GPU are (not on this machine or CI)."""
+    import onnxruntime as ort
+
+    from runtime.device import cuda_availability
     from runtime.engines import open_engines
     from runtime.ort_backend import OrtBackend
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has no CUDA provider ({', '.join(ort.get_available_providers())})")
+    cupy, why = cuda_availability()
+    if cupy is None:
+        pytest.skip(why)
 
     engines = open_engines(folder)
     shared = OrtBackend(engines, device="cuda")
