@@ -177,6 +177,20 @@ def test_forecast_policies_torch_and_runtime_agree(tiny, tmp_path):
         assert rel(got, want) < 1e-4, policy
         speed = full_flops(config, sampler, len(cond)) / stats.flops  # TaylorSeer: whole full steps, like FORA
         assert 2.0 * (1 - 1e-9) <= speed and (speed <= 2.0 * 1.03 or policy == "taylorseer"), (policy, speed)
+    # soda-forecast may plan no forecast here: a hand-made schedule runs every kind on the video
+    # model's three modules, pruned on a forecast included (self-attention is not prunable).
+    from soda.schedule import FULL, REUSE, Schedule, forecast, prune
+
+    grid = lambda row: [list(row) for _ in range(config.depth)]  # noqa: E731
+    steps = [grid([FULL] * 3), grid([FULL] * 3), grid([forecast(1), prune(0.5, 1), prune(0.25, 1)]),
+             grid([FULL] * 3), grid([forecast(2), forecast(2), prune(0.5, 2)]), grid([REUSE, prune(0.5), forecast(2)]),
+             grid([FULL] * 3), grid([forecast(1), REUSE, prune(0.75, 1)])]
+    hand = Schedule("hand", config.name, config.hash(), "rflow", STEPS, list(config.modules), config.depth, steps,
+                    selector="feature-mean").validate()
+    assert max(forecast_order(a) for step in hand.steps for row in step for a in row) == 2
+    want, _ = generate(TorchBackend(model), config, sampler, hand, cond, noise=x)
+    got, _ = generate(OrtBackend(engines, threads=1), config, sampler, hand, cond, noise=x)
+    assert rel(got, want) < 1e-4
 
 
 def test_bench_runs_forecast_policies_on_the_runtime(tmp_path, monkeypatch, capsys):
