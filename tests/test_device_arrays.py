@@ -222,6 +222,21 @@ def test_reduced_precision_backend_runs_on_a_copy(strong_tiny_model, sampler_cfg
     ref, _, _ = _run(TorchBackend(strong_tiny_model), cfg, sampler_cfg, schedules["soda"])
     assert got.dtype == np.float32 and next(iter(ex.cache.values())).dtype == torch.bfloat16
     assert 0 < _rel_err(got, ref) < 0.2
+    # Full compute module by module under bf16 equals the whole model's forward under the same
+    # autocast (the same casts); a wrong cast or cache dtype on the way would not stay this close.
+    full, _, _ = _run(backend, cfg, sampler_cfg, schedules["full"])
+
+    @torch.no_grad()
+    def whole(s, x, t, y):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = strong_tiny_model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y["y"]))
+        return out.float().numpy()
+
+    z, rng = initial_noise(2, cfg.latent_shape, 3)
+    mono = sample_loop(whole, make_diffusion(sampler_cfg, cfg.learn_sigma), z,
+                       Conditioning.from_labels(np.array([1, 7]), cfg.null_label), None, cfg.in_channels, rng)
+    assert _rel_err(full, mono) <= 1e-3 < _rel_err(mono, _run(TorchBackend(strong_tiny_model), cfg, sampler_cfg,
+                                                             schedules["full"])[0])
 
 
 @pytest.mark.parametrize("policy", ["toca", "duca", "taylorseer"])
