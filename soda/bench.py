@@ -316,13 +316,10 @@ def bench(model, weights: str, sampler, setup: BenchSetup, echo: Callable = prin
     for policy in setup.policies:
         if policy not in ("full", *PROFILED):
             baseline_schedule(policy, spec, config, speedup=setup.speedup)
-        elif policy == "soda" and not setup.profile_file:  # the profile to be made has the default intervals
-            from soda.policies.soda import unreachable
-            from soda.profile import DEFAULT_INTERVALS
+        elif policy == "soda" and not setup.profile_file:
+            from soda.policies.soda import check_reach_before_profiling
 
-            error = unreachable(setup.speedup, fm, sampler.steps, config.depth, config.modules, max(DEFAULT_INTERVALS))
-            if error:
-                raise error
+            check_reach_before_profiling(setup.speedup, config, sampler.steps)
     prof = None
     if any(p in PROFILED for p in setup.policies) or setup.ablation:
         prof = load_or_profile(model, weights, sampler, setup.profile_file, echo, setup.profile_samples,

@@ -83,15 +83,10 @@ def resolve_schedule(model, weights: str, sampler, policy: str, schedule_file=No
     if policy in PROFILED:
         if toca_official_loop:
             raise UserError(f"--toca-official-loop applies to --policy toca, not {policy}")
-        if policy == "soda" and speedup is not None and not profile_file:  # said before minutes of profiling
-            from soda.flops import FlopsModel
-            from soda.policies.soda import unreachable
-            from soda.profile import DEFAULT_INTERVALS
+        if policy == "soda" and speedup is not None and not profile_file:
+            from soda.policies.soda import check_reach_before_profiling
 
-            error = unreachable(speedup, FlopsModel.for_config(config), sampler.steps, config.depth, config.modules,
-                                max(DEFAULT_INTERVALS))
-            if error:
-                raise error
+            check_reach_before_profiling(speedup, config, sampler.steps)
         prof = load_or_profile(model, weights, sampler, profile_file, echo, progress=progress,
                                orders=forecast_orders([policy]))
         if speedup is None and anchors is None:

@@ -121,6 +121,17 @@ def unreachable(speedup: float, fm: FlopsModel, steps: int, num_layers: int, mod
                      f"and cache ages up to {max_age} (profile more --intervals for more)")
 
 
+def check_reach_before_profiling(speedup: float, config, steps: int) -> None:
+    """`unreachable` for a profile still to be made (the profiler's default intervals): said
+    before minutes of profiling, by `sample`/`export`/`generate` and `bench` alike."""
+    from soda.profile import DEFAULT_INTERVALS
+
+    error = unreachable(speedup, FlopsModel.for_config(config), steps, config.depth, config.modules,
+                        max(DEFAULT_INTERVALS))
+    if error:
+        raise error
+
+
 class Planner:
     """Holds the profile as arrays and the per-action FLOPs, and searches (N_s, beta, lam)."""
 
